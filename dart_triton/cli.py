@@ -1,0 +1,47 @@
+"""`dart-triton` console script: one front door, subcommands dispatch into the folders."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help). Imports are lazy so that
+# `dart-triton detect` does not pay for torch.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "tiny-checkpoint": ("dart_triton.checkpoint", "tiny_checkpoint_main",
+                        "write a tiny randomly initialised SAM3 checkpoint"),
+    "export": ("dart_triton.export.onnx_export", "main",
+               "checkpoint -> backbone.onnx + enc_dec.onnx, checked with ONNX Runtime"),
+    "build": ("dart_triton.export.repository", "main",
+              "checkpoint -> servable Triton model repository"),
+    "build-plans": ("dart_triton.export.tensorrt_build", "main",
+                    "ONNX graphs -> TensorRT plans, verified (GPU + TensorRT)"),
+    "serve": ("dart_triton.server", "serve_main", "start tritonserver on a repository"),
+    "detect": ("dart_triton.client.cli", "detect_main", "detect objects in images via Triton"),
+    "video": ("dart_triton.client.cli", "video_main", "annotate a video via Triton"),
+    "coco-eval": ("dart_triton.benchmarks.coco_eval", "main", "COCO box AP through the server"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: dart-triton COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<16} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dart-triton: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    result = getattr(importlib.import_module(module), func)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
