@@ -1,0 +1,53 @@
+"""SAM3 split into DART's parts: restructured backbone, batched detection head, text encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backbone import RestructuredBackbone, mask_levels
+from .checkpoint import TEXT_MAX_LENGTH, load_sam3, load_tokenizer
+from .detection_head import BatchedDetectionHead
+from .specs import DEFAULT_MAX_CLASSES, PATCH_SIZE, GraphDims
+
+
+def image_size_of(model) -> int:
+    size = model.config.vision_config.backbone_config.image_size
+    return int(size[0] if isinstance(size, list | tuple) else size)
+
+
+def graph_dims(model, max_classes: int = DEFAULT_MAX_CLASSES,
+               with_mask_levels: bool = False) -> GraphDims:
+    cfg = model.config
+    return GraphDims(
+        imgsz=image_size_of(model),
+        fpn_dim=int(cfg.vision_config.fpn_hidden_size),
+        text_len=TEXT_MAX_LENGTH,
+        text_dim=int(model.text_projection.out_features),
+        num_queries=int(cfg.detr_decoder_config.num_queries),
+        max_classes=max_classes,
+        with_mask_levels=with_mask_levels,
+    )
+
+
+@dataclass
+class Sam3Parts:
+    model: object  # transformers Sam3Model (the reference; also owns the weights)
+    tokenizer: object
+    backbone: RestructuredBackbone
+    head: BatchedDetectionHead
+    dims: GraphDims
+
+
+def load_parts(checkpoint: str | Path, imgsz: int | None = None,
+               max_classes: int = DEFAULT_MAX_CLASSES, with_mask_levels: bool = False) -> Sam3Parts:
+    if imgsz is not None and (imgsz <= 0 or imgsz % PATCH_SIZE):
+        raise ValueError(f"--imgsz must be a positive multiple of {PATCH_SIZE}, got {imgsz}")
+    if max_classes < 1:
+        raise ValueError(f"--max-classes must be at least 1, got {max_classes}")
+    model = load_sam3(checkpoint, imgsz=imgsz)
+    dims = graph_dims(model, max_classes, with_mask_levels)
+    levels = mask_levels(model.vision_encoder) if with_mask_levels else None
+    backbone = RestructuredBackbone(model.vision_encoder, dims.imgsz, levels).eval()
+    head = BatchedDetectionHead(model, dims.feat_hw).eval()
+    return Sam3Parts(model, load_tokenizer(checkpoint), backbone, head, dims)

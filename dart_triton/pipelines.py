@@ -1,0 +1,116 @@
+"""Two detectors behind one signature, in process.
+
+* `NaivePipeline`: SAM3 as shipped — `transformers`' `Sam3Model` once per class prompt
+  (backbone, encoder-decoder and mask head every time). The reference.
+* `DartPipeline`: backbone once per image, text features from the cache, one batched
+  encoder-decoder pass per chunk of at most `max_classes` prompts, no mask head.
+
+Data path: image → preprocess → backbone → (text cache) → encoder-decoder → postprocess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .checkpoint import TEXT_MAX_LENGTH
+from .detections import Detections
+from .model_parts import Sam3Parts, image_size_of, load_parts
+from .postprocess import merge_chunks, postprocess
+from .preprocess import preprocess
+from .runtime import GraphRunner, OrtRunner, TorchRunner
+from .specs import (
+    DEFAULT_MAX_CLASSES,
+    DEFAULT_MAX_DETECTIONS,
+    DEFAULT_NMS_IOU,
+    DEFAULT_SCORE_THRESHOLD,
+)
+from .text_encoder import TextEncoder
+from .validation import check_classes, check_options
+
+
+class Detector(Protocol):
+    def detect(self, image: np.ndarray, classes: Sequence[str],
+               score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+               nms_iou: float = DEFAULT_NMS_IOU,
+               max_detections: int = DEFAULT_MAX_DETECTIONS,
+               class_agnostic_nms: bool = False) -> Detections: ...
+
+
+def chunk_slices(n: int, max_per_pass: int) -> list[slice]:
+    """Prompt ranges decoded together: ceil(n / max) passes (DART §3.4)."""
+    return [slice(i, min(i + max_per_pass, n)) for i in range(0, n, max_per_pass)]
+
+
+class NaivePipeline:
+    def __init__(self, model, tokenizer):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.imgsz = image_size_of(model)
+
+    @torch.no_grad()
+    def raw(self, pixel_values: np.ndarray, names: list[str]):
+        """Per-prompt SAM3 outputs stacked: boxes [N,Q,4], logits [N,Q], presence [N,1]."""
+        pixels = torch.from_numpy(pixel_values)
+        outs = []
+        for name in names:
+            tok = self.tokenizer([name], padding="max_length", max_length=TEXT_MAX_LENGTH,
+                                 truncation=True, return_tensors="pt")
+            out = self.model(pixel_values=pixels, input_ids=tok["input_ids"],
+                             attention_mask=tok["attention_mask"])
+            outs.append((out.pred_boxes.numpy(), out.pred_logits.numpy(),
+                         out.presence_logits.numpy()))
+        return merge_chunks(outs)
+
+    def detect(self, image, classes, score_threshold=DEFAULT_SCORE_THRESHOLD,
+               nms_iou=DEFAULT_NMS_IOU, max_detections=DEFAULT_MAX_DETECTIONS,
+               class_agnostic_nms=False) -> Detections:
+        names = check_classes(classes)
+        check_options(score_threshold, nms_iou, max_detections)
+        pixels, original_size = preprocess(image, self.imgsz)
+        return postprocess(*self.raw(pixels, names), original_size, names, score_threshold,
+                           nms_iou, max_detections, class_agnostic_nms)
+
+
+class DartPipeline:
+    def __init__(self, runner: GraphRunner, text_encoder: TextEncoder, imgsz: int,
+                 max_classes: int = DEFAULT_MAX_CLASSES):
+        self.runner = runner
+        self.text_encoder = text_encoder
+        self.imgsz = imgsz
+        self.max_classes = max_classes
+
+    @classmethod
+    def from_parts(cls, parts: Sam3Parts, runner: GraphRunner | None = None) -> DartPipeline:
+        return cls(runner or TorchRunner(parts.backbone, parts.head),
+                   TextEncoder.from_sam3(parts.model, parts.tokenizer),
+                   parts.dims.imgsz, parts.dims.max_classes)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, imgsz: int | None = None,
+                        max_classes: int = DEFAULT_MAX_CLASSES,
+                        onnx_dir: str | Path | None = None) -> DartPipeline:
+        """PyTorch graphs, or the exported ONNX graphs in ONNX Runtime when `onnx_dir`."""
+        parts = load_parts(checkpoint, imgsz, max_classes)
+        return cls.from_parts(parts, OrtRunner(onnx_dir) if onnx_dir else None)
+
+    def raw(self, pixel_values: np.ndarray, names: list[str]):
+        features = self.runner.backbone(pixel_values)  # once, whatever the class count
+        text_features, text_mask = self.text_encoder.encode(names)
+        return merge_chunks([
+            self.runner.enc_dec(features, text_features[s], text_mask[s])
+            for s in chunk_slices(len(names), self.max_classes)
+        ])
+
+    def detect(self, image, classes, score_threshold=DEFAULT_SCORE_THRESHOLD,
+               nms_iou=DEFAULT_NMS_IOU, max_detections=DEFAULT_MAX_DETECTIONS,
+               class_agnostic_nms=False) -> Detections:
+        names = check_classes(classes)
+        check_options(score_threshold, nms_iou, max_detections)
+        pixels, original_size = preprocess(image, self.imgsz)
+        return postprocess(*self.raw(pixels, names), original_size, names, score_threshold,
+                           nms_iou, max_detections, class_agnostic_nms)

@@ -1,0 +1,129 @@
+"""Class names -> text features, with an LRU embedding cache (DART §3.4).
+
+The text encoder stays in PyTorch: a class set changes at run time (open vocabulary),
+and a repeated set costs only a dictionary lookup. Features are SAM3's projected
+token features ([N, 32, 256] for the real model) plus the token mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import TEXT_MAX_LENGTH, load_sam3, load_tokenizer
+from .validation import check_classes
+
+DEFAULT_CACHE_SIZE = 4096
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    size: int = 0
+
+
+class TextEncoder:
+    def __init__(self, text_model, projection, tokenizer, cache_size: int = DEFAULT_CACHE_SIZE,
+                 device: str = "cpu"):
+        self.text_model = text_model.eval().to(device)
+        self.projection = projection.eval().to(device)
+        self.tokenizer = tokenizer
+        self.device = device
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()  # Triton may call from several threads (BLS, decoupled)
+        self.stats = CacheStats()
+
+    @classmethod
+    def from_sam3(cls, model, tokenizer, **kwargs) -> TextEncoder:
+        return cls(model.text_encoder, model.text_projection, tokenizer, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> TextEncoder:
+        return cls.from_sam3(load_sam3(path), load_tokenizer(path), **kwargs)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.projection.out_features)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the weights a cache file was computed with."""
+        w = self.projection.weight.detach().float().cpu().numpy()
+        return hashlib.sha256(w.tobytes()).hexdigest()[:16]
+
+    @torch.no_grad()
+    def _compute(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        tok = self.tokenizer(names, padding="max_length", max_length=TEXT_MAX_LENGTH,
+                             truncation=True, return_tensors="pt")
+        ids = tok["input_ids"].to(self.device)
+        mask = tok["attention_mask"].to(self.device)
+        hidden = self.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        feats = self.projection(hidden)
+        return feats.float().cpu().numpy(), mask.to(torch.int32).cpu().numpy()
+
+    def encode(self, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """-> (features FP32 [N, L, D], mask INT32 [N, L]); misses are encoded in one batch."""
+        names = check_classes(classes, max_classes=None)
+        with self._lock:
+            missing = list(dict.fromkeys(n for n in names if n not in self._cache))
+            self.stats.hits += len(names) - sum(1 for n in names if n in missing)
+            self.stats.misses += sum(1 for n in names if n in missing)
+            # Hold the picked entries locally: eviction below must not drop them mid-call.
+            found = {n: self._cache[n] for n in names if n in self._cache}
+            for n in found:
+                self._cache.move_to_end(n)
+        if missing:
+            feats, masks = self._compute(missing)
+            with self._lock:
+                for n, f, m in zip(missing, feats, masks, strict=True):
+                    found[n] = (f, m)
+                    self._put(n, f, m)
+        feats = np.stack([found[n][0] for n in names])
+        masks = np.stack([found[n][1] for n in names])
+        return feats, masks
+
+    def _put(self, name: str, feat: np.ndarray, mask: np.ndarray) -> None:
+        self._cache[name] = (feat, mask)
+        self._cache.move_to_end(name)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        self.stats.size = len(self._cache)
+
+    def save_cache(self, path: str | Path, names: Sequence[str] | None = None) -> Path:
+        """Write features for `names` (default: all cached) to an .npz file."""
+        if names is not None:
+            self.encode(list(names))
+        with self._lock:
+            keys = list(self._cache) if names is None else list(dict.fromkeys(names))
+            feats = np.stack([self._cache[k][0] for k in keys])
+            masks = np.stack([self._cache[k][1] for k in keys])
+        path = Path(path)
+        np.savez(path, names=np.array(keys, dtype=object), features=feats, masks=masks,
+                 fingerprint=np.array(self.fingerprint))
+        return path
+
+    def load_cache(self, path: str | Path) -> int:
+        """Warm the cache from a file written by `save_cache`; refuses other weights."""
+        data = np.load(Path(path), allow_pickle=True)
+        if str(data["fingerprint"]) != self.fingerprint:
+            raise ValueError(f"{path} was computed with different text-encoder weights")
+        names = [str(n) for n in data["names"]]
+        with self._lock:
+            for n, f, m in zip(names, data["features"], data["masks"], strict=True):
+                self._put(n, f.astype(np.float32), m.astype(np.int32))
+        return len(names)
+
+
+def read_vocabulary(path: str | Path) -> list[str]:
+    """One class name per line (blank lines ignored)."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]

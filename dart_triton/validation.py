@@ -1,0 +1,72 @@
+"""Input checks shared by the in-process pipelines and the Triton models.
+
+Every check raises `ValueError` with a message that names the problem, so a bad
+request gets a clear error instead of a crash deep inside a graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .specs import MAX_IMAGE_SIDE, MAX_REQUEST_CLASSES
+
+MIN_IMAGE_SIDE = 8
+
+
+def check_image(image: object) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"IMAGE must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"IMAGE must be UINT8 RGB, got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"IMAGE must have shape [H, W, 3] (RGB), got {list(image.shape)}")
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise ValueError(f"IMAGE is {h}x{w}: each side must be at least {MIN_IMAGE_SIDE} pixels")
+    if max(h, w) > MAX_IMAGE_SIDE:
+        raise ValueError(f"IMAGE is {h}x{w}: each side must be at most {MAX_IMAGE_SIDE} pixels")
+    return image
+
+
+def decode_class_names(raw: Sequence[object]) -> list[str]:
+    """Class names from str or UTF-8 bytes (Triton BYTES tensors arrive as bytes)."""
+    names = []
+    for i, item in enumerate(raw):
+        if isinstance(item, bytes | np.bytes_):
+            try:
+                item = bytes(item).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"CLASSES[{i}] is not valid UTF-8: {exc.reason}") from None
+        if not isinstance(item, str):
+            raise ValueError(f"CLASSES[{i}] must be a string, got {type(item).__name__}")
+        names.append(item)
+    return check_classes(names)
+
+
+def check_classes(
+    classes: Sequence[str], max_classes: int | None = MAX_REQUEST_CLASSES
+) -> list[str]:
+    if isinstance(classes, str):
+        raise ValueError("CLASSES must be a list of class names, not a single string")
+    names = list(classes)
+    if not names:
+        raise ValueError("CLASSES is empty: give at least one class name")
+    if max_classes is not None and len(names) > max_classes:
+        raise ValueError(f"CLASSES has {len(names)} names; at most {max_classes} per request")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ValueError(f"CLASSES[{i}] must be a string, got {type(name).__name__}")
+        if not name.strip():
+            raise ValueError(f"CLASSES[{i}] is empty or whitespace only")
+    return names
+
+
+def check_options(score_threshold: float, nms_iou: float, max_detections: int) -> None:
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"SCORE_THRESHOLD must be in [0, 1], got {score_threshold}")
+    if not 0.0 < nms_iou <= 1.0:
+        raise ValueError(f"NMS_IOU must be in (0, 1] (1 turns NMS off), got {nms_iou}")
+    if max_detections < 1:
+        raise ValueError(f"MAX_DETECTIONS must be at least 1, got {max_detections}")
