@@ -1,0 +1,193 @@
+"""Checkpoint -> backbone.onnx + enc_dec.onnx, each checked against PyTorch in ONNX Runtime.
+
+`dart-triton export --checkpoint DIR --output DIR [--imgsz N] [--max-classes M]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from dart_triton import specs
+from dart_triton.checkpoint import CheckpointError
+from dart_triton.model_parts import Sam3Parts, load_parts
+from dart_triton.runtime import OrtGraph
+
+OPSET = 18
+MIN_COSINE = 0.99999
+# A protobuf cannot exceed 2 GiB: graphs with more weight bytes keep them beside the file.
+EXTERNAL_DATA_BYTES = 1 << 30
+# Ops that would hide attention inside one fused node (TensorRT then cannot keep FP32
+# accumulation); the restructured backbone must not contain any of them.
+FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "ScaledDotProductAttention",
+                       "GroupQueryAttention", "FlashAttention"}
+GRAPHS_JSON = "dart_graphs.json"
+
+
+@dataclass
+class Agreement:
+    tensor: str
+    cosine: float
+    max_abs: float
+
+    @property
+    def ok(self) -> bool:
+        return self.cosine >= MIN_COSINE
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denom = np.linalg.norm(a64) * np.linalg.norm(b64)
+    return float(a64 @ b64 / denom) if denom > 0 else float(np.array_equal(a64, b64))
+
+
+def _save(model_path: Path, tmp_path: Path) -> None:
+    """Re-save as one file, or with external weights when too large for protobuf."""
+    model = onnx.load(str(tmp_path), load_external_data=True)
+    data_name = model_path.name + ".data"
+    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    (model_path.parent / data_name).unlink(missing_ok=True)
+    onnx.save_model(model, str(model_path), save_as_external_data=large,
+                    all_tensors_to_one_file=True, location=data_name)
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
+            output_names: list[str], dynamic_axes: dict | None = None) -> None:
+    tmp = path.with_suffix(".tmp.onnx")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(tmp), input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes,
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    _save(path, tmp)
+    for leftover in tmp.parent.glob(tmp.name + "*"):
+        leftover.unlink()
+    onnx.checker.check_model(str(path))
+
+
+def sample_inputs(parts: Sam3Parts, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Pixels in the normalised range and text features of real prompts."""
+    from dart_triton.text_encoder import TextEncoder
+
+    d = parts.dims
+    rng = np.random.default_rng(seed)
+    pixels = rng.uniform(-1, 1, (1, 3, d.imgsz, d.imgsz)).astype(np.float32)
+    names = ["person", "a red car", "traffic light", "dog", "bicycle", "umbrella", "cup",
+             "chair"] * (n // 8 + 1)
+    text_features, text_mask = TextEncoder.from_sam3(parts.model, parts.tokenizer).encode(
+        names[:n])
+    return {specs.PIXEL_VALUES: pixels, specs.TEXT_FEATURES: text_features,
+            specs.TEXT_MASK: text_mask}
+
+
+def export_backbone(parts: Sam3Parts, out_dir: Path) -> Path:
+    spec = specs.backbone_spec(parts.dims)
+    path = out_dir / "backbone.onnx"
+    pixels = torch.zeros(spec.inputs[0].dims)
+    _export(parts.backbone, (pixels,), path, [t.name for t in spec.inputs],
+            [t.name for t in spec.outputs])
+    return path
+
+
+def export_enc_dec(parts: Sam3Parts, out_dir: Path) -> Path:
+    spec = specs.enc_dec_spec(parts.dims)
+    d = parts.dims
+    path = out_dir / "enc_dec.onnx"
+    n = max(2, min(3, d.max_classes))  # N >= 2 so the exporter cannot specialise N to 1
+    example = (torch.zeros(1, d.fpn_dim, d.feat_hw, d.feat_hw),
+               torch.zeros(n, d.text_len, d.text_dim),
+               torch.ones(n, d.text_len, dtype=torch.int32))
+    dynamic = {t.name: {0: "N"} for t in (*spec.inputs[1:], *spec.outputs)}
+    _export(parts.head, example, path, [t.name for t in spec.inputs],
+            [t.name for t in spec.outputs], dynamic)
+    return path
+
+
+def fused_attention_nodes(path: Path) -> list[str]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [f"{n.op_type}:{n.name}" for n in graph.node if n.op_type in FUSED_ATTENTION_OPS]
+
+
+@torch.no_grad()
+def check_graphs(parts: Sam3Parts, out_dir: Path, n: int) -> list[Agreement]:
+    """Run both graphs in ONNX Runtime and in PyTorch on the same sample."""
+    x = sample_inputs(parts, n)
+    feats_ref = parts.backbone(torch.from_numpy(x[specs.PIXEL_VALUES]))
+    feats_ort = OrtGraph(out_dir / "backbone.onnx")(**{specs.PIXEL_VALUES: x[specs.PIXEL_VALUES]})
+    spec = specs.backbone_spec(parts.dims)
+    results = [Agreement(t.name, cosine(o, r.numpy()), float(np.abs(o - r.numpy()).max()))
+               for t, o, r in zip(spec.outputs, feats_ort, feats_ref, strict=True)]
+
+    feats = feats_ref[0].numpy()
+    head_ref = parts.head(torch.from_numpy(feats), torch.from_numpy(x[specs.TEXT_FEATURES]),
+                          torch.from_numpy(x[specs.TEXT_MASK]))
+    head_ort = OrtGraph(out_dir / "enc_dec.onnx")(**{
+        specs.FPN_FEATURES: feats, specs.TEXT_FEATURES: x[specs.TEXT_FEATURES],
+        specs.TEXT_MASK: x[specs.TEXT_MASK]})
+    for t, o, r in zip(specs.enc_dec_spec(parts.dims).outputs, head_ort, head_ref, strict=True):
+        results.append(Agreement(t.name, cosine(o, r.numpy()), float(np.abs(o - r.numpy()).max())))
+    return results
+
+
+def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None = None,
+                  max_classes: int = specs.DEFAULT_MAX_CLASSES, with_mask_levels: bool = False,
+                  check: bool = True, log=print) -> tuple[dict, list[Agreement]]:
+    """Export both graphs and write `dart_graphs.json` (the dims every later step reads)."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = load_parts(checkpoint, imgsz, max_classes, with_mask_levels)
+    log(f"exporting backbone ({parts.dims.imgsz}px) ...")
+    bb = export_backbone(parts, out)
+    fused = fused_attention_nodes(bb)
+    if fused:
+        raise RuntimeError(f"backbone graph contains fused attention nodes: {fused[:3]}")
+    log(f"exporting enc_dec (N = 1..{max_classes}) ...")
+    export_enc_dec(parts, out)
+    meta = {"dims": {k: v for k, v in asdict(parts.dims).items() if k != "extra"},
+            "checkpoint": str(Path(checkpoint).resolve()), "opset": OPSET,
+            "torch": torch.__version__}
+    agreements = check_graphs(parts, out, n=min(3, max_classes)) if check else []
+    meta["check"] = [asdict(a) for a in agreements]
+    (out / GRAPHS_JSON).write_text(json.dumps(meta, indent=2))
+    return meta, agreements
+
+
+def read_graphs_meta(onnx_dir: str | Path) -> specs.GraphDims:
+    meta = json.loads((Path(onnx_dir) / GRAPHS_JSON).read_text())
+    return specs.GraphDims(**meta["dims"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dart-triton export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="local facebook/sam3-layout directory")
+    p.add_argument("--output", required=True, help="directory for backbone.onnx, enc_dec.onnx")
+    p.add_argument("--imgsz", type=int, default=None,
+                   help="input resolution, a multiple of 14 (default: the checkpoint's, 1008)")
+    p.add_argument("--max-classes", type=int, default=specs.DEFAULT_MAX_CLASSES,
+                   help="largest prompt count N decoded in one enc_dec pass")
+    p.add_argument("--with-mask-levels", action="store_true",
+                   help="backbone also returns the two finer FPN levels (for a masks path)")
+    p.add_argument("--skip-check", action="store_true", help="do not compare with PyTorch")
+    args = p.parse_args(argv)
+    try:
+        _, agreements = export_graphs(args.checkpoint, args.output, args.imgsz, args.max_classes,
+                                      args.with_mask_levels, check=not args.skip_check)
+    except (CheckpointError, ValueError) as exc:
+        print(f"dart-triton export: error: {exc}", file=sys.stderr)
+        return 2
+    for a in agreements:
+        flag = "ok" if a.ok else f"FAIL (cosine < {MIN_COSINE})"
+        print(f"  {a.tensor:<18} cosine {a.cosine:.7f}  max-abs {a.max_abs:.2e}  {flag}")
+    if not all(a.ok for a in agreements):
+        print("dart-triton export: ONNX Runtime disagrees with PyTorch", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}/backbone.onnx and enc_dec.onnx")
+    return 0
