@@ -39,12 +39,16 @@ def check_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def class_list(classes: Sequence[str]) -> list[str]:
+    """``classes`` as a list; a bare string would silently become one class per character."""
+    if isinstance(classes, str):
+        raise ValueError("classes must be a list of names, not a single string")
+    return list(classes)
+
+
 def encode_classes(classes: Sequence[str]) -> np.ndarray:
     """UTF-8 encode class names into the BYTES tensor Triton expects, or raise ValueError."""
-    if isinstance(classes, str):
-        # A bare string would silently become one class per character.
-        raise ValueError("classes must be a list of names, not a single string")
-    names = list(classes)
+    names = class_list(classes)
     if not 1 <= len(names) <= specs.MAX_REQUEST_CLASSES:
         raise ValueError(f"need 1 to {specs.MAX_REQUEST_CLASSES} classes, got {len(names)}")
     for name in names:

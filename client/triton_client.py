@@ -15,7 +15,7 @@ from dart_triton import specs
 
 from .detections import Detections
 from .errors import DartClientError
-from .inputs import check_image, encode_classes, option_arrays
+from .inputs import check_image, class_list, encode_classes, option_arrays
 from .pipeline import in_order
 
 Transport = Literal["grpc", "http"]
@@ -183,7 +183,7 @@ class DartClient:
 
         Options left as None are not sent, so the server's defaults apply.
         """
-        classes = list(classes)
+        classes = class_list(classes)
         inputs = self._inputs(image, classes, score_threshold, nms_iou, max_detections)
         with _server_errors(self.url):
             if self.protocol == "grpc":
@@ -203,7 +203,7 @@ class DartClient:
         max_detections: int | None = None,
     ) -> DetectionFuture:
         """Send one request without waiting; ``.result()`` on the return value waits."""
-        classes = list(classes)
+        classes = class_list(classes)
         inputs = self._inputs(image, classes, score_threshold, nms_iou, max_detections)
         with _server_errors(self.url):
             if self.protocol == "grpc":
@@ -244,7 +244,7 @@ class DartClient:
         max_detections: int | None = None,
     ) -> Iterator[Detections]:
         """Detections of each frame, in input order, with ``in_flight`` requests pending."""
-        classes = list(classes)
+        classes = class_list(classes)
 
         def submit(frame: np.ndarray) -> DetectionFuture:
             return self.detect_async(frame, classes, score_threshold, nms_iou, max_detections)
@@ -276,7 +276,7 @@ class ThreadLocalDetector:
         model: str = "dart",
         **options: Any,
     ) -> None:
-        self.classes = list(classes)
+        self.classes = class_list(classes)
         self._client_args = {"url": url, "protocol": protocol, "model": model}
         self._options = options
         self._local = threading.local()

@@ -1,0 +1,412 @@
+"""Client library tests; no Triton needed (an in-process fake speaks its gRPC and HTTP APIs)."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from dart_triton.client.detections import Detections
+from dart_triton.client.errors import DartClientError
+from dart_triton.client.inputs import check_image, encode_classes, option_arrays
+from dart_triton.client.pipeline import completed, in_order
+from PIL import Image
+
+from dart_triton import specs
+
+
+def _dets(boxes, scores, ids, names=("cat", "dog", "traffic light")) -> Detections:
+    return Detections(np.array(boxes, np.float32), np.array(scores), np.array(ids), names)
+
+
+# --- Detections ------------------------------------------------------------------------
+def test_to_coco_xywh_names_and_category_mapping():
+    d = _dets([[10, 20, 110, 70], [0.5, 1.5, 2.5, 3.5]], [0.9, 0.25], [2, 0])
+    assert len(d) == 2
+    assert d.names == ["traffic light", "cat"]
+    assert d.labels() == ["traffic light 0.90", "cat 0.25"]
+    coco = d.to_coco(42, category_ids=[1, 18, 10])
+    assert coco == [
+        {"image_id": 42, "category_id": 10, "category_name": "traffic light",
+         "bbox": [10.0, 20.0, 100.0, 50.0], "score": 0.9},
+        {"image_id": 42, "category_id": 1, "category_name": "cat",
+         "bbox": [0.5, 1.5, 2.0, 2.0], "score": 0.25},
+    ]
+    # Without a mapping the class index is the category id; output is plain JSON.
+    assert [r["category_id"] for r in d.to_coco(0)] == [2, 0]
+    json.dumps(d.to_coco(0))
+
+
+def test_detections_normalises_and_validates():
+    empty = Detections(np.zeros(0), np.zeros(0), np.zeros(0), ["a"])  # flat [0] BOXES
+    assert empty.boxes.shape == (0, 4) and empty.to_coco(1) == []
+    assert len(Detections.empty(["a", "b"])) == 0
+    with pytest.raises(ValueError, match="inconsistent"):
+        _dets([[0, 0, 1, 1]], [0.5, 0.6], [0])
+    with pytest.raises(ValueError, match="out of range"):
+        _dets([[0, 0, 1, 1]], [0.5], [3])
+    with pytest.raises(ValueError, match="category ids"):
+        _dets([[0, 0, 1, 1]], [0.5], [0]).to_coco(0, category_ids=[1])
+
+
+# --- input validation --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (np.zeros((8, 8, 3), np.float32), "uint8"),
+        (np.zeros((8, 8), np.uint8), r"\[H, W, 3\]"),
+        (np.zeros((8, 8, 4), np.uint8), r"\[H, W, 3\]"),
+        (np.zeros((0, 8, 3), np.uint8), "empty"),
+        ([[[0, 0, 0]]], "numpy"),
+        (np.zeros((specs.MAX_IMAGE_SIDE + 1, 1, 3), np.uint8), "at most"),
+    ],
+)
+def test_bad_images_raise_value_error(image, match):
+    with pytest.raises(ValueError, match=match):
+        check_image(image)
+
+
+def test_classes_and_options_validation():
+    encoded = encode_classes(["cat", "hot dog", "café"])
+    assert encoded.dtype == object and encoded[2] == "café".encode()
+    for bad, match in [("cat", "single string"), ([], "1 to"), (["ok", " "], "non-empty"),
+                       (["x"] * (specs.MAX_REQUEST_CLASSES + 1), "1 to")]:
+        with pytest.raises(ValueError, match=match):
+            encode_classes(bad)
+    assert option_arrays(None, None, None) == {}
+    given = option_arrays(0.1, None, 5)
+    assert set(given) == {specs.SCORE_THRESHOLD, specs.MAX_DETECTIONS}
+    assert given[specs.MAX_DETECTIONS].dtype == np.int32
+    for kwargs in ({"score_threshold": 1.5}, {"nms_iou": -0.1}, {"max_detections": 0}):
+        with pytest.raises(ValueError):
+            option_arrays(**{"score_threshold": None, "nms_iou": None,
+                             "max_detections": None, **kwargs})
+
+
+def test_client_validates_before_sending():
+    from dart_triton.client.triton_client import DartClient
+
+    # Nothing listens on port 9: the ValueError must come before any network use.
+    with DartClient("127.0.0.1:9") as client:
+        with pytest.raises(ValueError, match="uint8"):
+            client.detect(np.zeros((4, 4, 3), np.float64), ["cat"])
+        with pytest.raises(ValueError, match="single string"):
+            client.detect_async(np.zeros((4, 4, 3), np.uint8), "cat")
+    with pytest.raises(ValueError, match="protocol"):
+        DartClient(protocol="websocket")  # type: ignore[arg-type]
+
+
+# --- in-order pipeline --------------------------------------------------------------------
+def test_in_order_keeps_order_and_bounds_in_flight():
+    pool = ThreadPoolExecutor(8)
+    live, peak, lock = 0, 0, threading.Lock()
+
+    def work(i: int) -> int:
+        nonlocal live, peak
+        with lock:
+            live += 1
+            peak = max(peak, live)
+        time.sleep(random.uniform(0, 0.01))  # finish out of order
+        with lock:
+            live -= 1
+        return i * i
+
+    out = list(in_order(range(40), lambda i: pool.submit(work, i), in_flight=5))
+    assert out == [(i, i * i) for i in range(40)]
+    assert peak <= 5
+    assert list(in_order([1, 2], completed, 1)) == [(1, 1), (2, 2)]
+    with pytest.raises(ValueError):
+        list(in_order([1], completed, 0))
+
+
+# --- drawing -------------------------------------------------------------------------------
+def test_annotate_writes_png_with_drawn_boxes(tmp_path):
+    from dart_triton.client.draw import annotate
+    from dart_triton.client.images import load_image, save_image
+
+    image = np.full((240, 320, 3), 90, np.uint8)
+    dets = _dets([[20, 30, 150, 200], [200, 50, 300, 120]], [0.9, 0.4], [0, 2])
+    out_path = tmp_path / "sub" / "annotated.png"
+    save_image(out_path, annotate(image, dets))
+    drawn = load_image(out_path)
+    assert drawn.shape == image.shape and (image == 90).all()  # input left untouched
+    changed = (drawn != image).any(axis=2)
+    assert changed[30:200, 20].any() and changed[50:120, 300].any()  # box edges
+    assert not changed[220:, :].any()  # far from any box
+    assert (annotate(image, Detections.empty(["a"])) == image).all()
+
+
+def test_annotation_paths_file_or_directory(tmp_path):
+    from pathlib import Path
+
+    from dart_triton.client.cli import _annotation_paths
+
+    assert _annotation_paths([Path("a/x.jpg")], tmp_path / "o.png") == [tmp_path / "o.png"]
+    assert _annotation_paths([Path("a/x.jpg")], tmp_path) == [tmp_path / "x.jpg"]
+    assert _annotation_paths([Path("a/x.jpg"), Path("b/y.jpg")], tmp_path / "d") == [
+        tmp_path / "d" / "x.jpg", tmp_path / "d" / "y.jpg"]
+    clash = _annotation_paths([Path("a/x.jpg"), Path("b/x.jpg")], tmp_path)
+    assert len(set(clash)) == 2
+
+
+# --- video ---------------------------------------------------------------------------------
+def test_annotate_video_in_order_with_injected_detector(tmp_path):
+    import imageio.v2 as iio
+    from dart_triton.client.video import annotate_video
+
+    src, dst = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    levels = [20, 60, 100, 140, 180, 220]
+    with iio.get_writer(src, fps=10, codec="libx264", macro_block_size=2) as w:
+        for v in levels:
+            w.append_data(np.full((96, 128, 3), v, np.uint8))
+
+    seen: list[int] = []
+    pool = ThreadPoolExecutor(4)
+
+    def detect(frame: np.ndarray) -> Detections:
+        seen.append(int(frame.mean()))
+        time.sleep(random.uniform(0, 0.02))  # answers arrive out of order
+        return _dets([[10, 10, 60, 80]], [0.8], [1])
+
+    def submit(frame: np.ndarray) -> Future[Detections]:
+        return pool.submit(detect, frame)
+
+    stats = annotate_video(src, dst, submit, in_flight=3, max_frames=5, progress=False)
+    assert stats.frames == 5 and stats.fps > 0 and "5 frames" in stats.summary()
+    frames = [np.asarray(f) for f in iio.get_reader(dst)]
+    assert len(frames) == 5 and frames[0].shape == (96, 128, 3)
+    # Frame order survives out-of-order answers: background brightness still rises.
+    background = [int(f[90:, 100:].mean()) for f in frames]
+    assert background == sorted(background)
+    assert all(abs(b - v) < 8 for b, v in zip(background, levels, strict=False))
+    # Box edge drawn on every frame.
+    assert all(np.abs(f[20:70, 10].astype(int) - f[90:, 100:].mean()).max() > 40
+               for f in frames)
+
+
+# --- a fake Triton, to check what DartClient puts on the wire --------------------------
+def _fake_model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One box per class, x1 = the image's first pixel so answers can be matched to frames."""
+    classes = [c.decode() for c in inputs[specs.CLASSES].reshape(-1)]
+    if "boom" in classes:
+        raise ValueError("text encoder failed on 'boom'")
+    image = inputs[specs.IMAGE]
+    n = len(classes)
+    if specs.MAX_DETECTIONS in inputs:
+        n = min(n, int(inputs[specs.MAX_DETECTIONS][0]))
+    x = float(image[0, 0, 0])
+    boxes = np.array([[x, i, x + 10, i + 20] for i in range(n)], np.float32).reshape(-1, 4)
+    return {
+        specs.BOXES: boxes,
+        specs.SCORES: np.linspace(0.9, 0.5, n).astype(np.float32),
+        specs.CLASS_IDS: np.arange(n, dtype=np.int32)[::-1].copy(),
+    }
+
+
+_CONFIG = {"name": "dart", "max_batch_size": 0, "parameters": {"imgsz": {"string_value": "644"}}}
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.requests: list[set[str]] = []
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.requests.append(set(inputs))
+        time.sleep(random.uniform(0, 0.01))
+        return _fake_model(inputs)
+
+
+def _grpc_server(recorder: _Recorder) -> tuple[object, str]:
+    import grpc
+    from tritonclient.grpc import model_config_pb2 as mc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as svc
+    from tritonclient.utils import (
+        deserialize_bytes_tensor,
+        np_to_triton_dtype,
+        triton_to_np_dtype,
+    )
+
+    class Servicer(svc.GRPCInferenceServiceServicer):
+        def ServerLive(self, request, context):
+            return pb.ServerLiveResponse(live=True)
+
+        def ModelReady(self, request, context):
+            return pb.ModelReadyResponse(ready=request.name == "dart")
+
+        def ModelConfig(self, request, context):
+            cfg = mc.ModelConfig(name=request.name, max_batch_size=0)
+            cfg.parameters["imgsz"].string_value = "644"
+            return pb.ModelConfigResponse(config=cfg)
+
+        def ModelMetadata(self, request, context):
+            return pb.ModelMetadataResponse(name=request.name, platform="python")
+
+        def ModelInfer(self, request, context):
+            arrays = {}
+            for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True):
+                if tensor.datatype == "BYTES":
+                    arrays[tensor.name] = deserialize_bytes_tensor(raw)
+                else:
+                    dtype = triton_to_np_dtype(tensor.datatype)
+                    arrays[tensor.name] = np.frombuffer(raw, dtype).reshape(tensor.shape)
+            try:
+                outputs = recorder.run(arrays)
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            response = pb.ModelInferResponse(model_name=request.model_name)
+            for name, array in outputs.items():
+                response.outputs.add(name=name, datatype=np_to_triton_dtype(array.dtype),
+                                     shape=array.shape)
+                response.raw_output_contents.append(array.tobytes())
+            return response
+
+    server = grpc.server(ThreadPoolExecutor(8))
+    svc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def _http_server(recorder: _Recorder) -> tuple[object, str]:
+    from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, triton_to_np_dtype
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        def _send(self, code: int, body: bytes, header_len: int | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/octet-stream" if header_len
+                             else "application/json")
+            if header_len is not None:
+                self.send_header("Inference-Header-Content-Length", str(header_len))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path == "/v2/health/live" or self.path == "/v2/models/dart/ready":
+                self._send(200, b"")
+            elif self.path == "/v2/models/dart/config":
+                self._send(200, json.dumps(_CONFIG).encode())
+            elif self.path == "/v2/models/dart":
+                self._send(200, json.dumps({"name": "dart", "platform": "python"}).encode())
+            else:
+                self._send(400, json.dumps({"error": f"unknown model {self.path}"}).encode())
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            n = int(self.headers.get("Inference-Header-Content-Length", len(body)))
+            header, offset, arrays = json.loads(body[:n]), n, {}
+            for t in header["inputs"]:
+                size = t["parameters"]["binary_data_size"]
+                raw = body[offset:offset + size]
+                offset += size
+                if t["datatype"] == "BYTES":
+                    arrays[t["name"]] = deserialize_bytes_tensor(raw)
+                else:
+                    dtype = triton_to_np_dtype(t["datatype"])
+                    arrays[t["name"]] = np.frombuffer(raw, dtype).reshape(t["shape"])
+            try:
+                outputs = recorder.run(arrays)
+            except ValueError as e:
+                self._send(400, json.dumps({"error": str(e)}).encode())
+                return
+            meta = [{"name": k, "datatype": np_to_triton_dtype(v.dtype), "shape": list(v.shape),
+                     "parameters": {"binary_data_size": v.nbytes}} for k, v in outputs.items()]
+            head = json.dumps({"model_name": "dart", "outputs": meta}).encode()
+            self._send(200, head + b"".join(v.tobytes() for v in outputs.values()), len(head))
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(params=["grpc", "http"])
+def fake(request) -> Iterator[tuple[object, _Recorder]]:
+    from dart_triton.client.triton_client import DartClient
+
+    recorder = _Recorder()
+    if request.param == "grpc":
+        server, url = _grpc_server(recorder)
+        stop = lambda: server.stop(None)  # noqa: E731
+    else:
+        server, url = _http_server(recorder)
+        stop = server.shutdown
+    client = DartClient(url, request.param, concurrency=4)
+    try:
+        yield client, recorder
+    finally:
+        client.close()
+        stop()
+
+
+def _frame(value: int) -> np.ndarray:
+    return np.full((24, 32, 3), value, np.uint8)
+
+
+def test_fake_server_detect_sends_only_given_options(fake):
+    client, recorder = fake
+    dets = client.detect(_frame(7), ["cat", "dog", "bird"])
+    assert recorder.requests[-1] == {specs.IMAGE, specs.CLASSES}
+    assert dets.class_names == ("cat", "dog", "bird")
+    assert dets.class_ids.tolist() == [2, 1, 0] and dets.boxes[0].tolist() == [7, 0, 17, 20]
+    dets = client.detect(_frame(7), ["cat", "dog", "bird"], score_threshold=0.1,
+                         max_detections=2)
+    assert recorder.requests[-1] == {specs.IMAGE, specs.CLASSES, specs.SCORE_THRESHOLD,
+                                     specs.MAX_DETECTIONS}
+    assert len(dets) == 2
+
+
+def test_fake_server_errors_carry_server_message(fake):
+    client, _ = fake
+    with pytest.raises(DartClientError, match="text encoder failed on 'boom'"):
+        client.detect(_frame(1), ["boom"])
+    with pytest.raises(DartClientError, match="text encoder failed on 'boom'"):
+        client.detect_async(_frame(1), ["boom"]).result()
+
+
+def test_fake_server_stream_in_input_order(fake):
+    client, recorder = fake
+    values = list(range(0, 250, 10))
+    results = list(client.detect_stream((_frame(v) for v in values), ["a", "b"], in_flight=4))
+    assert [int(d.boxes[0, 0]) for d in results] == values
+    assert len(recorder.requests) == len(values)
+
+
+def test_fake_server_info_passthroughs(fake):
+    from dart_triton.client.triton_client import config_parameter
+
+    client, _ = fake
+    assert client.is_ready()
+    config = client.model_config()
+    assert config["name"] == "dart" and config_parameter(config, "imgsz") == "644"
+    assert config_parameter({"name": "x"}, "imgsz") is None
+    assert client.model_metadata()["name"] == "dart"
+
+
+def test_unreachable_server_is_a_client_error():
+    from dart_triton.client.triton_client import DartClient
+
+    for protocol in ("grpc", "http"):
+        with DartClient("127.0.0.1:9", protocol, timeout=5) as client:
+            assert not client.is_ready()
+            with pytest.raises(DartClientError):
+                client.detect(_frame(0), ["cat"])
+
+
+def test_image_roundtrip_is_rgb(tmp_path):
+    from dart_triton.client.images import load_image
+
+    Image.new("L", (5, 4), 77).save(tmp_path / "grey.png")
+    image = load_image(tmp_path / "grey.png")
+    assert image.shape == (4, 5, 3) and image.dtype == np.uint8 and (image == 77).all()
