@@ -1,0 +1,186 @@
+"""Graph sizes, optimisation-profile shapes and the equivalent ``trtexec`` line.
+
+Everything here is plain Python (no TensorRT, no GPU) so it is unit-tested on CPU. The
+sizes come from the ONNX graphs themselves, checked against ``dart_triton.specs``: the
+plans are built from whatever the exporter wrote, and a mismatch fails before the
+(minutes-long) TensorRT build starts.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dart_triton import specs
+from dart_triton.buckets import ProfileRange
+
+Shape = tuple[int, ...]
+MODELS = ("backbone", "enc_dec")
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Input and output shapes of one ONNX graph; -1 marks a dynamic dimension."""
+
+    inputs: dict[str, Shape]
+    outputs: dict[str, Shape]
+
+
+def read_onnx_io(path: str | Path) -> GraphIO:
+    """Shapes of the graph inputs/outputs without loading external weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    init_names = {t.name for t in model.graph.initializer}
+
+    def shape(value_info) -> Shape:
+        dims = value_info.type.tensor_type.shape.dim
+        return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+
+    return GraphIO(
+        inputs={v.name: shape(v) for v in model.graph.input if v.name not in init_names},
+        outputs={v.name: shape(v) for v in model.graph.output},
+    )
+
+
+def _need(io: dict[str, Shape], name: str, rank: int, where: str) -> Shape:
+    if name not in io:
+        raise ValueError(f"{where}: tensor {name!r} missing (has {sorted(io)})")
+    if len(io[name]) != rank:
+        raise ValueError(f"{where}: {name} has rank {len(io[name])}, expected {rank}")
+    return io[name]
+
+
+def graph_dims_from_onnx(
+    backbone: GraphIO | None,
+    enc_dec: GraphIO | None,
+    max_classes: int = specs.DEFAULT_MAX_CLASSES,
+) -> specs.GraphDims:
+    """GraphDims read off the exported graphs (at least one must be given)."""
+    if backbone is None and enc_dec is None:
+        raise ValueError("need backbone.onnx or enc_dec.onnx to read the graph sizes")
+    kw: dict = {"max_classes": max_classes}
+    if backbone is not None:
+        pix = _need(backbone.inputs, specs.PIXEL_VALUES, 4, "backbone.onnx")
+        fpn = _need(backbone.outputs, specs.FPN_FEATURES, 4, "backbone.onnx")
+        kw.update(imgsz=pix[2], fpn_dim=fpn[1])
+        kw["with_mask_levels"] = specs.FPN_FEATURES_4X in backbone.outputs
+    if enc_dec is not None:
+        fpn = _need(enc_dec.inputs, specs.FPN_FEATURES, 4, "enc_dec.onnx")
+        text = _need(enc_dec.inputs, specs.TEXT_FEATURES, 3, "enc_dec.onnx")
+        _need(enc_dec.inputs, specs.TEXT_MASK, 2, "enc_dec.onnx")
+        boxes = _need(enc_dec.outputs, specs.PRED_BOXES, 3, "enc_dec.onnx")
+        for name in (specs.PRED_LOGITS, specs.PRESENCE_LOGITS):
+            _need(enc_dec.outputs, name, 2, "enc_dec.onnx")
+        enc = {
+            "imgsz": fpn[2] * specs.PATCH_SIZE,
+            "fpn_dim": fpn[1],
+            "text_len": text[1],
+            "text_dim": text[2],
+            "num_queries": boxes[1],
+        }
+        for key, value in enc.items():
+            have = kw.get(key, -1)
+            if have > 0 and value > 0 and have != value:
+                raise ValueError(
+                    f"backbone.onnx and enc_dec.onnx disagree on {key}: {have} vs {value} "
+                    "(export both graphs with the same --imgsz)"
+                )
+            if have <= 0:
+                kw[key] = value
+    bad = {k: v for k, v in kw.items() if type(v) is int and v <= 0}
+    if bad:
+        raise ValueError(f"graph sizes must be static in the ONNX export, dynamic: {bad}")
+    dims = specs.GraphDims(**kw)
+    if dims.imgsz % specs.PATCH_SIZE:
+        raise ValueError(f"imgsz {dims.imgsz} is not a multiple of the patch size 14")
+    return dims
+
+
+def check_graph_matches_spec(io: GraphIO, spec: specs.ModelSpec, where: str) -> None:
+    """Every static dimension the spec fixes must match the graph (dynamic ones are free)."""
+    for kind, have, want in (("input", io.inputs, spec.inputs), ("output", io.outputs,
+                                                                  spec.outputs)):
+        for t in want:
+            if t.name not in have:
+                raise ValueError(f"{where}: {kind} {t.name!r} missing (has {sorted(have)})")
+            got = have[t.name]
+            ok = len(got) == len(t.dims) and all(
+                w == -1 or g in (-1, w) for g, w in zip(got, t.dims, strict=True)
+            )
+            if not ok:
+                raise ValueError(f"{where}: {kind} {t.name} is {list(got)}, spec says "
+                                 f"{list(t.dims)} (-1 = dynamic)")
+
+
+def profile_shapes(
+    spec: specs.ModelSpec, n: ProfileRange | None
+) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """``{input: (min, opt, max)}`` for one profile: each -1 in the spec dims is N."""
+    out = {}
+    for t in spec.inputs:
+        if n is None:
+            if -1 in t.dims:
+                raise ValueError(f"{spec.name}.{t.name} is dynamic but no N range was given")
+            out[t.name] = (t.dims, t.dims, t.dims)
+            continue
+        lo, opt, hi = (tuple(v if d == -1 else d for d in t.dims) for v in (n.min, n.opt, n.max))
+        out[t.name] = (lo, opt, hi)
+    return out
+
+
+def model_profiles(
+    spec: specs.ModelSpec, ranges: Sequence[ProfileRange]
+) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """Profiles for a model: none for a fully static spec (TensorRT adds its own)."""
+    if not any(-1 in t.dims for t in spec.inputs):
+        return []
+    return [profile_shapes(spec, r) for r in ranges]
+
+
+def dynamic_inputs(io: GraphIO) -> list[str]:
+    """Inputs the ONNX graph leaves dynamic: the only ones a profile has to set."""
+    return [name for name, shape in io.inputs.items() if -1 in shape]
+
+
+def _dims(shape: Shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def trtexec_command(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    profiles: Sequence[dict[str, tuple[Shape, Shape, Shape]]],
+    precision: str = "fp16",
+    workspace_gb: float | None = None,
+    opt_level: int | None = None,
+    only_inputs: Sequence[str] | None = None,
+) -> str:
+    """The ``trtexec`` line that builds the same plan (for reproducing a build by hand).
+
+    With several profiles each min/opt/max group follows its own ``--profile=i``: that is
+    how trtexec (TensorRT 10) builds multiple optimisation profiles.
+    """
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}"]
+    if precision == "fp16":
+        args.append("--fp16")
+    elif precision == "fp32":
+        args.append("--noTF32")
+    else:
+        raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+    if workspace_gb is not None:
+        args.append(f"--memPoolSize=workspace:{round(workspace_gb * 1024)}")  # MiB
+    if opt_level is not None:
+        args.append(f"--builderOptimizationLevel={opt_level}")
+    for i, prof in enumerate(profiles):
+        names = [n for n in prof if only_inputs is None or n in only_inputs]
+        if not names:
+            continue
+        if len(profiles) > 1:
+            args.append(f"--profile={i}")
+        for flag, k in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
+            args.append(f"{flag}=" + ",".join(f"{n}:{_dims(prof[n][k])}" for n in names))
+    args.append("--skipInference")
+    return shlex.join(args)
