@@ -7,8 +7,11 @@ backend only, runs on CPU) is used; it needs some help to run outside pytriton:
 * the python backend expects ``triton_python_backend_stub`` next to
   ``libtriton_python.so``, but the wheel keeps one stub per Python version elsewhere,
   so a backend directory of symlinks is laid out in a scratch directory;
-* the stub is an embedded interpreter isolated from PYTHONPATH: it finds this
-  environment through ``python3`` on PATH, so this interpreter's bin dir goes first;
+* the stub is an embedded interpreter isolated from PYTHONPATH: it finds its
+  environment through ``python3`` on PATH, so that bin dir goes first. The stub is
+  built against numpy 1.x and corrupts BYTES tensors under numpy 2, so when this
+  environment has numpy>=2 the stub runs as ``.tools/triton-python`` (made by
+  scripts/install_triton_tools.sh): numpy<2 over this same venv;
 * the stub links ``libpython3.X.so.1.0``: it must be this interpreter's build (a
   distro libpython of the same minor version can miss symbols, e.g. ``_PyModule_Add``),
   so sysconfig's LIBDIR goes first on LD_LIBRARY_PATH, then ``nvidia_pytriton.libs``.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -101,6 +105,36 @@ def prepare_backend_dir(dest: Path, python_version: str | None = None) -> Path:
     return dest
 
 
+def tools_dir() -> Path:
+    """Where scripts/install_triton_tools.sh puts its tools (``$DART_TRITON_TOOLS`` or .tools)."""
+    env = os.environ.get("DART_TRITON_TOOLS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / ".tools"
+
+
+def stub_python_bin(binary: Path | None = None) -> Path:
+    """The bin dir whose ``python3`` the python-backend stubs will run as.
+
+    This interpreter's own (not resolved: a venv's bin, not the base install's), except
+    for the bundled stub, which needs numpy<2: then the overlay env made for this venv.
+    """
+    own = Path(sys.executable).parent
+    if binary is not None and not is_bundled(binary):
+        return own
+    overlay = tools_dir() / "triton-python"
+    marker = overlay / "FOR_PREFIX"
+    if marker.is_file() and marker.read_text().split()[:1] == [sys.prefix]:
+        return overlay / "bin"
+    numpy_version = importlib.metadata.version("numpy")
+    if int(numpy_version.split(".")[0]) >= 2:
+        raise TritonServerError(
+            f"this environment has numpy {numpy_version}, but the python backend stub "
+            "bundled in nvidia-pytriton is built against numpy 1.x and corrupts BYTES "
+            f"tensors with numpy 2. Run scripts/install_triton_tools.sh (it prepares "
+            f"{overlay}: numpy<2 over this venv) or install numpy<2."
+        )
+    return own
+
+
 def server_env(
     binary: Path | None = None,
     base: Mapping[str, str] | None = None,
@@ -108,8 +142,7 @@ def server_env(
 ) -> dict[str, str]:
     """Environment for tritonserver so that python-backend stubs run in this environment."""
     env = dict(os.environ if base is None else base)
-    bin_dir = str(Path(sys.executable).parent)  # not resolved: a venv's bin, not pyenv's
-    env["PATH"] = os.pathsep.join([bin_dir, *_split(env.get("PATH"))])
+    env["PATH"] = os.pathsep.join([str(stub_python_bin(binary)), *_split(env.get("PATH"))])
     libs = [sysconfig.get_config_var("LIBDIR") or ""]
     bundled = bundled_tritonserver_dir()
     if bundled is not None and (binary is None or is_bundled(binary)):
@@ -128,21 +161,22 @@ def _split(value: str | None) -> list[str]:
 
 # Default log format: "E1125 10:20:30.123456 123 file.cc:45] message".
 _ERROR_LINE = re.compile(r"^E\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\] ?(.*)$")
-_TABLE_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*(\S+)\s*\|\s*(UNAVAILABLE: .*?)\s*\|\s*$")
+# Errors every CPU-only start logs: not a reason for anything.
+_CPU_NOISE = ("CudaDriverHelper has not been initialized",)
 
 
 def failure_reasons(log_text: str, tail: int = 25) -> str:
-    """The server's own explanation: error lines, failed models, else the log's tail."""
-    reasons: list[str] = []
+    """The server's own explanation: model load failures, else error lines, else the tail."""
+    errors = []
     for line in log_text.splitlines():
         if m := _ERROR_LINE.match(line):
-            reasons.append(_unescape(m.group(1)))
-        elif m := _TABLE_ROW.match(line):
-            reasons.append(f"model {m.group(1)} (version {m.group(2)}): {m.group(3)}")
+            errors.append(_unescape(m.group(1)))
         elif line.startswith("error: "):  # tritonserver's last words before exiting
-            reasons.append(line)
-    if not reasons:
-        reasons = log_text.splitlines()[-tail:]
+            errors.append(line)
+    errors = [e for e in errors if not e.startswith(_CPU_NOISE)]
+    # A failed model logs its traceback twice (instance, then model): keep the model line.
+    load_failures = [e for e in errors if e.startswith("failed to load") or e.startswith("error: ")]
+    reasons = load_failures or errors or log_text.splitlines()[-tail:]
     return "\n".join(dict.fromkeys(reasons))  # keep order, drop repeats
 
 
