@@ -332,22 +332,26 @@ def _http_server(recorder: _Recorder) -> tuple[object, str]:
 
 
 @pytest.fixture(params=["grpc", "http"])
-def fake(request) -> Iterator[tuple[object, _Recorder]]:
-    from dart_triton.client.triton_client import DartClient
-
+def fake_url(request) -> Iterator[tuple[str, str, _Recorder]]:
+    """(protocol, url, recorder) of a fake Triton serving `dart` on loopback."""
     recorder = _Recorder()
     if request.param == "grpc":
         server, url = _grpc_server(recorder)
-        stop = lambda: server.stop(None)  # noqa: E731
+        yield request.param, url, recorder
+        server.stop(None)
     else:
         server, url = _http_server(recorder)
-        stop = server.shutdown
-    client = DartClient(url, request.param, concurrency=4)
-    try:
+        yield request.param, url, recorder
+        server.shutdown()
+
+
+@pytest.fixture
+def fake(fake_url) -> Iterator[tuple[object, _Recorder]]:
+    from dart_triton.client.triton_client import DartClient
+
+    protocol, url, recorder = fake_url
+    with DartClient(url, protocol, concurrency=4) as client:
         yield client, recorder
-    finally:
-        client.close()
-        stop()
 
 
 def _frame(value: int) -> np.ndarray:
@@ -410,3 +414,53 @@ def test_image_roundtrip_is_rgb(tmp_path):
     Image.new("L", (5, 4), 77).save(tmp_path / "grey.png")
     image = load_image(tmp_path / "grey.png")
     assert image.shape == (4, 5, 3) and image.dtype == np.uint8 and (image == 77).all()
+
+
+# --- command line, against the fake server ---------------------------------------------
+def test_cli_detect_json_and_annotations(fake_url, tmp_path, capsys):
+    from dart_triton.client.cli import detect_main
+
+    protocol, url, _ = fake_url
+    paths = []
+    for i, value in enumerate((40, 90)):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.new("RGB", (64, 48), (value, value, value)).save(paths[-1])
+    server = ["--url", url, "--protocol", protocol]
+
+    # One image: a COCO results list on stdout, annotated file where asked.
+    assert detect_main([str(paths[0]), "--classes", "cat", "traffic light", *server,
+                        "--annotate", str(tmp_path / "one.png")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [d["category_name"] for d in printed] == ["traffic light", "cat"]
+    assert printed[0]["bbox"] == [40.0, 0.0, 10.0, 20.0]
+    assert (np.asarray(Image.open(tmp_path / "one.png")) != 40).any()
+
+    # Several images: a list with file names in --json, annotations in a directory.
+    out_json, out_dir = tmp_path / "dets.json", tmp_path / "annotated"
+    assert detect_main([*map(str, paths), "--classes", "cat", *server, "--max-detections", "1",
+                        "--json", str(out_json), "--annotate", str(out_dir)]) == 0
+    records = json.loads(out_json.read_text())
+    assert [r["file_name"] for r in records] == [str(p) for p in paths]
+    assert [r["detections"][0]["bbox"][0] for r in records] == [40.0, 90.0]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["img0.png", "img1.png"]
+
+    # Server-side failures: message on stderr, exit status 1.
+    assert detect_main([str(paths[0]), "--classes", "boom", *server]) == 1
+    assert "text encoder failed" in capsys.readouterr().err
+
+
+def test_cli_video_prints_fps(fake_url, tmp_path, capsys):
+    import imageio.v2 as iio
+    from dart_triton.client.cli import video_main
+
+    protocol, url, _ = fake_url
+    src, dst = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    with iio.get_writer(src, fps=5, codec="libx264", macro_block_size=2) as w:
+        for v in range(0, 200, 25):
+            w.append_data(np.full((48, 64, 3), v, np.uint8))
+    assert video_main([str(src), "--classes", "cat", "--out", str(dst), "--url", url,
+                       "--protocol", protocol, "--in-flight", "3", "--max-frames", "6"]) == 0
+    summary = capsys.readouterr().out
+    assert "6 frames" in summary and "FPS" in summary
+    # (imageio's reader reports len() = inf for MP4, so count by iterating)
+    assert sum(1 for _ in iio.get_reader(dst)) == 6
