@@ -300,21 +300,22 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
     }
     detector = None
     if detect is None:
-        from dart_triton.client.triton_client import ThreadLocalDetector, config_parameter
+        from dart_triton.client.triton_client import ThreadLocalDetector
 
         detector = detect = ThreadLocalDetector(
             classes, args.url, args.protocol, args.model,
             score_threshold=args.score_threshold, nms_iou=args.nms_iou,
             max_detections=args.max_detections,
         )
-        try:
-            imgsz = config_parameter(detector.client().model_config(), "imgsz")
+        client = detector.client()
+        try:  # fail fast, before any image is read, when the model is not there
+            client.model_config()
         except DartClientError as e:
-            print(f"coco-eval: cannot read the model config of {args.model!r} at "
-                  f"{detector.client().url}: {e}", file=sys.stderr)
+            print(f"coco-eval: cannot read the config of model {args.model!r} at "
+                  f"{client.url}: {e}", file=sys.stderr)
+            detector.close()
             return 1
-        settings |= {"imgsz": int(imgsz) if imgsz else None,
-                     "url": detector.client().url, "protocol": args.protocol}
+        settings |= {"imgsz": client.imgsz(), "url": client.url, "protocol": args.protocol}
     output = args.output or Path("runs/coco-eval") / args.model
     try:
         record = run(args.images, args.annotations, output, detect, dataset=dataset,

@@ -126,18 +126,37 @@ class DartClient:
         except DartClientError:
             return False
 
-    def model_metadata(self) -> dict[str, Any]:
+    def model_metadata(self, model: str | None = None) -> dict[str, Any]:
+        """Metadata of ``model`` (default: this client's model), as a dict."""
         with _server_errors(self.url):
             if self.protocol == "grpc":
-                return self._client.get_model_metadata(self.model, as_json=True)
-            return self._client.get_model_metadata(self.model)
+                return self._client.get_model_metadata(model or self.model, as_json=True)
+            return self._client.get_model_metadata(model or self.model)
 
-    def model_config(self) -> dict[str, Any]:
-        """The model's config as a dict (gRPC's ``{"config": ...}`` wrapper removed)."""
+    def model_config(self, model: str | None = None) -> dict[str, Any]:
+        """Config of ``model`` (default: this client's model) as a dict.
+
+        gRPC's ``{"config": ...}`` wrapper is removed so both protocols look alike.
+        """
         with _server_errors(self.url):
             if self.protocol == "grpc":
-                return self._client.get_model_config(self.model, as_json=True)["config"]
-            return self._client.get_model_config(self.model)
+                return self._client.get_model_config(model or self.model, as_json=True)["config"]
+            return self._client.get_model_config(model or self.model)
+
+    def imgsz(self) -> int | None:
+        """The resolution the server runs at, from a ``parameters { key: "imgsz" }`` entry.
+
+        Looked up on the model, then on `preprocess` (an ensemble has no parameters
+        of its own); None when neither says.
+        """
+        for model in (self.model, "preprocess"):
+            try:
+                value = config_parameter(self.model_config(model), "imgsz")
+            except DartClientError:
+                continue
+            if value and value.strip().isdigit():
+                return int(value)
+        return None
 
     # --- inference --------------------------------------------------------------------
     def _inputs(

@@ -396,6 +396,7 @@ def test_fake_server_info_passthroughs(fake):
     assert config["name"] == "dart" and config_parameter(config, "imgsz") == "644"
     assert config_parameter({"name": "x"}, "imgsz") is None
     assert client.model_metadata()["name"] == "dart"
+    assert client.imgsz() == 644
 
 
 def test_unreachable_server_is_a_client_error():
