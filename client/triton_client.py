@@ -34,6 +34,8 @@ def _server_errors(url: str) -> Iterator[None]:
     except InferenceServerException as e:
         status = e.status()
         raise DartClientError(e.message() or str(e), str(status) if status else None) from e
+    except TimeoutError as e:  # an OSError too, but not a connection failure
+        raise DartClientError(f"no answer from Triton at {url} in time: {e}", "TIMEOUT") from e
     except OSError as e:  # the HTTP client's connection refused / DNS / reset
         raise DartClientError(f"cannot reach Triton at {url}: {e}") from e
 

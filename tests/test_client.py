@@ -465,3 +465,11 @@ def test_cli_video_prints_fps(fake_url, tmp_path, capsys):
     assert "6 frames" in summary and "FPS" in summary
     # (imageio's reader reports len() = inf for MP4, so count by iterating)
     assert sum(1 for _ in iio.get_reader(dst)) == 6
+
+
+def test_future_timeout_is_a_client_error():
+    from dart_triton.client.triton_client import DetectionFuture
+
+    never: Future[Detections] = Future()
+    with pytest.raises(DartClientError, match="in time"):
+        DetectionFuture(never.result, "somewhere:1").result(timeout=0.01)
