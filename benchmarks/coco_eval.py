@@ -285,6 +285,9 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
     if "{}" not in args.prompt_template:
         print("coco-eval: --prompt-template must contain {}", file=sys.stderr)
         return 2
+    if args.concurrency < 1 or (args.limit is not None and args.limit < 1):
+        print("coco-eval: --concurrency and --limit must be >= 1", file=sys.stderr)
+        return 2
     if not args.images.is_dir() or not args.annotations.is_file():
         print("coco-eval: --images must be a folder and --annotations a file", file=sys.stderr)
         return 2
@@ -325,6 +328,10 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
         print(f"coco-eval: server error: {e}\ncoco-eval: detections so far are kept in "
               f"{output / JSONL_NAME}; rerun the same command to resume", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as e:  # a missing/unreadable image, a size mismatch
+        print(f"coco-eval: error: {e}\ncoco-eval: detections so far are kept in "
+              f"{output / JSONL_NAME}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         # Exit waits at most for the requests already in flight; queued ones were dropped.
         print(f"\ncoco-eval: interrupted; rerun the same command to resume from "

@@ -215,3 +215,10 @@ def test_server_imgsz_from_model_config():
     assert config_parameter({"parameters": {"imgsz": {"string_value": "1008"}}}, "imgsz") == "1008"
     assert config_parameter({"parameters": {}}, "imgsz") is None
     assert config_parameter({}, "imgsz") is None
+
+
+def test_missing_image_is_a_clear_error(coco, tmp_path, capsys):
+    images_dir, annotations = coco
+    (images_dir / "000000000632.png").unlink()
+    assert _main(images_dir, annotations, tmp_path / "out", _fake_detector()) == 2
+    assert "000000000632.png" in capsys.readouterr().err
