@@ -50,6 +50,32 @@ class TextEncoder:
     def from_checkpoint(cls, path: str | Path, **kwargs) -> TextEncoder:
         return cls.from_sam3(load_sam3(path), load_tokenizer(path), **kwargs)
 
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Text model, projection and tokenizer only: what a Triton text_encoder needs."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        self.text_model.save_pretrained(out / "text_model")
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        save_file({k: v.contiguous() for k, v in self.projection.state_dict().items()},
+                  str(out / "text_projection.safetensors"))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> TextEncoder:
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        root = Path(path)
+        text_model = CLIPTextModelWithProjection.from_pretrained(root / "text_model", attn_implementation="eager",
+                                                                 dtype=torch.float32)
+        weights = load_file(str(root / "text_projection.safetensors"))
+        out_dim, in_dim = weights["weight"].shape
+        projection = torch.nn.Linear(in_dim, out_dim)
+        projection.load_state_dict(weights)
+        return cls(text_model, projection, AutoTokenizer.from_pretrained(root / "tokenizer"),
+                   **kwargs)
+
     @property
     def text_dim(self) -> int:
         return int(self.projection.out_features)

@@ -1,0 +1,1 @@
+"""Triton python-backend models. Each `model_repository/<name>/1/model.py` re-exports one."""

@@ -1,0 +1,82 @@
+"""Small helpers over `triton_python_backend_utils` shared by the python models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import triton_python_backend_utils as pb_utils
+
+
+def model_params(args: dict) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def version_dir(args: dict) -> Path:
+    return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def device_of(args: dict) -> str:
+    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+        return f"cuda:{args.get('model_instance_device_id', 0)}"
+    return "cpu"
+
+
+def optional_input(request, name: str):
+    return pb_utils.get_input_tensor_by_name(request, name)
+
+
+def required_input(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise ValueError(f"missing required input {name}")
+    return tensor
+
+
+def as_torch(tensor) -> torch.Tensor:
+    """A Triton tensor as torch, zero-copy; GPU tensors stay on the GPU (DLPack)."""
+    if tensor.is_cpu():
+        return torch.from_numpy(tensor.as_numpy())
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def as_numpy(tensor) -> np.ndarray:
+    return tensor.as_numpy() if tensor.is_cpu() else as_torch(tensor).cpu().numpy()
+
+
+def from_torch(name: str, value: torch.Tensor):
+    if value.is_cuda:
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+    return pb_utils.Tensor(name, np.ascontiguousarray(value.numpy()))
+
+
+def scalar(request, name: str, default, cast):
+    tensor = optional_input(request, name)
+    if tensor is None:
+        return default
+    value = as_numpy(tensor).reshape(-1)
+    if value.size != 1:
+        raise ValueError(f"{name} must hold exactly one value, got {value.size}")
+    return cast(value[0])
+
+
+def error_response(exc: Exception):
+    """A bad request is the client's mistake (INVALID_ARG); anything else is INTERNAL."""
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, ValueError) else (
+        pb_utils.TritonError.INTERNAL)
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc), code))
+
+
+def respond(requests, handler) -> list:
+    """One response per request; a bad request gets its error, the others still run."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb_utils.InferenceResponse(output_tensors=handler(request)))
+        except ValueError as exc:
+            responses.append(error_response(exc))
+    return responses

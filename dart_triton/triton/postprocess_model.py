@@ -1,0 +1,39 @@
+"""postprocess: head outputs + original_size (+ request options) -> BOXES, SCORES, CLASS_IDS."""
+
+from __future__ import annotations
+
+from dart_triton import specs
+from dart_triton.postprocess import postprocess
+from dart_triton.triton import pb
+
+
+def request_options(request) -> dict:
+    return {
+        "score_threshold": pb.scalar(request, specs.SCORE_THRESHOLD,
+                                     specs.DEFAULT_SCORE_THRESHOLD, float),
+        "nms_iou": pb.scalar(request, specs.NMS_IOU, specs.DEFAULT_NMS_IOU, float),
+        "max_detections": pb.scalar(request, specs.MAX_DETECTIONS,
+                                    specs.DEFAULT_MAX_DETECTIONS, int),
+    }
+
+
+def detection_tensors(dets) -> list:
+    return [pb.pb_utils.Tensor(specs.BOXES, dets.boxes),
+            pb.pb_utils.Tensor(specs.SCORES, dets.scores),
+            pb.pb_utils.Tensor(specs.CLASS_IDS, dets.class_ids)]
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        pass
+
+    def _run(self, request) -> list:
+        boxes, logits, presence, size = (
+            pb.as_numpy(pb.required_input(request, name))
+            for name in (specs.PRED_BOXES, specs.PRED_LOGITS, specs.PRESENCE_LOGITS,
+                         specs.ORIGINAL_SIZE))
+        return detection_tensors(postprocess(boxes, logits, presence, size,
+                                             **request_options(request)))
+
+    def execute(self, requests):
+        return pb.respond(requests, self._run)

@@ -1,0 +1,5 @@
+"""Triton python model `backbone`: logic in dart_triton/triton/graph_model.py (unit-tested, shared)."""
+
+from dart_triton.triton.graph_model import TritonPythonModel
+
+__all__ = ["TritonPythonModel"]
