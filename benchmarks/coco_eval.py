@@ -24,6 +24,8 @@ from dart_triton.client.detections import Detections
 from dart_triton.client.errors import DartClientError
 from dart_triton.client.images import load_image
 
+from dart_triton import specs
+
 Detect = Callable[[np.ndarray], Detections]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APS", "APM", "APL")
@@ -263,15 +265,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", "--in-flight", type=int, default=8, metavar="K",
                    help="images in flight (default: 8)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N images (by id)")
-    p.add_argument("--score-threshold", type=float, default=0.05,
+    p.add_argument("--score-threshold", type=float, default=0.05, metavar="T",
                    help="default 0.05: AP averages precision over all recall levels, so "
                         "low-confidence detections still add recall at little cost in "
-                        "precision; the serving default (0.3) would cut the PR curve short "
-                        "and under-report AP")
-    p.add_argument("--nms-iou", type=float, help="server default (0.7) if not given")
-    p.add_argument("--max-detections", type=int, default=100,
+                        f"precision; the serving default ({specs.DEFAULT_SCORE_THRESHOLD}) "
+                        "would cut the PR curve short and under-report AP")
+    p.add_argument("--nms-iou", type=float, metavar="IOU",
+                   help=f"server default ({specs.DEFAULT_NMS_IOU}) if not given")
+    p.add_argument("--max-detections", type=int, default=100, metavar="N",
                    help="per image; 100 is what COCO AP counts (default: 100)")
-    p.add_argument("--prompt-template", default="{}",
+    p.add_argument("--prompt-template", default="{}", metavar="TEMPLATE",
                    help="prompt per category, {} = category name (default: name as is)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard earlier detections in --output instead of resuming")

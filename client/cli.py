@@ -19,16 +19,17 @@ _DETECT_IN_FLIGHT = 4
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", nargs="+", required=True, metavar="NAME",
-                        help="class names to detect (quote names with spaces: 'traffic light')")
+                        help="class names to detect (quote names with spaces: 'traffic light'); "
+                             "put it after the input file(s)")
     parser.add_argument("--url", help=f"Triton address (default grpc {DEFAULT_URLS['grpc']}, "
                                       f"http {DEFAULT_URLS['http']})")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--model", default="dart", help="dart or dart_ensemble (default: dart)")
-    parser.add_argument("--score-threshold", type=float,
+    parser.add_argument("--score-threshold", type=float, metavar="T",
                         help=f"server default {specs.DEFAULT_SCORE_THRESHOLD}")
-    parser.add_argument("--nms-iou", type=float,
+    parser.add_argument("--nms-iou", type=float, metavar="IOU",
                         help=f"server default {specs.DEFAULT_NMS_IOU}; 1.0 turns NMS off")
-    parser.add_argument("--max-detections", type=int,
+    parser.add_argument("--max-detections", type=int, metavar="N",
                         help=f"server default {specs.DEFAULT_MAX_DETECTIONS}")
 
 
