@@ -127,6 +127,7 @@ def test_in_order_keeps_order_and_bounds_in_flight():
 
 # --- drawing -------------------------------------------------------------------------------
 def test_annotate_writes_png_with_drawn_boxes(tmp_path):
+    pytest.importorskip("supervision")
     from dart_triton.client.draw import annotate
     from dart_triton.client.images import load_image, save_image
 
@@ -157,6 +158,7 @@ def test_annotation_paths_file_or_directory(tmp_path):
 
 # --- video ---------------------------------------------------------------------------------
 def test_annotate_video_in_order_with_injected_detector(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
     import imageio.v2 as iio
     from dart_triton.client.video import annotate_video
 
@@ -419,6 +421,7 @@ def test_image_roundtrip_is_rgb(tmp_path):
 
 # --- command line, against the fake server ---------------------------------------------
 def test_cli_detect_json_and_annotations(fake_url, tmp_path, capsys):
+    pytest.importorskip("supervision")
     from dart_triton.client.cli import detect_main
 
     protocol, url, _ = fake_url
@@ -451,6 +454,7 @@ def test_cli_detect_json_and_annotations(fake_url, tmp_path, capsys):
 
 
 def test_cli_video_prints_fps(fake_url, tmp_path, capsys):
+    pytest.importorskip("imageio_ffmpeg")
     import imageio.v2 as iio
     from dart_triton.client.cli import video_main
 
