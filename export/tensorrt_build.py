@@ -295,9 +295,9 @@ def build_plans(
 ) -> dict[str, dict]:
     """Build, verify and install the plans; returns ``{model: sidecar dict}``.
 
-    Plans are staged in the repository and moved into ``<model>/<version>/model.plan`` only
-    after every requested plan has passed verification, so a failed build never leaves a
-    half-updated repository. Raises TensorRTMissingError, VerificationError,
+    Plans are staged beside their final place and moved to ``<model>/<version>/model.plan``
+    only after every requested plan has passed verification, so a failed build never
+    leaves a half-updated repository. Raises TensorRTMissingError, VerificationError,
     PlanCompatibilityError, FileNotFoundError or ValueError with a message to show as is.
     """
     opts = PlanBuildOptions.coerce(options)
@@ -312,16 +312,20 @@ def build_plans(
     logger = trt.Logger(trt.Logger.INFO if opts.verbose else trt.Logger.WARNING)
     sample = load_sample(opts.sample)
     cache: dict = {}
-    repo_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".plans-staging-", dir=repo_dir))
+    staged: dict[str, Path] = {}
     results: dict[str, dict] = {}
     try:
         for job in jobs:
             print(f"[build-plans] {job.model}: building ({opts.precision}); equivalent:\n"
                   f"  {job.trtexec}", flush=True)
             blob = build_engine(trt, job, opts, logger)
-            staged = staging / f"{job.model}.plan"
-            staged.write_bytes(blob)
+            # Staged in a hidden folder of the model's own directory: same filesystem as the
+            # final path (atomic rename), and not a version directory Triton would load.
+            model_dir = job.plan.parent.parent
+            model_dir.mkdir(parents=True, exist_ok=True)
+            stage_dir = Path(tempfile.mkdtemp(prefix=".plan-staging-", dir=model_dir))
+            staged[job.model] = stage_dir / job.plan.name
+            staged[job.model].write_bytes(blob)
             if opts.skip_verify:
                 verification = {"skipped": True}
             else:
@@ -331,17 +335,19 @@ def build_plans(
                                   for k, v in verification["worst"].items())
                 print(f"[build-plans] {job.model}: verified ({worst})", flush=True)
             results[job.model] = _sidecar(job, dims, opts, trt_version, device,
-                                          onnx_sha256(job.onnx), sha256_files([staged]),
-                                          len(blob), verification)
+                                          onnx_sha256(job.onnx),
+                                          sha256_files([staged[job.model]]), len(blob),
+                                          verification)
             del blob
-        for job in jobs:
+        for job in jobs:  # every plan passed: install them all
             job.plan.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / f"{job.model}.plan", job.plan)
+            os.replace(staged[job.model], job.plan)
             write_sidecar(job.plan, results[job.model])
             results[job.model]["plan_path"] = str(job.plan)
             print(f"[build-plans] {job.model}: wrote {job.plan}", flush=True)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for path in staged.values():
+            shutil.rmtree(path.parent, ignore_errors=True)
     return results
 
 
@@ -367,6 +373,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-verify", action="store_true",
                     help="do not compare the plans with FP32 ONNX Runtime")
+    ap.add_argument("--min-cosine", type=float, default=Tolerances.min_cosine,
+                    help="verification bar for FPN features and logits (default %(default)s)")
+    ap.add_argument("--max-box-diff", type=float, default=Tolerances.max_abs_boxes,
+                    help="verification bar for pred_boxes, normalised units "
+                         "(default %(default)s)")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the graphs and print the trtexec lines; build nothing")
     ap.add_argument("--verbose", action="store_true", help="TensorRT INFO logging")
@@ -379,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         **vars(args),
         "models": tuple(m.strip() for m in args.models.split(",") if m.strip()),
         "buckets": args.buckets,
+        "tolerances": Tolerances(min_cosine=args.min_cosine, max_abs_boxes=args.max_box_diff),
     })
     try:
         if args.dry_run:

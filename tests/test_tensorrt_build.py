@@ -545,6 +545,105 @@ def test_cli_dispatches_build_plans():
     assert (module, func) == ("dart_triton.export.tensorrt_build", "main")
 
 
+# build_plans orchestration with a stand-in TensorRT (CPU) ----------------------------------
+
+class _FakeLogger:
+    INFO, WARNING = "info", "warning"
+
+    def __init__(self, level):
+        self.level = level
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """A 'tensorrt' whose plans are the ONNX path and whose runner is ONNX Runtime."""
+    import types
+
+    from dart_triton.export import plan_runner
+
+    fake = types.SimpleNamespace(__version__="10.9.0.34", Logger=_FakeLogger)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(tensorrt_build, "build_engine",
+                        lambda trt, job, opts, logger: str(job.onnx).encode())
+    monkeypatch.setattr(tensorrt_build, "current_device",
+                        lambda: {"gpu_name": "Fake GPU", "compute_capability": "8.9"})
+    drift = {"boxes": 0.0}
+
+    class Runner:
+        def __init__(self, blob, trt, logger=None):
+            self.session = onnx_reference(blob.decode())
+
+        def __call__(self, inputs, profile=0):
+            out = self.session(inputs, profile)
+            if specs.PRED_BOXES in out:
+                out[specs.PRED_BOXES] = out[specs.PRED_BOXES] + drift["boxes"]
+            return out
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(plan_runner, "PlanRunner", Runner)
+    return drift
+
+
+def test_build_plans_installs_verified_plans(fake_trt, onnx_dir: Path, tmp_path: Path, capsys):
+    repo = tmp_path / "repo"
+    res = tensorrt_build.build_plans(onnx_dir, repo, {"buckets": "1,4,16", "opt_level": 2})
+    for model in ("backbone", "enc_dec"):
+        plan = repo / model / "1" / "model.plan"
+        assert plan.read_bytes() == str(onnx_dir / f"{model}.onnx").encode()
+        info = plan_sidecar.read_sidecar(plan)
+        assert info["tensorrt_version"] == "10.9.0.34" and info["gpu_name"] == "Fake GPU"
+        assert info["imgsz"] == 56 and info["precision"] == "fp16" and info["opt_level"] == 2
+        assert info["onnx_sha256"] == plan_sidecar.onnx_sha256(onnx_dir / f"{model}.onnx")
+        assert info["plan_sha256"] == plan_sidecar.sha256_files([plan])
+        assert info["trtexec"].startswith("trtexec --onnx=")
+        assert res[model]["plan_path"] == str(plan)
+    ed = res["enc_dec"]
+    assert ed["buckets"] == [1, 4, 16] and ed["n_range"] == [1, 16] and ed["max_classes"] == 16
+    assert [p["opt"] for p in ed["profiles"]] == [1, 4, 16]
+    assert ed["verification"]["worst"][specs.PRED_BOXES]["max_abs"] == 0.0
+    assert len(ed["verification"]["runs"]) == 5
+    assert res["backbone"]["verification"]["worst"][specs.FPN_FEATURES]["cosine"] > 0.99999
+    assert res["backbone"]["profiles"] == [] and res["backbone"]["max_classes"] is None
+    assert not list(repo.rglob(".plan-staging-*"))
+    out = capsys.readouterr().out
+    assert "--profile=2" in out and "enc_dec: verified" in out
+    kw = {"imgsz": 56, "max_classes": 16, "trt_version": "10.9.0.34",
+          "device": {"gpu_name": "Fake GPU", "compute_capability": "8.9"}}
+    assert plan_sidecar.stale_reasons(repo, **kw) == []
+
+    # a later enc_dec-only build for another image size is refused, the repo untouched
+    other = tmp_path / "onnx644"
+    other.mkdir()
+    _tiny_enc_dec(other / "enc_dec.onnx", specs.GraphDims(imgsz=70, fpn_dim=8, text_len=6,
+                                                            text_dim=8, num_queries=5))
+    with pytest.raises(plan_sidecar.PlanCompatibilityError, match="image size 70"):
+        tensorrt_build.build_plans(other, repo, {"models": ("enc_dec",)})
+    assert plan_sidecar.read_sidecar(repo / "enc_dec" / "1" / "model.plan")["imgsz"] == 56
+
+
+def test_build_plans_failed_verification_installs_nothing(fake_trt, onnx_dir: Path,
+                                                          tmp_path: Path, capsys):
+    fake_trt["boxes"] = 0.05
+    repo = tmp_path / "repo"
+    rc = tensorrt_build.main(["--onnx-dir", str(onnx_dir), "--output", str(repo)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "enc_dec plan failed verification" in err and "pred_boxes" in err
+    assert not list(repo.rglob("model.plan*")) and not list(repo.rglob(".plan-staging-*"))
+    # a looser bar from the command line lets the same plans through
+    rc = tensorrt_build.main(["--onnx-dir", str(onnx_dir), "--output", str(repo),
+                              "--max-box-diff", "0.1"])
+    assert rc == 0 and "backbone: " in capsys.readouterr().out
+    ver = plan_sidecar.read_sidecar(repo / "enc_dec" / "1" / "model.plan")["verification"]
+    assert ver["tolerances"]["max_abs_boxes"] == 0.1
+    assert ver["worst"][specs.PRED_BOXES]["max_abs"] == pytest.approx(0.05)
+    assert tensorrt_build.main(["--onnx-dir", str(onnx_dir), "--output", str(repo),
+                                "--skip-verify"]) == 0
+    assert plan_sidecar.read_sidecar(repo / "enc_dec" / "1" / "model.plan")[
+        "verification"] == {"skipped": True}
+
+
 # GPU: real plans from the tiny graphs ----------------------------------------------------
 
 def _need_gpu_tensorrt():
@@ -570,7 +669,7 @@ def test_gpu_build_single_profile(onnx_dir: Path, tmp_path: Path, precision: str
         assert info["verification"]["worst"]
         assert res[model]["plan_path"] == str(plan)
     assert res["enc_dec"]["profiles"] == [{"index": 0, "min": 1, "opt": 4, "max": 8}]
-    assert not list(repo.glob(".plans-staging-*"))
+    assert not list(repo.rglob(".plan-staging-*"))
     assert plan_sidecar.stale_reasons(repo, imgsz=56, max_classes=8,
                                       device=plan_sidecar.current_device(),
                                       trt_version=plan_sidecar.tensorrt_version()) == []
