@@ -81,27 +81,15 @@ def input_data_entry(tensors: Mapping[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def _entries(tensors: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    requests = [tensors] if isinstance(tensors, Mapping) else list(tensors)
-    return [input_data_entry(t) for t in requests]
-
-
 def write_input_data(
     path: str | Path,
     tensors: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-    validation: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write an ``--input-data`` JSON file: one request, or a list of requests to cycle.
-
-    ``validation``: expected outputs, aligned with the requests; perf_analyzer then
-    fails on a response that differs.
-    """
-    doc = {"data": _entries(tensors)}
-    if validation is not None:
-        doc["validation_data"] = _entries(validation)
+    """Write an ``--input-data`` JSON file: one request, or a list of requests to cycle."""
+    requests = [tensors] if isinstance(tensors, Mapping) else list(tensors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps({"data": [input_data_entry(t) for t in requests]}))
     return path
 
 

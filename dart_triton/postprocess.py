@@ -47,21 +47,21 @@ def nms(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou: float) -
     return order[keep]
 
 
-def postprocess(
+def select(
     boxes: np.ndarray,
     logits: np.ndarray,
     presence_logits: np.ndarray,
     original_size: tuple[int, int] | np.ndarray,
-    class_names: list[str] | None = None,
     score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     nms_iou: float = DEFAULT_NMS_IOU,
     max_detections: int = DEFAULT_MAX_DETECTIONS,
     class_agnostic_nms: bool = False,
-) -> Detections:
-    """boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence [N,1] -> Detections.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence [N,1] -> (boxes, scores, class ids).
 
     Keeps scores > threshold (as SAM3's processor), runs per-class NMS (or one
-    class-agnostic pass), sorts by score and caps at `max_detections`.
+    class-agnostic pass), sorts by score and caps at `max_detections`. Boxes come back
+    in original-image pixels, clipped to the image.
     """
     check_options(score_threshold, nms_iou, max_detections)
     n, q = logits.shape
@@ -74,12 +74,18 @@ def postprocess(
     keep = np.flatnonzero(scores > score_threshold)
     groups = np.zeros_like(class_ids[keep]) if class_agnostic_nms else class_ids[keep]
     keep = keep[nms(pixel_boxes[keep], scores[keep], groups, nms_iou)][:max_detections]
-    return Detections(
-        boxes=pixel_boxes[keep].astype(np.float32),
-        scores=scores[keep].astype(np.float32),
-        class_ids=class_ids[keep],
-        class_names=list(class_names or []),
-    )
+    return (pixel_boxes[keep].astype(np.float32), scores[keep].astype(np.float32),
+            class_ids[keep])
+
+
+def postprocess(boxes, logits, presence_logits, original_size, class_names: list[str],
+                score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+                nms_iou: float = DEFAULT_NMS_IOU,
+                max_detections: int = DEFAULT_MAX_DETECTIONS,
+                class_agnostic_nms: bool = False) -> Detections:
+    """`select`, wrapped as Detections for the request's class names."""
+    return Detections(*select(boxes, logits, presence_logits, original_size, score_threshold,
+                              nms_iou, max_detections, class_agnostic_nms), tuple(class_names))
 
 
 def merge_chunks(chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):

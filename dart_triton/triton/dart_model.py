@@ -17,7 +17,7 @@ import torch
 from dart_triton import specs
 from dart_triton.buckets import pad_to_bucket, plan_passes
 from dart_triton.pipelines import chunk_slices
-from dart_triton.postprocess import merge_chunks, postprocess
+from dart_triton.postprocess import merge_chunks, select
 from dart_triton.preprocess import preprocess_tensor
 from dart_triton.triton import pb
 from dart_triton.triton.postprocess_model import detection_tensors, request_options
@@ -75,9 +75,8 @@ class TritonPythonModel:
         chunks = await asyncio.gather(*(
             self._decode(features, text_features, text_mask, *p)
             for p in self._passes(len(names))))
-        dets = postprocess(*merge_chunks(list(chunks)), np.array(image.shape[:2]), names,
-                           **options)
-        return detection_tensors(dets)
+        return detection_tensors(*select(*merge_chunks(list(chunks)), np.array(image.shape[:2]),
+                                         **options))
 
     async def execute(self, requests):
         results = await asyncio.gather(*(self._run(r) for r in requests),

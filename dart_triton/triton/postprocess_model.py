@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dart_triton import specs
-from dart_triton.postprocess import postprocess
+from dart_triton.postprocess import select
 from dart_triton.triton import pb
 
 
@@ -17,10 +17,10 @@ def request_options(request) -> dict:
     }
 
 
-def detection_tensors(dets) -> list:
-    return [pb.pb_utils.Tensor(specs.BOXES, dets.boxes),
-            pb.pb_utils.Tensor(specs.SCORES, dets.scores),
-            pb.pb_utils.Tensor(specs.CLASS_IDS, dets.class_ids)]
+def detection_tensors(boxes, scores, class_ids) -> list:
+    return [pb.pb_utils.Tensor(specs.BOXES, boxes),
+            pb.pb_utils.Tensor(specs.SCORES, scores),
+            pb.pb_utils.Tensor(specs.CLASS_IDS, class_ids)]
 
 
 class TritonPythonModel:
@@ -32,8 +32,8 @@ class TritonPythonModel:
             pb.as_numpy(pb.required_input(request, name))
             for name in (specs.PRED_BOXES, specs.PRED_LOGITS, specs.PRESENCE_LOGITS,
                          specs.ORIGINAL_SIZE))
-        return detection_tensors(postprocess(boxes, logits, presence, size,
-                                             **request_options(request)))
+        return detection_tensors(*select(boxes, logits, presence, size,
+                                         **request_options(request)))
 
     def execute(self, requests):
         return pb.respond(requests, self._run)

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random SAM3 checkpoints, a built repository, one real server.
+
+Everything is session-scoped: checkpoints are written once, the repository is built
+once, and one `tritonserver` (the binary bundled in nvidia-pytriton, CPU, python
+backend) serves every server test on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Small enough that 3 x max classes is cheap, large enough to exercise chunking.
+TEST_MAX_CLASSES = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from dart_triton.checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_a"), seed=0, variant="a")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_b(tmp_path_factory):
+    from dart_triton.checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_b"), seed=1, variant="b")
+
+
+@pytest.fixture(scope="session", params=["a", "b"])
+def any_tiny_checkpoint(request, tiny_checkpoint, tiny_checkpoint_b):
+    return tiny_checkpoint if request.param == "a" else tiny_checkpoint_b
+
+
+@pytest.fixture(scope="session")
+def parts(tiny_checkpoint):
+    from dart_triton.model_parts import load_parts
+
+    return load_parts(tiny_checkpoint, max_classes=TEST_MAX_CLASSES)
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real photograph shipped by scikit-image (512x512 RGB)."""
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def naive(parts):
+    from dart_triton.pipelines import NaivePipeline
+
+    return NaivePipeline(parts.model, parts.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def python_repository(tiny_checkpoint, tmp_path_factory):
+    from dart_triton.export.repository import build_repository
+
+    repo = tmp_path_factory.mktemp("repo_python")
+    build_repository(tiny_checkpoint, repo, backend="python", max_classes=TEST_MAX_CLASSES,
+                     log=lambda *_: None)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton_server(python_repository):
+    from dart_triton.server import TritonServer
+
+    with TritonServer(python_repository, startup_timeout=180) as server:
+        yield server

@@ -1,0 +1,42 @@
+"""Restructured backbone == transformers' Sam3VisionModel, on every level it returns."""
+
+import pytest
+import torch
+
+from dart_triton.backbone import RestructuredBackbone, mask_levels
+from dart_triton.checkpoint import load_sam3
+
+
+@pytest.mark.parametrize("levels", ["detect", "all"])
+def test_matches_reference(any_tiny_checkpoint, levels):
+    model = load_sam3(any_tiny_checkpoint)
+    size = model.config.vision_config.backbone_config.image_size
+    chosen = mask_levels(model.vision_encoder) if levels == "all" else None
+    ours = RestructuredBackbone(model.vision_encoder, size, chosen).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.vision_encoder(x).fpn_hidden_states
+        out = ours(x)
+    assert len(out) == (3 if levels == "all" else 1)
+    for level, got in zip(ours.levels, out, strict=True):
+        assert got.shape == ref[level].shape
+        assert (got - ref[level]).abs().max().item() <= 1e-4
+    # detection reads the 1x level: imgsz / 14 per side
+    assert out[0].shape[-1] == size // 14
+
+
+def test_other_resolution_rebuilds_rope(tiny_checkpoint):
+    model = load_sam3(tiny_checkpoint, imgsz=154)
+    ours = RestructuredBackbone(model.vision_encoder, 154).eval()
+    x = torch.randn(1, 3, 154, 154)
+    with torch.no_grad():
+        ref = model.vision_encoder(x).fpn_hidden_states[2]
+        assert (ours(x)[0] - ref).abs().max().item() <= 1e-4
+
+
+def test_resolution_checks(tiny_checkpoint):
+    model = load_sam3(tiny_checkpoint)
+    with pytest.raises(ValueError, match="multiple of 14"):
+        RestructuredBackbone(model.vision_encoder, 100)
+    with pytest.raises(ValueError, match="configured for 112x112"):
+        RestructuredBackbone(model.vision_encoder, 140)
