@@ -1,0 +1,241 @@
+"""The tritonserver launcher, `dart-triton serve` and perf_analyzer, against a real server.
+
+The models are throwaway python-backend models written to a temporary repository:
+`echo` imports numpy, torch and dart_triton.specs (so loading it proves the stub runs
+in this environment and sees the project), echoes IMAGE and counts CLASSES.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dart_triton.perf_analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
+from dart_triton.server import TritonServer, TritonServerError, find_tritonserver, free_port
+from dart_triton.server import serve_main as serve
+
+pytestmark = pytest.mark.server
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+BOOM = "checkpoint missing: boom-5791"
+
+ECHO_CONFIG = """\
+name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [
+  {{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }},
+  {{ name: "CLASSES" data_type: TYPE_STRING dims: [ -1 ] }}
+]
+output [
+  {{ name: "IMAGE_OUT" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }},
+  {{ name: "NUM_CLASSES" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "INFO" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+
+ECHO_MODEL = '''\
+import json
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from dart_triton import specs
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.info = json.dumps({"torch": torch.__version__, "specs": specs.__file__})
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            image = pb_utils.get_input_tensor_by_name(request, specs.IMAGE).as_numpy()
+            classes = pb_utils.get_input_tensor_by_name(request, specs.CLASSES).as_numpy()
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("IMAGE_OUT", image),
+                pb_utils.Tensor("NUM_CLASSES", np.array([classes.size], np.int32)),
+                pb_utils.Tensor("INFO", np.array([self.info.encode()], dtype=np.object_)),
+            ]))
+        return responses
+'''
+
+BAD_MODEL = f'''\
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("{BOOM}")
+'''
+
+
+def _add_model(repo: Path, name: str, source: str) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(ECHO_CONFIG.format(name=name))
+    (repo / name / "1" / "model.py").write_text(source)
+
+
+def _need(find) -> None:
+    try:
+        find()
+    except FileNotFoundError as err:
+        # CI must have run scripts/install_triton_tools.sh: a skip there would hide it.
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(str(err))
+
+
+@pytest.fixture(scope="session")
+def echo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("echo_repo")
+    _add_model(repo, "echo", ECHO_MODEL)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def bad_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("bad_repo")
+    _add_model(repo, "broken", BAD_MODEL)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(echo_repo: Path):
+    _need(find_tritonserver)
+    # A short exit timeout: shutdown otherwise waits up to 30 s for idle keep-alives.
+    with TritonServer(echo_repo, env=OFFLINE, extra_args=["--exit-timeout-secs=5"]) as srv:
+        yield srv
+
+
+def _inputs(module, image: np.ndarray, classes: list[str]):
+    image_in = module.InferInput("IMAGE", list(image.shape), "UINT8")
+    image_in.set_data_from_numpy(image)
+    classes_in = module.InferInput("CLASSES", [len(classes)], "BYTES")
+    classes_in.set_data_from_numpy(np.array([c.encode() for c in classes], dtype=np.object_))
+    return [image_in, classes_in]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_echo_over_http_and_grpc(server: TritonServer, protocol: str) -> None:
+    if protocol == "http":
+        import tritonclient.http as module
+
+        client = module.InferenceServerClient(server.http_url)
+    else:
+        import tritonclient.grpc as module
+
+        client = module.InferenceServerClient(server.grpc_url)
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    classes = ["person", "traffic light", "chaise longue ü"]
+    try:
+        result = client.infer("echo", _inputs(module, image, classes))
+    finally:
+        client.close()
+    np.testing.assert_array_equal(result.as_numpy("IMAGE_OUT"), image)
+    assert result.as_numpy("NUM_CLASSES").tolist() == [3]
+    info = json.loads(result.as_numpy("INFO")[0])
+    import torch
+
+    import dart_triton.specs
+
+    assert info == {"torch": torch.__version__, "specs": dart_triton.specs.__file__}
+
+
+def test_binds_loopback_and_serves_metrics(server: TritonServer) -> None:
+    assert server.http_url.startswith("127.0.0.1:")
+    assert server.grpc_url.startswith("127.0.0.1:")
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as resp:
+        assert b"nv_inference_request_success" in resp.read()
+    assert "Started HTTPService at 127.0.0.1:" in server.log_text()
+
+
+def test_failed_model_error_quotes_the_exception(bad_repo: Path) -> None:
+    _need(find_tritonserver)
+    with pytest.raises(TritonServerError) as info, TritonServer(bad_repo, env=OFFLINE):
+        pass
+    message = str(info.value)
+    assert BOOM in message
+    assert "failed to load 'broken'" in message
+    assert "CudaDriverHelper" not in message  # CPU-only noise is filtered out
+
+
+def test_serve_exits_nonzero_with_the_reason(
+    bad_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _need(find_tritonserver)
+    ports = [f"--{n}-port={free_port()}" for n in ("http", "grpc", "metrics")]
+    code = serve(["--model-repository", str(bad_repo), *ports])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert BOOM in err and "--exit-on-error=false" in err
+
+
+def test_serve_runs_in_foreground_until_sigint(echo_repo: Path, tmp_path: Path) -> None:
+    _need(find_tritonserver)
+    http = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [
+        sys.executable, "-m", "dart_triton.cli", "serve", "--model-repository", str(echo_repo),
+        f"--http-port={http}", f"--grpc-port={free_port()}", f"--metrics-port={free_port()}",
+        "--exit-timeout-secs=5",  # passed through to tritonserver
+    ]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **OFFLINE})
+        try:
+            # The ready line comes after serve's own /v2/health/ready check passed.
+            deadline = time.monotonic() + 60
+            while "dart-triton serve: ready" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready") as resp:
+                assert resp.status == 200
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert code == 0, text
+    assert "successfully loaded 'echo'" in text  # the server log is echoed to stdout
+    assert "Signal (2) received" in text  # forwarded to tritonserver, which shut down
+
+
+def _real_image() -> np.ndarray:
+    try:
+        from skimage import data  # dev extra; the image ships inside the wheel
+
+        return data.astronaut()[::2, ::2]
+    except ImportError:
+        y, x = np.mgrid[0:256, 0:256]
+        return np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+
+
+def test_perf_analyzer_drives_the_echo_model(server: TritonServer, tmp_path: Path) -> None:
+    _need(find_perf_analyzer)
+    image = _real_image()
+    classes = ["person", "rocket", "flag"]
+    data = write_input_data(tmp_path / "input.json", {"IMAGE": image, "CLASSES": classes})
+    spec = json.loads(data.read_text())["data"][0]
+    assert spec["CLASSES"] == {"content": classes, "shape": [3]}
+    assert spec["IMAGE"]["shape"] == list(image.shape)
+
+    rows = run_perf_analyzer(
+        "echo", server.http_url, data, concurrency_range=1, measurement_interval_ms=1000,
+        stability_percentage=1000, max_trials=3, csv_path=tmp_path / "perf.csv", timeout=60,
+    )  # fmt: skip
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["concurrency"] == 1
+    assert row["throughput_infer_per_sec"] > 0
+    assert row["p99_latency_us"] >= row["p50_latency_us"] > 0
+    assert row["server_compute_infer_us"] > 0
+    log = (tmp_path / "perf.log").read_text()
+    assert "error" not in log.lower(), log
