@@ -8,8 +8,10 @@ plans are built from whatever the exporter wrote, and a mismatch fails before th
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,20 +55,42 @@ def _need(io: dict[str, Shape], name: str, rank: int, where: str) -> Shape:
     return io[name]
 
 
+# Written by `dart-triton export` beside the graphs (onnx_export.GRAPHS_JSON; not imported
+# here because that module pulls in torch).
+GRAPHS_JSON = "dart_graphs.json"
+# Sizes TensorRT needs static: they shape the plan's inputs.
+INPUT_DIMS = ("imgsz", "fpn_dim", "text_len", "text_dim")
+
+
+def read_graphs_hint(onnx_dir: str | Path) -> dict:
+    """The exporter's recorded GraphDims (``{}`` when the folder has no dart_graphs.json)."""
+    path = Path(onnx_dir) / GRAPHS_JSON
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get("dims", {}))
+
+
 def graph_dims_from_onnx(
     backbone: GraphIO | None,
     enc_dec: GraphIO | None,
     max_classes: int = specs.DEFAULT_MAX_CLASSES,
+    hint: Mapping | None = None,
 ) -> specs.GraphDims:
-    """GraphDims read off the exported graphs (at least one must be given)."""
+    """GraphDims read off the exported graphs (at least one must be given).
+
+    Static graph dimensions are facts; ``hint`` (the exporter's dart_graphs.json) fills
+    the ones the exporter left symbolic (e.g. the query count of the outputs) and must
+    agree with the rest.
+    """
     if backbone is None and enc_dec is None:
         raise ValueError("need backbone.onnx or enc_dec.onnx to read the graph sizes")
-    kw: dict = {"max_classes": max_classes}
+    found: list[tuple[str, int | bool, str]] = []  # (key, value, where)
     if backbone is not None:
         pix = _need(backbone.inputs, specs.PIXEL_VALUES, 4, "backbone.onnx")
         fpn = _need(backbone.outputs, specs.FPN_FEATURES, 4, "backbone.onnx")
-        kw.update(imgsz=pix[2], fpn_dim=fpn[1])
-        kw["with_mask_levels"] = specs.FPN_FEATURES_4X in backbone.outputs
+        found += [("imgsz", pix[2], "backbone.onnx"), ("fpn_dim", fpn[1], "backbone.onnx"),
+                  ("with_mask_levels", specs.FPN_FEATURES_4X in backbone.outputs,
+                   "backbone.onnx")]
     if enc_dec is not None:
         fpn = _need(enc_dec.inputs, specs.FPN_FEATURES, 4, "enc_dec.onnx")
         text = _need(enc_dec.inputs, specs.TEXT_FEATURES, 3, "enc_dec.onnx")
@@ -74,26 +98,32 @@ def graph_dims_from_onnx(
         boxes = _need(enc_dec.outputs, specs.PRED_BOXES, 3, "enc_dec.onnx")
         for name in (specs.PRED_LOGITS, specs.PRESENCE_LOGITS):
             _need(enc_dec.outputs, name, 2, "enc_dec.onnx")
-        enc = {
-            "imgsz": fpn[2] * specs.PATCH_SIZE,
-            "fpn_dim": fpn[1],
-            "text_len": text[1],
-            "text_dim": text[2],
-            "num_queries": boxes[1],
-        }
-        for key, value in enc.items():
-            have = kw.get(key, -1)
-            if have > 0 and value > 0 and have != value:
-                raise ValueError(
-                    f"backbone.onnx and enc_dec.onnx disagree on {key}: {have} vs {value} "
-                    "(export both graphs with the same --imgsz)"
-                )
-            if have <= 0:
-                kw[key] = value
-    bad = {k: v for k, v in kw.items() if type(v) is int and v <= 0}
-    if bad:
-        raise ValueError(f"graph sizes must be static in the ONNX export, dynamic: {bad}")
-    dims = specs.GraphDims(**kw)
+        h = fpn[2] * specs.PATCH_SIZE if fpn[2] > 0 else -1
+        found += [("imgsz", h, "enc_dec.onnx"), ("fpn_dim", fpn[1], "enc_dec.onnx"),
+                  ("text_len", text[1], "enc_dec.onnx"), ("text_dim", text[2], "enc_dec.onnx"),
+                  ("num_queries", boxes[1], "enc_dec.onnx")]
+    kw: dict = {}
+    where: dict[str, str] = {}
+    for key, value, src in found:
+        if type(value) is int and value <= 0:
+            continue  # symbolic in this graph
+        if key in kw and kw[key] != value:
+            raise ValueError(f"{where[key]} and {src} disagree on {key}: {kw[key]} vs {value} "
+                             "(export both graphs from one `dart-triton export` run)")
+        kw[key], where[key] = value, src
+    for key, value in (hint or {}).items():
+        if key not in {f.name for f in dataclasses.fields(specs.GraphDims)} or key in (
+                "extra", "max_classes"):
+            continue
+        if key in kw and kw[key] != value:
+            raise ValueError(f"{GRAPHS_JSON} says {key}={value} but {where[key]} has "
+                             f"{kw[key]}: the folder mixes graphs from different exports")
+        kw.setdefault(key, value)
+    missing = [k for k in INPUT_DIMS if k not in kw]
+    if missing:
+        raise ValueError(f"graph sizes {missing} are dynamic in the ONNX export and not in "
+                         f"{GRAPHS_JSON}: TensorRT needs them static")
+    dims = specs.GraphDims(max_classes=max_classes, **kw)
     if dims.imgsz % specs.PATCH_SIZE:
         raise ValueError(f"imgsz {dims.imgsz} is not a multiple of the patch size 14")
     return dims

@@ -40,6 +40,7 @@ from .plan_profiles import (
     graph_dims_from_onnx,
     model_profiles,
     profile_shapes,
+    read_graphs_hint,
     read_onnx_io,
     trtexec_command,
 )
@@ -86,7 +87,7 @@ class PlanBuildOptions:
     precision: str = "fp16"  # "fp16" (FP16 + FP32 kernels) or "fp32" (TF32 off)
     workspace_gb: float | None = None  # None: TensorRT's default (all device memory)
     opt_level: int | None = None  # builder optimisation level 0..5; None: TensorRT's 3
-    max_classes: int | None = None  # None: largest bucket, else specs.DEFAULT_MAX_CLASSES
+    max_classes: int | None = None  # None: largest bucket, else the export's, else 16
     opt_classes: int | None = None  # single-profile opt N; None: min(4, max_classes)
     buckets: tuple[int, ...] = ()  # e.g. (1, 4, 16): one profile per bucket
     imgsz: int | None = None  # expected image size; checked against the ONNX graphs
@@ -97,6 +98,17 @@ class PlanBuildOptions:
     tolerances: Tolerances = field(default_factory=Tolerances)
     version: int = 1  # model version directory in the repository
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        # Normalise what callers (CLI, repository builder, dicts) may pass loosely.
+        self.buckets = parse_buckets(self.buckets)
+        if isinstance(self.models, str):
+            self.models = tuple(m.strip() for m in self.models.split(",") if m.strip())
+        self.models = tuple(self.models)
+        if isinstance(self.tolerances, Mapping):
+            self.tolerances = Tolerances(**self.tolerances)
+        if self.sample is not None:
+            self.sample = Path(self.sample)
 
     @classmethod
     def coerce(cls, options: PlanBuildOptions | Mapping | object | None) -> PlanBuildOptions:
@@ -110,15 +122,15 @@ class PlanBuildOptions:
         else:
             values = vars(options)
         names = {f.name for f in dataclasses.fields(cls)}
-        opts = cls(**{k: v for k, v in values.items() if k in names and v is not None})
-        opts.buckets = parse_buckets(opts.buckets)
-        opts.models = tuple(opts.models)
-        return opts
+        return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
-    def resolved_max_classes(self) -> int:
+    def resolved_max_classes(self, exported: int | None = None) -> int:
+        """--max-classes, else the largest bucket, else the export's, else the default."""
         if self.max_classes is not None:
             return self.max_classes
-        return max(self.buckets) if self.buckets else specs.DEFAULT_MAX_CLASSES
+        if self.buckets:
+            return max(self.buckets)
+        return exported or specs.DEFAULT_MAX_CLASSES
 
     def validate(self) -> None:
         if self.precision not in ("fp16", "fp32"):
@@ -158,8 +170,9 @@ def plan_jobs(
         if not paths[m].is_file():
             raise FileNotFoundError(f"{paths[m]} not found (run `dart-triton export` first)")
     ios = {m: read_onnx_io(p) for m, p in paths.items() if p.is_file()}
-    max_classes = opts.resolved_max_classes()
-    dims = graph_dims_from_onnx(ios.get("backbone"), ios.get("enc_dec"), max_classes)
+    hint = read_graphs_hint(onnx_dir)
+    max_classes = opts.resolved_max_classes(hint.get("max_classes"))
+    dims = graph_dims_from_onnx(ios.get("backbone"), ios.get("enc_dec"), max_classes, hint)
     if opts.imgsz is not None and opts.imgsz != dims.imgsz:
         raise ValueError(f"--imgsz {opts.imgsz} but the ONNX graphs in {onnx_dir} are for "
                          f"imgsz {dims.imgsz}: re-export or drop --imgsz")
@@ -388,8 +401,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     opts = PlanBuildOptions.coerce({
         **vars(args),
-        "models": tuple(m.strip() for m in args.models.split(",") if m.strip()),
-        "buckets": args.buckets,
         "tolerances": Tolerances(min_cosine=args.min_cosine, max_abs_boxes=args.max_box_diff),
     })
     try:

@@ -10,6 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from dart_triton import specs
+from dart_triton.buckets import (
+    ProfileRange,
+    bucket_for,
+    pad_to_bucket,
+    parse_buckets,
+    plan_passes,
+    profile_ranges,
+    unpad,
+)
 from dart_triton.export import plan_sidecar, tensorrt_build
 from dart_triton.export.plan_profiles import (
     check_graph_matches_spec,
@@ -29,17 +40,6 @@ from dart_triton.export.plan_verify import (
     onnx_reference,
     sample_pixels,
     verify_plan,
-)
-
-from dart_triton import specs
-from dart_triton.buckets import (
-    ProfileRange,
-    bucket_for,
-    pad_to_bucket,
-    parse_buckets,
-    plan_passes,
-    profile_ranges,
-    unpad,
 )
 
 # Tiny graphs: the real I/O names, small sizes (imgsz 56 -> 4x4 features).
@@ -78,8 +78,12 @@ def _tiny_backbone(path: Path, d: specs.GraphDims = TINY, mask_levels: bool = Fa
     return path
 
 
-def _tiny_enc_dec(path: Path, d: specs.GraphDims = TINY, fixed_n: int | None = None) -> Path:
-    """Masked-mean text x pooled image -> boxes/logits/presence, N dynamic ("N")."""
+def _tiny_enc_dec(path: Path, d: specs.GraphDims = TINY, fixed_n: int | None = None,
+                  symbolic_q: bool = False) -> Path:
+    """Masked-mean text x pooled image -> boxes/logits/presence, N dynamic ("N").
+
+    ``symbolic_q`` leaves the query dimension of the outputs symbolic, as torch's exporter
+    does for the real graph."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -114,6 +118,7 @@ def _tiny_enc_dec(path: Path, d: specs.GraphDims = TINY, fixed_n: int | None = N
         mk("Add", ["pq", "pi"], [specs.PRESENCE_LOGITS]),
     ]
     n = "N" if fixed_n is None else fixed_n
+    qd, one = ("Q", "P") if symbolic_q else (q, 1)
     h = d.feat_hw
     vi = helper.make_tensor_value_info
     graph = helper.make_graph(
@@ -121,9 +126,9 @@ def _tiny_enc_dec(path: Path, d: specs.GraphDims = TINY, fixed_n: int | None = N
         [vi(specs.FPN_FEATURES, TensorProto.FLOAT, [1, c, h, h]),
          vi(specs.TEXT_FEATURES, TensorProto.FLOAT, [n, d.text_len, td]),
          vi(specs.TEXT_MASK, TensorProto.INT32, [n, d.text_len])],
-        [vi(specs.PRED_BOXES, TensorProto.FLOAT, [n, q, 4]),
-         vi(specs.PRED_LOGITS, TensorProto.FLOAT, [n, q]),
-         vi(specs.PRESENCE_LOGITS, TensorProto.FLOAT, [n, 1])],
+        [vi(specs.PRED_BOXES, TensorProto.FLOAT, [n, qd, 4]),
+         vi(specs.PRED_LOGITS, TensorProto.FLOAT, [n, qd]),
+         vi(specs.PRESENCE_LOGITS, TensorProto.FLOAT, [n, one])],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
@@ -276,6 +281,26 @@ def test_graph_dims_mismatch(tmp_path: Path):
     with pytest.raises(ValueError, match="disagree on imgsz: 70 vs 56"):
         graph_dims_from_onnx(read_onnx_io(tmp_path / "bb.onnx"),
                              read_onnx_io(tmp_path / "ed.onnx"))
+
+
+def test_graph_dims_hint_fills_symbolic_dims(tmp_path: Path):
+    _tiny_backbone(tmp_path / "backbone.onnx")
+    _tiny_enc_dec(tmp_path / "enc_dec.onnx", symbolic_q=True)
+    ed = read_onnx_io(tmp_path / "enc_dec.onnx")
+    assert ed.outputs[specs.PRED_BOXES] == (-1, -1, 4)
+    assert graph_dims_from_onnx(None, ed).num_queries == 200  # spec default, still valid
+    hint = {"imgsz": 56, "fpn_dim": 8, "text_len": 6, "text_dim": 8, "num_queries": 5,
+            "max_classes": 8, "with_mask_levels": False}
+    (tmp_path / "dart_graphs.json").write_text(json.dumps({"dims": hint}))
+    opts = tensorrt_build.PlanBuildOptions()
+    dims, _ = tensorrt_build.plan_jobs(tmp_path, tmp_path / "repo", opts)
+    assert dims.num_queries == 5 and dims.max_classes == 8  # the export's max_classes
+    dims, _ = tensorrt_build.plan_jobs(tmp_path, tmp_path / "repo", opts.coerce(
+        {"max_classes": 4}))
+    assert dims.max_classes == 4
+    (tmp_path / "dart_graphs.json").write_text(json.dumps({"dims": {**hint, "imgsz": 112}}))
+    with pytest.raises(ValueError, match=r"dart_graphs\.json says imgsz=112"):
+        tensorrt_build.plan_jobs(tmp_path, tmp_path / "repo", opts)
 
 
 def test_plan_jobs_and_dry_run(onnx_dir: Path, tmp_path: Path, capsys):
@@ -534,6 +559,10 @@ def test_options_coerce():
         argparse.Namespace(precision="fp32", buckets="4,1", max_classes=None, unknown=1))
     assert o.precision == "fp32" and o.buckets == (1, 4) and o.resolved_max_classes() == 4
     assert tensorrt_build.PlanBuildOptions.coerce(None).resolved_max_classes() == 16
+    o = tensorrt_build.PlanBuildOptions(buckets="1,8", models="enc_dec",
+                                        tolerances={"min_cosine": 0.99}, sample="s.npz")
+    assert o.buckets == (1, 8) and o.resolved_max_classes() == 8 and o.models == ("enc_dec",)
+    assert o.tolerances == Tolerances(min_cosine=0.99) and o.sample == Path("s.npz")
     with pytest.raises(ValueError, match="opt level"):
         tensorrt_build.PlanBuildOptions(opt_level=9).validate()
 
@@ -679,6 +708,7 @@ def test_gpu_build_single_profile(onnx_dir: Path, tmp_path: Path, precision: str
 def test_gpu_build_buckets_and_run_padded(onnx_dir: Path, tmp_path: Path):
     _need_gpu_tensorrt()
     import tensorrt as trt
+
     from dart_triton.export.plan_runner import PlanRunner
 
     repo = tmp_path / "repo"
