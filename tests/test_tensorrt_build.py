@@ -673,6 +673,21 @@ def test_build_plans_failed_verification_installs_nothing(fake_trt, onnx_dir: Pa
         "verification"] == {"skipped": True}
 
 
+def test_build_plans_on_the_real_export(fake_trt, tiny_checkpoint, tmp_path: Path):
+    """The exporter's graphs (tiny random SAM3) go through profiles and verification."""
+    from dart_triton.export.onnx_export import export_graphs
+
+    onnx_out = tmp_path / "onnx"
+    meta, _ = export_graphs(tiny_checkpoint, onnx_out, max_classes=4, check=False,
+                            log=lambda *_: None)
+    res = tensorrt_build.build_plans(onnx_out, tmp_path / "repo", {"buckets": (1, 2, 4)})
+    ed = res["enc_dec"]
+    assert ed["graph_dims"]["num_queries"] == meta["dims"]["num_queries"]
+    assert ed["imgsz"] == meta["dims"]["imgsz"] and ed["max_classes"] == 4
+    assert {r["label"] for r in ed["verification"]["runs"]} == {
+        f"random text, N={n}" for n in (1, 2, 3, 4)}
+
+
 # GPU: real plans from the tiny graphs ----------------------------------------------------
 
 def _need_gpu_tensorrt():
