@@ -391,6 +391,8 @@ def _cleanup(process: subprocess.Popen[bytes] | None, workdir: Path, keep_log: l
         process.kill()
         process.wait()
     shutil.rmtree(workdir / "backends" if keep_log[0] else workdir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        workdir.rmdir()  # when empty: the kept log was written elsewhere
 
 
 # `dart-triton serve` ------------------------------------------------------------------

@@ -156,22 +156,26 @@ def test_binds_loopback_and_serves_metrics(server: TritonServer) -> None:
     assert "Started HTTPService at 127.0.0.1:" in server.log_text()
 
 
-def test_failed_model_error_quotes_the_exception(bad_repo: Path) -> None:
+def test_failed_model_error_quotes_the_exception(bad_repo: Path, tmp_path: Path) -> None:
     _need(find_tritonserver)
-    with pytest.raises(TritonServerError) as info, TritonServer(bad_repo, env=OFFLINE):
-        pass
+    log = tmp_path / "triton.log"  # a failed start keeps its log: keep it out of /tmp
+    server = TritonServer(bad_repo, env=OFFLINE, log_path=log)
+    with pytest.raises(TritonServerError) as info:
+        server.start()
+    server.close()
     message = str(info.value)
+    assert f"(full log: {log})" in message and log.is_file()
     assert BOOM in message
     assert "failed to load 'broken'" in message
     assert "CudaDriverHelper" not in message  # CPU-only noise is filtered out
 
 
 def test_serve_exits_nonzero_with_the_reason(
-    bad_repo: Path, capsys: pytest.CaptureFixture[str]
+    bad_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _need(find_tritonserver)
     ports = [f"--{n}-port={free_port()}" for n in ("http", "grpc", "metrics")]
-    code = serve(["--model-repository", str(bad_repo), *ports])
+    code = serve(["--model-repository", str(bad_repo), "--log-file", str(tmp_path / "log"), *ports])
     err = capsys.readouterr().err
     assert code == 1
     assert BOOM in err and "--exit-on-error=false" in err
