@@ -2,7 +2,8 @@
 
 Only the build-time verification uses this (Triton runs the plans in production), so it
 favours clarity over speed: one execution context, inputs copied per call, everything on
-torch's current CUDA stream so copies and the TensorRT launch are ordered without events.
+one private CUDA stream so copies and the TensorRT launch are ordered without events (and
+TensorRT is not handed the legacy default stream, which it warns about).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ class PlanRunner:
                 "torch on the GPU machine), or pass --skip-verify"
             )
         self.torch, self.trt = torch, trt
-        runtime = trt.Runtime(logger or trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(plan)
+        # The runtime must outlive the engine it deserialized: keep it on the instance.
+        self.runtime = trt.Runtime(logger or trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise RuntimeError("TensorRT could not deserialize the plan it just built")
         self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = self.engine.get_tensor_mode
         self.inputs = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
@@ -36,7 +39,9 @@ class PlanRunner:
 
     def close(self) -> None:
         """Free the engine's device memory before the next (large) build."""
-        self.context = self.engine = None
+        self.context = None  # destroyed in dependency order: context, engine, runtime
+        self.engine = None
+        self.runtime = None
         self.torch.cuda.empty_cache()
 
     @property
@@ -48,31 +53,30 @@ class PlanRunner:
         return self.torch.from_numpy(np.zeros(1, np_dtype)).dtype, np_dtype
 
     def __call__(self, inputs: Mapping[str, np.ndarray], profile: int = 0) -> dict:
-        torch, ctx = self.torch, self.context
-        stream = torch.cuda.current_stream()
-        if not ctx.set_optimization_profile_async(profile, stream.cuda_stream):
-            raise RuntimeError(f"could not select optimisation profile {profile}")
-        keep = []  # device buffers must outlive the launch
-        for name in self.inputs:
-            if name not in inputs:
-                raise KeyError(f"plan input {name!r} not given (have {sorted(inputs)})")
-            _, np_dtype = self._torch_dtype(name)
-            arr = np.ascontiguousarray(inputs[name], dtype=np_dtype)
-            buf = torch.from_numpy(arr).cuda()
-            if not ctx.set_input_shape(name, tuple(arr.shape)):
-                lo, _opt, hi = self.engine.get_tensor_profile_shape(name, profile)
-                raise ValueError(f"{name} shape {list(arr.shape)} outside profile {profile} "
-                                 f"(min {list(lo)}, max {list(hi)})")
-            ctx.set_tensor_address(name, buf.data_ptr())
-            keep.append(buf)
-        outs = {}
-        for name in self.outputs:
-            t_dtype, _ = self._torch_dtype(name)
-            shape = tuple(ctx.get_tensor_shape(name))
-            buf = torch.empty(shape, dtype=t_dtype, device="cuda")
-            ctx.set_tensor_address(name, buf.data_ptr())
-            outs[name] = buf
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
+        torch, ctx, stream = self.torch, self.context, self.stream
+        keep, outs = [], {}  # device buffers must outlive the launch
+        with torch.cuda.stream(stream):
+            if not ctx.set_optimization_profile_async(profile, stream.cuda_stream):
+                raise RuntimeError(f"could not select optimisation profile {profile}")
+            for name in self.inputs:
+                if name not in inputs:
+                    raise KeyError(f"plan input {name!r} not given (have {sorted(inputs)})")
+                _, np_dtype = self._torch_dtype(name)
+                arr = np.ascontiguousarray(inputs[name], dtype=np_dtype)
+                buf = torch.from_numpy(arr).to("cuda", non_blocking=False)
+                if not ctx.set_input_shape(name, tuple(arr.shape)):
+                    lo, _opt, hi = self.engine.get_tensor_profile_shape(name, profile)
+                    raise ValueError(f"{name} shape {list(arr.shape)} outside profile "
+                                     f"{profile} (min {list(lo)}, max {list(hi)})")
+                ctx.set_tensor_address(name, buf.data_ptr())
+                keep.append(buf)
+            for name in self.outputs:
+                t_dtype, _ = self._torch_dtype(name)
+                buf = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=t_dtype,
+                                  device="cuda")
+                ctx.set_tensor_address(name, buf.data_ptr())
+                outs[name] = buf
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
         stream.synchronize()
         return {n: b.float().cpu().numpy() for n, b in outs.items()}

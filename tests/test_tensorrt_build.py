@@ -552,6 +552,15 @@ def test_missing_tensorrt_message(monkeypatch, onnx_dir: Path, tmp_path: Path, c
     assert plan_sidecar.tensorrt_version() is None
 
 
+def test_plan_runner_needs_cuda_torch(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from dart_triton.export.plan_runner import PlanRunner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"torch with CUDA .* or pass --skip-verify"):
+        PlanRunner(b"", trt=None)
+
+
 def test_options_coerce():
     import argparse
 
