@@ -34,13 +34,16 @@ if [[ -n "$have" && ( "$have" == "$trt_version" || "$have" == "$trt_version".* )
 fi
 [[ -n "$have" ]] && log "tensorrt python $have does not match the libraries: replacing it"
 
-# Four-part versions are exact PyPI versions; a three-part one (from the .so) pins the patch.
-spec="tensorrt-cu${cuda_major}==${trt_version}"
-[[ "$trt_version" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] && spec="${spec}.*"
-log "pip install $spec"
-python3 -m pip install --no-cache-dir "$spec"
+# Exact version first; some releases exist on PyPI only as X.Y.Z(.postN), hence the fallback.
+release="$(cut -d. -f1-3 <<<"$trt_version")"
+log "pip install tensorrt-cu${cuda_major}==${trt_version}"
+python3 -m pip install --no-cache-dir "tensorrt-cu${cuda_major}==${trt_version}" \
+    || python3 -m pip install --no-cache-dir "tensorrt-cu${cuda_major}==${release}.*"
 
 have="$(python3 -c 'import tensorrt; print(tensorrt.__version__)')"
-[[ "$have" == "$trt_version" || "$have" == "$trt_version".* ]] \
+[[ "$(cut -d. -f1-3 <<<"$have")" == "$release" ]] \
     || die "installed tensorrt $have but the image's libraries are $trt_version"
+[[ "$have" == "$trt_version" || "$have" == "$trt_version".* ]] \
+    || log "warning: tensorrt python $have vs libraries $trt_version: if Triton refuses the" \
+           "plans (\"expecting library version\"), build them with trtexec from the image"
 log "tensorrt python $have installed"

@@ -187,3 +187,52 @@ def test_entrypoint_runs_other_commands_and_skip_build(tmp_path: Path):
     assert rc == 0 and calls.splitlines() == ["bash-stub -c x"]
     rc, calls, _ = _run_entrypoint(tmp_path, [], plans_current=False, DART_SKIP_BUILD="1")
     assert rc == 0 and calls.splitlines()[0].startswith("tritonserver ")
+
+
+def _run_install_tensorrt(tmp_path: Path, deb_version: str, pypi_has: str,
+                          preinstalled: str = "") -> tuple[int, list[str], str]:
+    """install_tensorrt_python.sh against stub dpkg-query / python3 -m pip."""
+    bin_dir, state = tmp_path / "bin", tmp_path / "installed"
+    bin_dir.mkdir(exist_ok=True)
+    if preinstalled:
+        state.write_text(preinstalled)
+    _stub(bin_dir, "dpkg-query", f'echo -n "{deb_version}"\n')
+    _stub(bin_dir, "python3", f"""
+if [[ "$1" == -m && "$2" == pip ]]; then
+    echo "pip $*" >> "{tmp_path / 'pip.log'}"
+    spec="${{@: -1}}"
+    case "$spec" in
+        *=="{pypi_has}"|*==*.\\*) echo -n "{pypi_has}" > "{state}"; exit 0;;
+        *) exit 1;;
+    esac
+fi
+[[ -s "{state}" ]] || exit 1
+cat "{state}"; echo
+""")
+    res = subprocess.run(["bash", str(DOCKER / "install_tensorrt_python.sh")],
+                         env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True,
+                         text=True)
+    pip_log = tmp_path / "pip.log"
+    calls = pip_log.read_text().splitlines() if pip_log.exists() else []
+    return res.returncode, calls, res.stdout + res.stderr
+
+
+def test_install_tensorrt_matches_the_image_libraries(tmp_path: Path):
+    rc, calls, out = _run_install_tensorrt(tmp_path, "10.9.0.34-1+cuda12.8", "10.9.0.34")
+    assert rc == 0, out
+    assert calls == ["pip -m pip install --no-cache-dir tensorrt-cu12==10.9.0.34"]
+    assert "tensorrt python 10.9.0.34 installed" in out
+
+
+def test_install_tensorrt_keeps_matching_bindings(tmp_path: Path):
+    rc, calls, out = _run_install_tensorrt(tmp_path, "10.9.0.34-1+cuda12.8", "10.9.0.34",
+                                           preinstalled="10.9.0.34")
+    assert rc == 0 and calls == [] and "already match" in out
+
+
+def test_install_tensorrt_falls_back_to_the_release(tmp_path: Path):
+    rc, calls, out = _run_install_tensorrt(tmp_path, "10.7.0.23-1+cuda13.0", "10.7.0",
+                                           preinstalled="10.6.0")
+    assert rc == 0, out
+    assert calls[-1] == "pip -m pip install --no-cache-dir tensorrt-cu13==10.7.0.*"
+    assert "warning: tensorrt python 10.7.0 vs libraries 10.7.0.23" in out
