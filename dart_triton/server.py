@@ -9,9 +9,9 @@ backend only, runs on CPU) is used; it needs some help to run outside pytriton:
   so a backend directory of symlinks is laid out in a scratch directory;
 * the stub is an embedded interpreter isolated from PYTHONPATH: it finds its
   environment through ``python3`` on PATH, so that bin dir goes first. The stub is
-  built against numpy 1.x and corrupts BYTES tensors under numpy 2, so when this
-  environment has numpy>=2 the stub runs as ``.tools/triton-python`` (made by
-  scripts/install_triton_tools.sh): numpy<2 over this same venv;
+  built against numpy 1.x and corrupts BYTES tensors under numpy 2, so it runs as
+  ``.tools/triton-python`` where scripts/install_triton_tools.sh made one for this
+  venv (numpy<2 over this same venv); without it, numpy>=2 here is refused;
 * the stub links ``libpython3.X.so.1.0``: it must be this interpreter's build (a
   distro libpython of the same minor version can miss symbols, e.g. ``_PyModule_Add``),
   so sysconfig's LIBDIR goes first on LD_LIBRARY_PATH, then ``nvidia_pytriton.libs``.
@@ -34,7 +34,6 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -174,6 +173,15 @@ def failure_reasons(log_text: str, tail: int = 25) -> str:
         elif line.startswith("error: "):  # tritonserver's last words before exiting
             errors.append(line)
     errors = [e for e in errors if not e.startswith(_CPU_NOISE)]
+    if "Usage: tritonserver" in log_text:  # a bad flag: the complaint is outside the usage text
+        errors += [
+            line
+            for line in log_text.splitlines()
+            if line.strip()
+            and not line[0].isspace()
+            and not line.endswith(":")
+            and not line.startswith("Usage: ")
+        ]
     # A failed model logs its traceback twice (instance, then model): keep the model line.
     load_failures = [e for e in errors if e.startswith("failed to load") or e.startswith("error: ")]
     reasons = load_failures or errors or log_text.splitlines()[-tail:]
@@ -239,7 +247,8 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         # Shared with the finalizer: a failed start keeps its log for the error message.
-        self._keep_log = [log_path is not None]
+        self._log_given = log_path is not None
+        self._keep_log = [self._log_given]
         self._finalizer = weakref.finalize(self, _cleanup, None, self._workdir, self._keep_log)
 
     # URLs
@@ -294,22 +303,29 @@ class TritonServer:
             except TritonServerError as err:
                 self.stop()
                 # A picked port may be taken between picking and binding: pick again.
-                if auto and attempt < 2 and "address already in use" in str(err).lower():
+                # (2.51 says "Socket '127.0.0.1:PORT' already in use".)
+                if auto and attempt < 2 and "already in use" in str(err):
                     self.process = None
+                    self._keep_log[0] = self._log_given
                     continue
                 raise
         raise AssertionError("unreachable")
 
     def _spawn(self) -> None:
+        cmd, env = self.command(), server_env(self.binary, overrides=self.env_overrides)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w", encoding="utf-8", errors="replace")
-        self.process = subprocess.Popen(
-            self.command(),
-            env=server_env(self.binary, overrides=self.env_overrides),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        try:
+            self.process = subprocess.Popen(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        except OSError:
+            log.close()
+            raise
         self._finalizer.detach()
         self._finalizer = weakref.finalize(
             self, _cleanup, self.process, self._workdir, self._keep_log
@@ -415,21 +431,42 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model-repository", "--model-store", action="append", required=True,
-                   metavar="DIR", help="model repository (may be repeated)")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help="address to bind HTTP, gRPC and metrics to (default: %(default)s)")
+    p.add_argument(
+        "--model-repository",
+        "--model-store",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="model repository (may be repeated)",
+    )
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address to bind HTTP, gRPC and metrics to (default: %(default)s)",
+    )
     for name, port in DEFAULT_PORTS.items():
-        p.add_argument(f"--{name}-port", type=int, default=port, help=f"default: {port}")
-    p.add_argument("--startup-timeout", type=float, default=600.0,
-                   help="seconds to wait for readiness before giving up (default: %(default)s)")
-    p.add_argument("--log-file", type=Path, default=None,
-                   help="also keep the server log here (default: a temporary file)")
+        p.add_argument(
+            f"--{name}-port", type=int, default=port, help=f"default: {port}; 0 picks a free port"
+        )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for readiness before giving up (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-file",
+        type=Path,
+        default=None,
+        help="also keep the server log here (default: a temporary file)",
+    )
     return p
 
 
 def serve_main(argv: list[str]) -> int:
     args, passthrough = _parser().parse_known_args(argv)
+    # Port 0 means "any free port": picked here, since the readiness check needs it.
+    ports = {n: getattr(args, f"{n}_port") or None for n in DEFAULT_PORTS}
     missing = [r for r in args.model_repository if not Path(r).is_dir()]
     if missing:
         print(f"dart-triton serve: no such model repository: {', '.join(missing)}", file=sys.stderr)
@@ -437,9 +474,9 @@ def serve_main(argv: list[str]) -> int:
     try:
         server = TritonServer(
             args.model_repository,
-            http_port=args.http_port,
-            grpc_port=args.grpc_port,
-            metrics_port=args.metrics_port,
+            http_port=ports["http"],
+            grpc_port=ports["grpc"],
+            metrics_port=ports["metrics"],
             host=args.host,
             extra_args=passthrough,
             log_path=args.log_file,
@@ -467,12 +504,18 @@ def serve_main(argv: list[str]) -> int:
                 return 128 + signals[0]
             print(f"\ndart-triton serve: {err}", file=sys.stderr)
             if "failed to load" in str(err):
-                print("hint: fix the model, or pass --exit-on-error=false "
-                      "--strict-readiness=false to serve the models that did load",
-                      file=sys.stderr)
+                print(
+                    "hint: fix the model, or pass --exit-on-error=false "
+                    "--strict-readiness=false to serve the models that did load",
+                    file=sys.stderr,
+                )
             return 1
-        print(f"dart-triton serve: ready  http={server.http_url}  grpc={server.grpc_url}  "
-              f"metrics={server.metrics_url}  (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(
+            f"dart-triton serve: ready  http={server.http_url}  grpc={server.grpc_url}  "
+            f"metrics={server.metrics_url}  (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
         assert server.process is not None
         code = server.process.wait()
         server.stop()  # joins the log reader

@@ -11,12 +11,13 @@
 #     tritonclient>=2.50 there; plus the libs it links (libb64, libcudart.so.12).
 # Idempotent: a second run only checks and exits.
 #
-# Usage: scripts/install_triton_tools.sh     (env: VENV=.venv, TOOLS=.tools)
+# Usage: scripts/install_triton_tools.sh   (env: VENV=.venv, DART_TRITON_TOOLS=.tools;
+# dart_triton.server and dart_triton.perf_analyzer read the same DART_TRITON_TOOLS)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
-TOOLS="${TOOLS:-$ROOT/.tools}"
+TOOLS="${DART_TRITON_TOOLS:-$ROOT/.tools}"
 PY="$VENV/bin/python"
 
 PA_CLIENT_VERSION="2.49.0"       # last tritonclient wheel with perf_analyzer inside

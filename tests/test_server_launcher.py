@@ -19,11 +19,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dart_triton.perf_analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
-from dart_triton.server import TritonServer, TritonServerError, find_tritonserver, free_port
+from dart_triton import server as server_module
+from dart_triton.perf_analyzer import (
+    find_perf_analyzer,
+    parse_csv,
+    run_perf_analyzer,
+    write_input_data,
+)
+from dart_triton.server import (
+    TritonServer,
+    TritonServerError,
+    failure_reasons,
+    find_tritonserver,
+    free_port,
+    stub_python_bin,
+)
 from dart_triton.server import serve_main as serve
-
-pytestmark = pytest.mark.server
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 BOOM = "checkpoint missing: boom-5791"
@@ -44,7 +55,7 @@ output [
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
 
-ECHO_MODEL = '''\
+ECHO_MODEL = """\
 import json
 
 import numpy as np
@@ -69,7 +80,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("INFO", np.array([self.info.encode()], dtype=np.object_)),
             ]))
         return responses
-'''
+"""
 
 BAD_MODEL = f'''\
 class TritonPythonModel:
@@ -122,6 +133,7 @@ def _inputs(module, image: np.ndarray, classes: list[str]):
     return [image_in, classes_in]
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_echo_over_http_and_grpc(server: TritonServer, protocol: str) -> None:
     if protocol == "http":
@@ -148,6 +160,7 @@ def test_echo_over_http_and_grpc(server: TritonServer, protocol: str) -> None:
     assert info == {"torch": torch.__version__, "specs": dart_triton.specs.__file__}
 
 
+@pytest.mark.server
 def test_binds_loopback_and_serves_metrics(server: TritonServer) -> None:
     assert server.http_url.startswith("127.0.0.1:")
     assert server.grpc_url.startswith("127.0.0.1:")
@@ -156,6 +169,7 @@ def test_binds_loopback_and_serves_metrics(server: TritonServer) -> None:
     assert "Started HTTPService at 127.0.0.1:" in server.log_text()
 
 
+@pytest.mark.server
 def test_failed_model_error_quotes_the_exception(bad_repo: Path, tmp_path: Path) -> None:
     _need(find_tritonserver)
     log = tmp_path / "triton.log"  # a failed start keeps its log: keep it out of /tmp
@@ -170,6 +184,7 @@ def test_failed_model_error_quotes_the_exception(bad_repo: Path, tmp_path: Path)
     assert "CudaDriverHelper" not in message  # CPU-only noise is filtered out
 
 
+@pytest.mark.server
 def test_serve_exits_nonzero_with_the_reason(
     bad_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -181,6 +196,7 @@ def test_serve_exits_nonzero_with_the_reason(
     assert BOOM in err and "--exit-on-error=false" in err
 
 
+@pytest.mark.server
 def test_serve_runs_in_foreground_until_sigint(echo_repo: Path, tmp_path: Path) -> None:
     _need(find_tritonserver)
     http = free_port()
@@ -191,8 +207,9 @@ def test_serve_runs_in_foreground_until_sigint(echo_repo: Path, tmp_path: Path) 
         "--exit-timeout-secs=5",  # passed through to tritonserver
     ]  # fmt: skip
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **OFFLINE})
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE}
+        )
         try:
             # The ready line comes after serve's own /v2/health/ready check passed.
             deadline = time.monotonic() + 60
@@ -222,6 +239,7 @@ def _real_image() -> np.ndarray:
         return np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
 
 
+@pytest.mark.server
 def test_perf_analyzer_drives_the_echo_model(server: TritonServer, tmp_path: Path) -> None:
     _need(find_perf_analyzer)
     image = _real_image()
@@ -243,3 +261,77 @@ def test_perf_analyzer_drives_the_echo_model(server: TritonServer, tmp_path: Pat
     assert row["server_compute_infer_us"] > 0
     log = (tmp_path / "perf.log").read_text()
     assert "error" not in log.lower(), log
+
+
+# Without a server ---------------------------------------------------------------------
+
+
+def test_failure_reasons_picks_the_model_error_and_the_bad_flag() -> None:
+    log = "\n".join(
+        [
+            'E1125 10:23:10.218538 5939 a.cc:1] "CudaDriverHelper has not been initialized."',
+            'E1125 10:23:11.815636 5939 backend_model.cc:692] "ERROR: Failed to create instance: '
+            'RuntimeError: x\\n\\nAt:\\n  model.py(3): initialize\\n"',
+            "E1125 10:23:11.815752 5939 model_lifecycle.cc:642] \"failed to load 'm' version 1: "
+            'Internal: RuntimeError: x\\n\\nAt:\\n  model.py(3): initialize\\n"',
+            "error: creating server: Internal - failed to load all models",
+        ]
+    )
+    assert failure_reasons(log) == (
+        "failed to load 'm' version 1: Internal: RuntimeError: x\n\nAt:\n  model.py(3): initialize"
+        "\nerror: creating server: Internal - failed to load all models"
+    )
+    usage = "tritonserver: unrecognized option '--nope'\nUsage: tritonserver [options]\n"
+    usage += "  --help\n\tPrint usage\n\nServer:\n  --id <string>\n"
+    assert failure_reasons(usage) == "tritonserver: unrecognized option '--nope'"
+
+
+def test_stub_python_prefers_the_overlay_and_refuses_numpy2_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if server_module.bundled_tritonserver_dir() is None:
+        pytest.skip("nvidia-pytriton is not installed")
+    monkeypatch.setenv("DART_TRITON_TOOLS", str(tmp_path))
+    monkeypatch.setattr(server_module.importlib.metadata, "version", lambda _: "2.1.0")
+    with pytest.raises(TritonServerError, match=r"numpy 2\.1\.0"):
+        stub_python_bin()
+    monkeypatch.setattr(server_module.importlib.metadata, "version", lambda _: "1.26.4")
+    assert stub_python_bin() == Path(sys.executable).parent
+    overlay = tmp_path / "triton-python"
+    overlay.mkdir()
+    (overlay / "FOR_PREFIX").write_text(f"{sys.prefix} numpy==1.26.4\n")
+    assert stub_python_bin() == overlay / "bin"
+    (overlay / "FOR_PREFIX").write_text("/some/other/venv numpy==1.26.4\n")
+    assert stub_python_bin() == Path(sys.executable).parent
+
+
+def test_input_data_json_format(tmp_path: Path) -> None:
+    path = write_input_data(tmp_path / "in.json", [
+        {"IMAGE": np.arange(6, dtype=np.uint8).reshape(1, 2, 3), "CLASSES": ["a", "b"]},
+        {"X": np.array([1.5], ">f4"), "RAW": np.array([b"\xff"], dtype=np.object_)},
+    ])  # fmt: skip
+    first, second = json.loads(path.read_text())["data"]
+    assert first["IMAGE"] == {"content": {"b64": "AAECAwQF"}, "shape": [1, 2, 3]}
+    assert first["CLASSES"] == {"content": ["a", "b"], "shape": [2]}
+    assert second["X"]["content"] == {"b64": "AADAPw=="}  # little-endian 1.5
+    # Non-UTF-8 bytes: Triton's serialisation, a uint32 length before each element.
+    assert second["RAW"] == {"content": {"b64": "AQAAAP8="}, "shape": [1]}
+
+
+def test_parse_csv_names_columns_and_orders_by_load(tmp_path: Path) -> None:
+    csv_path = tmp_path / "out.csv"
+    csv_path.write_text(
+        "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,"
+        "Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,"
+        "p50 latency,p90 latency,p95 latency,p99 latency,Avg latency,request/response,"
+        "response wait,Avg GPU Utilization\n"
+        "2,866.409,26,1248,334,53,199,420,1,1958,3180,4729,10481,2283,27,2136,\n"
+        "1,899.439,17,561,22,31,136,320,1,748,1159,3368,6259,1091,18,914,\n"
+    )
+    rows = parse_csv(csv_path)
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert rows[0]["throughput_infer_per_sec"] == pytest.approx(899.439)
+    assert rows[0]["p99_latency_us"] == 6259
+    assert rows[0]["server_queue_us"] == 22
+    assert rows[0]["server_compute_infer_us"] == 136
+    assert rows[0]["avg_gpu_utilization"] is None
