@@ -24,7 +24,8 @@ PA_CLIENT_VERSION="2.49.0"       # last tritonclient wheel with perf_analyzer in
 CUDART_VERSION="12.9.79"         # nvidia-cuda-runtime-cu12: only libcudart.so.12 is used
 PA_DIR="$TOOLS/perf_analyzer"
 PA_STAMP="$PA_DIR/INSTALLED"
-PA_WANT="tritonclient==$PA_CLIENT_VERSION nvidia-cuda-runtime-cu12==$CUDART_VERSION"
+PA_PKGS=("tritonclient==$PA_CLIENT_VERSION" "nvidia-cuda-runtime-cu12==$CUDART_VERSION")
+PA_WANT="${PA_PKGS[*]}"
 
 log() { printf '[install_triton_tools] %s\n' "$*"; }
 die() { printf '[install_triton_tools] error: %s\n' "$*" >&2; exit 1; }
@@ -48,8 +49,10 @@ extras = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies
 print(next(r for r in extras["serve"] if r.startswith("nvidia-pytriton")))
 EOF
 )"
-    log "installing $serve_spec into $VENV"
-    "$PY" -m pip install --quiet "$serve_spec"
+    # --no-deps: only the bundled binaries are used, never the pytriton package, and
+    # its numpy<2 pin would downgrade the venv's numpy (the stub gets numpy<2 in step 2).
+    log "installing $serve_spec (binaries only, --no-deps) into $VENV"
+    "$PY" -m pip install --quiet --no-deps "$serve_spec"
 fi
 
 # 2. The stub's Python: numpy<2 first, then everything in the project venv (a .pth
@@ -100,7 +103,7 @@ else
     # --no-deps + explicit platform: download only, never install 2.49 into the venv.
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-        --python-version 3.11 --dest "$tmp/wheels" $PA_WANT
+        --python-version 3.11 --dest "$tmp/wheels" "${PA_PKGS[@]}"
     "$PY" - "$tmp" <<'EOF'
 import pathlib, sys, zipfile
 tmp = pathlib.Path(sys.argv[1])
