@@ -75,5 +75,6 @@ def python_repository(tiny_checkpoint, tmp_path_factory):
 def triton_server(python_repository):
     from dart_triton.server import TritonServer
 
-    with TritonServer(python_repository, startup_timeout=180) as server:
+    with TritonServer(python_repository, startup_timeout=180,
+                      extra_args=["--exit-timeout-secs=5"]) as server:
         yield server
