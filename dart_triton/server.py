@@ -120,8 +120,9 @@ def stub_python_bin(binary: Path | None = None) -> Path:
     if binary is not None and not is_bundled(binary):
         return own
     overlay = tools_dir() / "triton-python"
-    marker = overlay / "FOR_PREFIX"
-    if marker.is_file() and marker.read_text().split()[:1] == [sys.prefix]:
+    marker = overlay / "FOR_PREFIX"  # "<venv prefix> numpy==X py3.Y", by the install script
+    fields = marker.read_text().split() if marker.is_file() else []
+    if fields[:1] == [sys.prefix] and f"py{sys.version_info[0]}.{sys.version_info[1]}" in fields:
         return overlay / "bin"
     numpy_version = importlib.metadata.version("numpy")
     if int(numpy_version.split(".")[0]) >= 2:

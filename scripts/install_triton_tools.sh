@@ -62,7 +62,8 @@ STUB_ENV="$TOOLS/triton-python"
 STUB_NUMPY="numpy==1.26.4"
 venv_prefix="$("$PY" -c 'import sys; print(sys.prefix)')"
 venv_site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-stub_want="$venv_prefix $STUB_NUMPY"
+venv_py="py$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+stub_want="$venv_prefix $STUB_NUMPY $venv_py"
 if [[ -x "$STUB_ENV/bin/python3" && "$(cat "$STUB_ENV/FOR_PREFIX" 2>/dev/null)" == "$stub_want" ]]; then
     log "stub python env: present ($STUB_ENV)"
 else

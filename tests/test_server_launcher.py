@@ -299,9 +299,12 @@ def test_stub_python_prefers_the_overlay_and_refuses_numpy2_without_it(
     assert stub_python_bin() == Path(sys.executable).parent
     overlay = tmp_path / "triton-python"
     overlay.mkdir()
-    (overlay / "FOR_PREFIX").write_text(f"{sys.prefix} numpy==1.26.4\n")
+    py = f"py{sys.version_info[0]}.{sys.version_info[1]}"
+    (overlay / "FOR_PREFIX").write_text(f"{sys.prefix} numpy==1.26.4 {py}\n")
     assert stub_python_bin() == overlay / "bin"
-    (overlay / "FOR_PREFIX").write_text("/some/other/venv numpy==1.26.4\n")
+    (overlay / "FOR_PREFIX").write_text(f"/some/other/venv numpy==1.26.4 {py}\n")
+    assert stub_python_bin() == Path(sys.executable).parent
+    (overlay / "FOR_PREFIX").write_text(f"{sys.prefix} numpy==1.26.4 py2.7\n")
     assert stub_python_bin() == Path(sys.executable).parent
 
 
