@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The main job, from a fresh clone: set up, build a Triton model repository, serve it,
+# detect objects in a sample photograph through tritonclient, write JSON + an annotated image.
+#
+# By default the checkpoint is a TINY RANDOMLY INITIALISED SAM3 (real weights cannot be
+# downloaded here): the pipeline is real, the boxes are meaningless.
+# Real weights: SAM3_CHECKPOINT=/path/to/facebook-sam3 bash scripts/demo.sh
+# Env: DART_IMGSZ (default: the checkpoint's), DART_BACKEND (python), OUT (out/demo),
+#      DART_CLASSES ("person,rocket,flag"), DART_IMAGE (default: a sample photo).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1
+
+OUT="${OUT:-out/demo}"
+mkdir -p "$OUT"
+CHECKPOINT="${SAM3_CHECKPOINT:-$OUT/sam3-tiny-random}"
+if [[ -z "${SAM3_CHECKPOINT:-}" && ! -f "$CHECKPOINT/config.json" ]]; then
+    dart-triton tiny-checkpoint "$CHECKPOINT" --seed 0
+fi
+IMAGE="${DART_IMAGE:-$OUT/astronaut.png}"
+if [[ -z "${DART_IMAGE:-}" ]]; then
+    python -c "import sys; from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save(sys.argv[1])" "$IMAGE"
+fi
+IFS=',' read -r -a CLASSES <<< "${DART_CLASSES:-person,rocket,flag}"
+
+build_args=(--checkpoint "$CHECKPOINT" --output "$OUT/model_repository" --backend "${DART_BACKEND:-python}")
+[[ -n "${DART_IMGSZ:-}" ]] && build_args+=(--imgsz "$DART_IMGSZ")
+dart-triton build "${build_args[@]}"
+
+dart-triton serve --model-repository "$OUT/model_repository" --http-port 0 --grpc-port 0 \
+    --metrics-port 0 --exit-timeout-secs=5 > "$OUT/server.log" 2>&1 &
+server=$!
+trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+# The launcher prints the ports it picked; wait for readiness.
+for _ in $(seq 1 180); do
+    grpc=$(grep -oE 'GRPCInferenceService at 127\.0\.0\.1:[0-9]+' "$OUT/server.log" | grep -oE '[0-9]+$' | head -1 || true)
+    http=$(grep -oE 'HTTPService at 127\.0\.0\.1:[0-9]+' "$OUT/server.log" | grep -oE '[0-9]+$' | head -1 || true)
+    if [[ -n "$http" ]] && curl -sf "http://127.0.0.1:$http/v2/health/ready" >/dev/null; then break; fi
+    kill -0 $server 2>/dev/null || { cat "$OUT/server.log" >&2; exit 1; }
+    sleep 1
+done
+[[ -n "${grpc:-}" ]] || { echo "server did not become ready; see $OUT/server.log" >&2; exit 1; }
+
+dart-triton detect "$IMAGE" --classes "${CLASSES[@]}" --url "127.0.0.1:$grpc" \
+    --json "$OUT/detections.json" --annotate "$OUT/annotated.png"
+echo
+echo "detections: $OUT/detections.json   annotated image: $OUT/annotated.png"
+[[ -z "${SAM3_CHECKPOINT:-}" ]] && echo "(tiny random checkpoint: boxes are meaningless; set SAM3_CHECKPOINT for real weights)"
