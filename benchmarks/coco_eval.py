@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dart_triton import specs
 from dart_triton.client.detections import Detections
 from dart_triton.client.errors import DartClientError
 from dart_triton.client.images import load_image
-
-from dart_triton import specs
 
 Detect = Callable[[np.ndarray], Detections]
 

@@ -75,7 +75,8 @@ class ViTBlock(nn.Module):
 
     def __init__(self, ref_layer, grid: tuple[int, int]):
         super().__init__()
-        self.norm1, self.norm2, self.mlp = ref_layer.layer_norm1, ref_layer.layer_norm2, ref_layer.mlp
+        self.norm1, self.norm2 = ref_layer.layer_norm1, ref_layer.layer_norm2
+        self.mlp = ref_layer.mlp
         self.window = int(ref_layer.window_size)
         self.grid = grid
         tokens_hw = (self.window, self.window) if self.window > 0 else grid

@@ -1,4 +1,4 @@
-"""SAM3 checkpoints: load a local Hugging Face `facebook/sam3` directory, or write a tiny random one.
+"""SAM3 checkpoints: load a local Hugging Face `facebook/sam3` directory, or write a tiny one.
 
 Real weights cannot be downloaded in CI, so tests and the demo use a tiny, randomly
 initialised SAM3 in exactly the same directory layout (config, safetensors, tokenizer
@@ -102,7 +102,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def write_clip_tokenizer(out_dir: Path) -> None:
     """Write CLIP tokenizer files (vocab.json, merges.txt, configs) from the BPE merges."""
-    lines = gzip.open(clip_bpe_vocab_path(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(clip_bpe_vocab_path(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]

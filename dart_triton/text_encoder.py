@@ -67,8 +67,8 @@ class TextEncoder:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         root = Path(path)
-        text_model = CLIPTextModelWithProjection.from_pretrained(root / "text_model", attn_implementation="eager",
-                                                                 dtype=torch.float32)
+        text_model = CLIPTextModelWithProjection.from_pretrained(
+            root / "text_model", attn_implementation="eager", dtype=torch.float32)
         weights = load_file(str(root / "text_projection.safetensors"))
         out_dim, in_dim = weights["weight"].shape
         projection = torch.nn.Linear(in_dim, out_dim)

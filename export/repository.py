@@ -93,7 +93,7 @@ def build_repository(checkpoint: str | Path, output: str | Path, backend: str = 
                      instances: dict[str, int] | None = None, onnx_dir: str | Path | None = None,
                      gpu: bool | None = None, buckets: tuple[int, ...] = (),
                      vocabulary: str | Path | None = None, plan_options: dict | None = None,
-                     log=print) -> RepoOptions:
+                     build_engine_plans: bool = True, log=print) -> RepoOptions:
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     checkpoint, repo = Path(checkpoint), Path(output)
@@ -117,7 +117,7 @@ def build_repository(checkpoint: str | Path, output: str | Path, backend: str = 
     place_graphs(repo, graphs, backend)
     log(f"text encoder: cached {write_text_encoder(repo, checkpoint, vocab)} names "
         f"from {vocab.name}")
-    if backend == "tensorrt":
+    if backend == "tensorrt" and build_engine_plans:
         from .tensorrt_build import build_plans
 
         build_plans(graphs, repo, {"max_classes": dims.max_classes, "buckets": buckets,
@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="class names (one per line) to pre-encode into the text cache "
                         "(default: the 80 COCO names)")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="tensorrt")
+    p.add_argument("--no-plans", action="store_true",
+                   help="tensorrt: write the repository without plans (build them later with "
+                        "`dart-triton build-plans` on the GPU that will serve them)")
     p.add_argument("--workspace-gb", type=float, default=None, help="tensorrt workspace limit")
     args = p.parse_args(argv)
     try:
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = build_repository(
             args.checkpoint, args.output, args.backend, args.imgsz, args.max_classes,
             parse_instances(args.instances), args.onnx_dir, args.gpu,
-            parse_buckets(args.buckets), args.vocabulary, plan_options)
+            parse_buckets(args.buckets), args.vocabulary, plan_options,
+            build_engine_plans=not args.no_plans)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"dart-triton build: error: {exc}", file=sys.stderr)
         return 2

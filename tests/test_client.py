@@ -12,13 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from dart_triton import specs
 from dart_triton.client.detections import Detections
 from dart_triton.client.errors import DartClientError
 from dart_triton.client.inputs import check_image, encode_classes, option_arrays
 from dart_triton.client.pipeline import completed, in_order
-from PIL import Image
-
-from dart_triton import specs
 
 
 def _dets(boxes, scores, ids, names=("cat", "dog", "traffic light")) -> Detections:
@@ -160,6 +160,7 @@ def test_annotation_paths_file_or_directory(tmp_path):
 def test_annotate_video_in_order_with_injected_detector(tmp_path):
     pytest.importorskip("imageio_ffmpeg")
     import imageio.v2 as iio
+
     from dart_triton.client.video import annotate_video
 
     src, dst = tmp_path / "in.mp4", tmp_path / "out.mp4"
@@ -456,6 +457,7 @@ def test_cli_detect_json_and_annotations(fake_url, tmp_path, capsys):
 def test_cli_video_prints_fps(fake_url, tmp_path, capsys):
     pytest.importorskip("imageio_ffmpeg")
     import imageio.v2 as iio
+
     from dart_triton.client.cli import video_main
 
     protocol, url, _ = fake_url

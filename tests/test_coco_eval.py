@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from dart_triton.benchmarks import coco_eval
 from dart_triton.client.detections import Detections
 from dart_triton.client.errors import DartClientError
-from PIL import Image
 
 # Non-contiguous ids, listed out of order, as in COCO's instances files.
 CATEGORIES = [{"id": 44, "name": "bottle"}, {"id": 1, "name": "person"},

@@ -130,7 +130,8 @@ def _raw_inputs(image, classes, extra=()):
         inputs.append(t)
     for name, value, dtype in extra:
         t = grpcclient.InferInput(name, [1], dtype)
-        t.set_data_from_numpy(np.array([value], dtype={"FP32": np.float32, "INT32": np.int32}[dtype]))
+        numpy_dtype = {"FP32": np.float32, "INT32": np.int32}[dtype]
+        t.set_data_from_numpy(np.array([value], dtype=numpy_dtype))
         inputs.append(t)
     return inputs
 
@@ -190,7 +191,7 @@ def test_perf_analyzer_against_dart(triton_server, photo, tmp_path):
 
     try:
         find_perf_analyzer()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.fail(f"perf_analyzer must be installed by scripts/install_triton_tools.sh: {exc}")
     data = write_input_data(tmp_path / "input.json", {
         specs.IMAGE: photo, specs.CLASSES: np.array(["person", "rocket", "flag"], dtype=object)})

@@ -1,4 +1,6 @@
-"""Triton python model `dart`: logic in dart_triton/triton/dart_model.py (unit-tested, shared)."""
+"""Triton python model `dart`.
+
+The logic lives in dart_triton/triton/dart_model.py (shared and unit-tested)."""
 
 from dart_triton.triton.dart_model import TritonPythonModel
 

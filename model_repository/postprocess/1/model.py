@@ -1,4 +1,6 @@
-"""Triton python model `postprocess`: logic in dart_triton/triton/postprocess_model.py (unit-tested, shared)."""
+"""Triton python model `postprocess`.
+
+The logic lives in dart_triton/triton/postprocess_model.py (shared and unit-tested)."""
 
 from dart_triton.triton.postprocess_model import TritonPythonModel
 

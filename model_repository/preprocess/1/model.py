@@ -1,4 +1,6 @@
-"""Triton python model `preprocess`: logic in dart_triton/triton/preprocess_model.py (unit-tested, shared)."""
+"""Triton python model `preprocess`.
+
+The logic lives in dart_triton/triton/preprocess_model.py (shared and unit-tested)."""
 
 from dart_triton.triton.preprocess_model import TritonPythonModel
 

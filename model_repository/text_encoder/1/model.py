@@ -1,4 +1,6 @@
-"""Triton python model `text_encoder`: logic in dart_triton/triton/text_encoder_model.py (unit-tested, shared)."""
+"""Triton python model `text_encoder`.
+
+The logic lives in dart_triton/triton/text_encoder_model.py (shared and unit-tested)."""
 
 from dart_triton.triton.text_encoder_model import TritonPythonModel
 

@@ -1,0 +1,107 @@
+"""A stand-in for Triton's `triton_python_backend_utils`, enough to run our python
+models in process (the pattern of tensorrtllm_backend's model unit tests).
+
+BLS calls (`InferenceRequest.exec/async_exec`) are routed to in-process model
+instances registered in `MODELS`, so the `dart` BLS logic runs without a server.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+MODELS: dict[str, object] = {}
+
+
+class TritonError:
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG = range(4)
+
+    def __init__(self, msg: str, code: int = 1):
+        self._msg, self.code = msg, code
+
+    def message(self) -> str:
+        return self._msg
+
+
+class TritonModelException(Exception):
+    pass
+
+
+class Tensor:
+    def __init__(self, name: str, value: np.ndarray):
+        self._name, self._value = name, np.asarray(value)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._value
+
+    def is_cpu(self) -> bool:
+        return True
+
+    @classmethod
+    def from_dlpack(cls, name, capsule):  # pragma: no cover - GPU only
+        raise NotImplementedError
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=(), error: TritonError | None = None):
+        self.output_tensors, self._error = list(output_tensors), error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+
+class Request:
+    def __init__(self, inputs: list[Tensor]):
+        self.inputs = {t.name(): t for t in inputs}
+
+
+def get_input_tensor_by_name(request: Request, name: str):
+    return request.inputs.get(name)
+
+
+def get_output_tensor_by_name(response: InferenceResponse, name: str):
+    return next((t for t in response.output_tensors if t.name() == name), None)
+
+
+class InferenceRequest:
+    calls: ClassVar[list[tuple[str, dict[str, tuple]]]] = []
+
+    def __init__(self, model_name: str, inputs: list[Tensor], requested_output_names: list[str]):
+        self.model_name, self.inputs, self.outputs = model_name, inputs, requested_output_names
+
+    def exec(self) -> InferenceResponse:
+        InferenceRequest.calls.append(
+            (self.model_name, {t.name(): t.as_numpy().shape for t in self.inputs}))
+        response = MODELS[self.model_name].execute([Request(self.inputs)])[0]
+        if not response.has_error():
+            response.output_tensors = [t for t in response.output_tensors
+                                       if t.name() in self.outputs]
+        return response
+
+    async def async_exec(self) -> InferenceResponse:
+        return self.exec()
+
+
+class MetricFamily:
+    COUNTER, GAUGE = 0, 1
+
+    def __init__(self, name: str, description: str, kind: int):
+        self.name = name
+
+    def Metric(self, labels: dict):
+        return Metric()
+
+
+class Metric:
+    def __init__(self):
+        self.value = 0.0
+
+    def increment(self, v: float) -> None:
+        self.value += v

@@ -1,0 +1,129 @@
+"""The python models' logic without a server: Triton's utils module is faked, BLS calls
+run the other models in process. Covers what the CPU server cannot: the TensorRT bucket
+padding path of `dart`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from . import fake_pb_utils
+
+
+@pytest.fixture(scope="module")
+def models(python_repository):
+    sys.modules["triton_python_backend_utils"] = fake_pb_utils
+    from dart_triton.triton import (
+        dart_model,
+        graph_model,
+        postprocess_model,
+        preprocess_model,
+        text_encoder_model,
+    )
+
+    classes = {"preprocess": preprocess_model, "text_encoder": text_encoder_model,
+               "backbone": graph_model, "enc_dec": graph_model,
+               "postprocess": postprocess_model, "dart": dart_model}
+    built = {}
+    for name, module in classes.items():
+        cfg_text = (python_repository / name / "config.pbtxt").read_text()
+        instance = module.TritonPythonModel()
+        instance.initialize(_args(python_repository, name, cfg_text))
+        built[name] = instance
+    fake_pb_utils.MODELS.clear()
+    fake_pb_utils.MODELS.update(built)
+    yield built
+    sys.modules.pop("triton_python_backend_utils", None)
+
+
+def _args(repo, name, cfg_text):
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    cfg = text_format.Parse(cfg_text, model_config_pb2.ModelConfig())
+    return {"model_config": json.dumps(json_format.MessageToDict(
+        cfg, preserving_proto_field_name=True)), "model_repository": str(repo / name),
+        "model_version": "1", "model_instance_kind": "CPU"}
+
+
+def _request(image, classes, **options):
+    T = fake_pb_utils.Tensor
+    tensors = [T("IMAGE", image), T("CLASSES", np.array([c.encode() for c in classes],
+                                                         dtype=object))]
+    dtypes = {"SCORE_THRESHOLD": np.float32, "NMS_IOU": np.float32, "MAX_DETECTIONS": np.int32}
+    tensors += [T(k, np.array([v], dtypes[k])) for k, v in options.items()]
+    return fake_pb_utils.Request(tensors)
+
+
+def _run_dart(dart, request):
+    response = asyncio.run(dart.execute([request]))[0]
+    if response.has_error():
+        raise ValueError(response.error().message())
+    get = fake_pb_utils.get_output_tensor_by_name
+    return [get(response, n).as_numpy() for n in ("BOXES", "SCORES", "CLASS_IDS")]
+
+
+def test_dart_bls_matches_naive(models, naive, photo):
+    classes = ["person", "rocket", "flag", "helmet", "sky", "glove"]
+    boxes, scores, ids = _run_dart(models["dart"], _request(photo, classes))
+    ref = naive.detect(photo, classes)
+    np.testing.assert_array_equal(ids, ref.class_ids)
+    np.testing.assert_allclose(boxes, ref.boxes, atol=0.05)
+
+
+def test_tensorrt_buckets_pad_and_drop_rows(models, naive, photo):
+    dart = models["dart"]
+    dart.buckets = [1, 2, 4]  # as `dart-triton build --backend tensorrt --buckets 1,2,4`
+    try:
+        fake_pb_utils.InferenceRequest.calls.clear()
+        classes = ["person", "rocket", "flag", "helmet", "sky"]  # 4 + 1 -> buckets 4 and 1
+        kw = dict(SCORE_THRESHOLD=0.0, NMS_IOU=1.0, MAX_DETECTIONS=100000)
+        boxes, scores, ids = _run_dart(dart, _request(photo, classes, **kw))
+        sizes = sorted(shapes["text_features"][0] for model, shapes in
+                       fake_pb_utils.InferenceRequest.calls if model == "enc_dec")
+        assert sizes == [1, 4]
+        classes = ["person", "rocket", "flag"]  # 3 -> padded to bucket 4, row dropped
+        fake_pb_utils.InferenceRequest.calls.clear()
+        boxes, scores, ids = _run_dart(dart, _request(photo, classes, **kw))
+        assert [s["text_features"][0] for m, s in fake_pb_utils.InferenceRequest.calls
+                if m == "enc_dec"] == [4]
+        ref = naive.detect(photo, classes, score_threshold=0.0, nms_iou=1.0,
+                           max_detections=100000)
+        assert set(ids.tolist()) == {0, 1, 2}
+        np.testing.assert_allclose(np.sort(scores), np.sort(ref.scores), atol=1e-5)
+    finally:
+        dart.buckets = []
+
+
+def test_text_encoder_counts_cache_hits(models):
+    te = models["text_encoder"]
+    req = fake_pb_utils.Request([fake_pb_utils.Tensor(
+        "CLASSES", np.array([b"zebra crossing", b"person"], dtype=object))])
+    before_hits, before_misses = te.hits.value, te.misses.value
+    te.execute([req])
+    te.execute([req])
+    assert te.misses.value - before_misses == 1  # "person" was warmed from coco80.txt
+    assert te.hits.value - before_hits == 3
+
+
+@pytest.mark.parametrize("classes, message", [
+    ([], "CLASSES is empty"), (["ok", " "], "whitespace"),
+])
+def test_errors_are_responses_not_crashes(models, photo, classes, message):
+    with pytest.raises(ValueError, match=message):
+        _run_dart(models["dart"], _request(photo, classes))
+
+
+def test_enc_dec_refuses_more_than_max(models):
+    enc_dec = models["enc_dec"]
+    n = enc_dec.max_classes + 1
+    req = fake_pb_utils.Request([
+        fake_pb_utils.Tensor("fpn_features", np.zeros((1, 32, 8, 8), np.float32)),
+        fake_pb_utils.Tensor("text_features", np.zeros((n, 32, 32), np.float32)),
+        fake_pb_utils.Tensor("text_mask", np.ones((n, 32), np.int32))])
+    response = enc_dec.execute([req])[0]
+    assert response.has_error() and "1 to 4 prompts" in response.error().message()
