@@ -1,0 +1,344 @@
+"""Shared benchmark plumbing: arguments, model checkpoints, timing, machine info, writers.
+
+Every study (`hierarchy`, `class_scaling`, `serving_overhead`, `text_cache`,
+`fp16_precision`) is a module with ``main(argv)`` that writes ``<study>.csv``,
+``<study>.png`` and a markdown section into a results file (by default
+``benchmarks/RESULTS.md``), replacing only the text between its own markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DEFAULT_OUT = BENCH_DIR / "results"
+DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
+# Random full-size checkpoints are 3.4 GB: kept outside git (artifacts/ is ignored).
+CHECKPOINT_CACHE = Path(os.environ.get("DART_BENCH_CACHE", REPO_ROOT / "artifacts" / "bench"))
+COCO80 = REPO_ROOT / "dart_triton" / "assets" / "coco80.txt"
+
+# CPU defaults: the full ViT-H at 1008 px takes ~minutes per frame on 2 cores.
+DEFAULT_IMGSZ = {"full": 336, "tiny": 112}
+
+
+# Arguments ------------------------------------------------------------------------------
+
+
+def base_parser(prog: str, description: str, classes: Sequence[int] = (3,),
+                iters: int = 3) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", choices=("full", "tiny"), default="full",
+                   help="full: random-weight SAM3 (Sam3Config(), ~840M params); tiny: the "
+                        "test-size random SAM3 (seconds, numbers meaningless)")
+    p.add_argument("--imgsz", type=int, default=None,
+                   help="input resolution, a multiple of 14 (default: full 336, tiny 112)")
+    p.add_argument("--classes", type=int, nargs="+", default=list(classes),
+                   help="class counts N to measure (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=iters, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="SAM3 checkpoint dir (default: a cached random one for --config)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV/PNG directory")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                   help="markdown file whose section for this study is rewritten")
+    return p
+
+
+def resolve_imgsz(args: argparse.Namespace) -> int:
+    from dart_triton.specs import PATCH_SIZE
+
+    imgsz = args.imgsz or DEFAULT_IMGSZ[args.config]
+    if imgsz % PATCH_SIZE:
+        raise SystemExit(f"--imgsz must be a multiple of {PATCH_SIZE}, got {imgsz}")
+    return imgsz
+
+
+def command_line(prog: str, argv: Sequence[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python -m", prog, *map(shlex.quote, map(str, args))])
+
+
+# Models ---------------------------------------------------------------------------------
+
+
+def full_config():
+    """`Sam3Config()`: the facebook/sam3 architecture (ViT-H/14, 32 blocks, 6+6 DETR)."""
+    from transformers import Sam3Config
+
+    return Sam3Config()
+
+
+def random_checkpoint(config: str, seed: int = 0, cache: Path = CHECKPOINT_CACHE) -> Path:
+    """A random-weight SAM3 checkpoint dir for `config`, written once and reused.
+
+    Compute does not depend on weight values, so random weights time like real ones.
+    """
+    from dart_triton.checkpoint import write_clip_tokenizer, write_tiny_checkpoint
+
+    path = Path(cache) / f"sam3-{config}-seed{seed}"
+    if (path / "config.json").is_file() and (path / "vocab.json").is_file():
+        return path
+    if config == "tiny":
+        return write_tiny_checkpoint(path, seed=seed, variant="a")
+    import torch
+    from transformers import Sam3Model
+
+    print(f"writing a random full-size SAM3 checkpoint to {path} (once) ...", flush=True)
+    torch.manual_seed(seed)
+    model = Sam3Model(full_config()).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    write_clip_tokenizer(path)
+    return path
+
+
+def checkpoint_for(args: argparse.Namespace) -> Path:
+    return Path(args.checkpoint) if args.checkpoint else random_checkpoint(args.config)
+
+
+def model_summary(model) -> str:
+    """'ViT 32x1024, DETR 6+6, 200 queries, 840.0M params' for the results header."""
+    cfg = model.config
+    vit = cfg.vision_config.backbone_config
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return (f"ViT {vit.num_hidden_layers}x{vit.hidden_size}, DETR "
+            f"{cfg.detr_encoder_config.num_layers}+{cfg.detr_decoder_config.num_layers} "
+            f"x{cfg.detr_decoder_config.hidden_size}, {cfg.detr_decoder_config.num_queries} "
+            f"queries, {params:.1f}M params, random weights")
+
+
+def class_names(n: int) -> list[str]:
+    """The first n COCO names (cycled with a suffix past 80, to stay distinct)."""
+    base = [line.strip() for line in COCO80.read_text().splitlines() if line.strip()]
+    return [base[i % len(base)] + ("" if i < len(base) else f" {i // len(base)}")
+            for i in range(n)]
+
+
+def test_image(size: int = 512) -> np.ndarray:
+    """A real photograph when scikit-image is installed, else a smooth synthetic frame."""
+    try:
+        from skimage import data
+
+        return data.astronaut()
+    except ImportError:
+        y, x = np.mgrid[0:size, 0:size]
+        rgb = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1)
+        return rgb.astype(np.uint8)
+
+
+# Timing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms) if self.samples_ms else float("nan")
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples_ms) if self.samples_ms else float("nan")
+
+
+def time_call(fn: Callable[[], Any], iters: int = 3, warmup: int = 1,
+              sync: Callable[[], None] | None = None) -> Timing:
+    """Median-friendly wall-clock samples of fn(); `sync` (e.g. cuda.synchronize) per call."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    timing = Timing()
+    for _ in range(max(1, iters)):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        timing.samples_ms.append((time.perf_counter() - t0) * 1e3)
+    return timing
+
+
+# Machine --------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        import cpuinfo  # py-cpuinfo, when installed
+
+        return str(cpuinfo.get_cpu_info().get("brand_raw") or platform.processor())
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def machine_info() -> dict[str, str]:
+    import onnxruntime
+    import torch
+    import transformers
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {
+        "cpu": f"{cpu_model()} ({cores} cores usable)",
+        "gpu": gpu_name() or "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    return info
+
+
+def machine_line(info: dict[str, str] | None = None) -> str:
+    info = info or machine_info()
+    return "; ".join(f"{k} {v}" for k, v in info.items())
+
+
+# Writers --------------------------------------------------------------------------------
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "–"
+        return f"{value:.{digits}f}"
+    return "–" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+                   headers: Sequence[str] | None = None, digits: int = 1) -> str:
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))
+    headers = list(headers or columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c), digits) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def section_header(title: str, command: str, model: str, notes: str = "",
+                   info: dict[str, str] | None = None) -> str:
+    date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    text = (f"### {title}\n\n"
+            f"- date: {date}\n- machine: {machine_line(info)}\n"
+            f"- command: `{command}`\n- model: {model}\n")
+    return text + (f"\n{notes.strip()}\n" if notes.strip() else "")
+
+
+def _markers(key: str) -> tuple[str, str]:
+    return f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
+
+
+def update_section(results: Path, key: str, body: str) -> Path:
+    """Replace the text between this key's markers, or append a new marked section."""
+    begin, end = _markers(key)
+    block = f"{begin}\n{body.strip()}\n{end}"
+    results = Path(results)
+    text = results.read_text() if results.is_file() else "# DART benchmark results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(text)
+    return results
+
+
+def read_section(results: Path, key: str) -> str | None:
+    begin, end = _markers(key)
+    text = Path(results).read_text() if Path(results).is_file() else ""
+    if begin not in text or end not in text:
+        return None
+    return text.split(begin, 1)[1].split(end, 1)[0].strip()
+
+
+def copy_sections(src: Path, dst: Path) -> list[str]:
+    """Copy every marked section of `src` into `dst` (merging a GPU run's file, say)."""
+    text = Path(src).read_text()
+    keys = [chunk.split(" -->", 1)[0] for chunk in text.split("<!-- BEGIN ")[1:]]
+    for key in keys:
+        body = read_section(src, key)
+        if body is not None:
+            update_section(dst, key, body)
+    return keys
+
+
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: benchmarks run in CI and on servers
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dart_triton.benchmarks.common merge SRC DST`: copy marked sections."""
+    p = argparse.ArgumentParser(prog="python -m dart_triton.benchmarks.common")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    merge = sub.add_parser("merge", help="copy marked sections of SRC into DST")
+    merge.add_argument("src", type=Path)
+    merge.add_argument("dst", type=Path, nargs="?", default=DEFAULT_RESULTS)
+    sub.add_parser("machine", help="print this machine's description")
+    args = p.parse_args(argv)
+    if args.cmd == "merge":
+        print("copied:", ", ".join(copy_sections(args.src, args.dst)))
+    else:
+        print(machine_line())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
