@@ -163,9 +163,9 @@ def test_bad_input_gets_named_error_and_server_stays_ready(triton_server, model,
     image, classes, extra, message = BAD_REQUESTS[case]
     c = grpcclient.InferenceServerClient(triton_server.grpc_url)
     with pytest.raises(InferenceServerException, match=message):
-        c.infer(model, _raw_inputs(image, classes, extra))
+        c.infer(model, _raw_inputs(image, classes, extra), client_timeout=60)
     assert c.is_server_ready() and c.is_model_ready(model)
-    good = c.infer(model, _raw_inputs(GOOD, [b"person"]))
+    good = c.infer(model, _raw_inputs(GOOD, [b"person"]), client_timeout=60)
     assert good.as_numpy(specs.SCORES) is not None
 
 
@@ -200,7 +200,7 @@ def test_perf_analyzer_against_dart(triton_server, photo, tmp_path):
                              csv_path=tmp_path / "perf.csv", timeout=120,
                              # a shared 2-core CI box is never "stable" to 10 %: what is
                              # tested is that every request succeeds, not the figure
-                             stability_percentage=100, max_trials=3)
+                             stability_percentage=999, max_trials=5)
     assert rows and rows[0]["throughput_infer_per_sec"] > 0
     log = (tmp_path / "perf.log").read_text() if (tmp_path / "perf.log").exists() else ""
     assert "error" not in log.lower()
