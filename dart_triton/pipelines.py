@@ -46,7 +46,25 @@ def chunk_slices(n: int, max_per_pass: int) -> list[slice]:
     return [slice(i, min(i + max_per_pass, n)) for i in range(0, n, max_per_pass)]
 
 
-class NaivePipeline:
+class _Pipeline:
+    """image → preprocess → `raw` (the part the two pipelines do differently) → postprocess."""
+
+    imgsz: int
+
+    def raw(self, pixel_values: np.ndarray, names: list[str]):
+        raise NotImplementedError
+
+    def detect(self, image, classes, score_threshold=DEFAULT_SCORE_THRESHOLD,
+               nms_iou=DEFAULT_NMS_IOU, max_detections=DEFAULT_MAX_DETECTIONS,
+               class_agnostic_nms=False) -> Detections:
+        names = check_classes(classes)
+        check_options(score_threshold, nms_iou, max_detections)
+        pixels, original_size = preprocess(image, self.imgsz)
+        return postprocess(*self.raw(pixels, names), original_size, names, score_threshold,
+                           nms_iou, max_detections, class_agnostic_nms)
+
+
+class NaivePipeline(_Pipeline):
     def __init__(self, model, tokenizer):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -66,17 +84,8 @@ class NaivePipeline:
                          out.presence_logits.numpy()))
         return merge_chunks(outs)
 
-    def detect(self, image, classes, score_threshold=DEFAULT_SCORE_THRESHOLD,
-               nms_iou=DEFAULT_NMS_IOU, max_detections=DEFAULT_MAX_DETECTIONS,
-               class_agnostic_nms=False) -> Detections:
-        names = check_classes(classes)
-        check_options(score_threshold, nms_iou, max_detections)
-        pixels, original_size = preprocess(image, self.imgsz)
-        return postprocess(*self.raw(pixels, names), original_size, names, score_threshold,
-                           nms_iou, max_detections, class_agnostic_nms)
 
-
-class DartPipeline:
+class DartPipeline(_Pipeline):
     def __init__(self, runner: GraphRunner, text_encoder: TextEncoder, imgsz: int,
                  max_classes: int = DEFAULT_MAX_CLASSES):
         self.runner = runner
@@ -105,12 +114,3 @@ class DartPipeline:
             self.runner.enc_dec(features, text_features[s], text_mask[s])
             for s in chunk_slices(len(names), self.max_classes)
         ])
-
-    def detect(self, image, classes, score_threshold=DEFAULT_SCORE_THRESHOLD,
-               nms_iou=DEFAULT_NMS_IOU, max_detections=DEFAULT_MAX_DETECTIONS,
-               class_agnostic_nms=False) -> Detections:
-        names = check_classes(classes)
-        check_options(score_threshold, nms_iou, max_detections)
-        pixels, original_size = preprocess(image, self.imgsz)
-        return postprocess(*self.raw(pixels, names), original_size, names, score_threshold,
-                           nms_iou, max_detections, class_agnostic_nms)
