@@ -304,6 +304,16 @@ def copy_sections(src: Path, dst: Path) -> list[str]:
     return keys
 
 
+def image_link(args: argparse.Namespace, stem: str, alt: str) -> str:
+    """Markdown image of `<out>/<stem>.png`, relative to the results file when possible."""
+    out, results = Path(args.out).resolve(), Path(args.results).resolve().parent
+    try:
+        rel = out.relative_to(results).as_posix()
+    except ValueError:
+        rel = str(out)
+    return f"![{alt}]({rel}/{stem}.png)"
+
+
 def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
     import matplotlib
 

@@ -83,15 +83,15 @@ class RestructuredLevel(torch.nn.Module):
 
 def build(kind: str, fp32_model, imgsz: int, half: bool) -> torch.nn.Module:
     """'restructured' or 'sdpa' module over a copy of the FP32 weights (FP16 if `half`)."""
-    model = copy.deepcopy(fp32_model)
+    device = next(fp32_model.parameters()).device
     if kind == "sdpa":
+        model = copy.deepcopy(fp32_model)
         model.set_attn_implementation("sdpa")
         module = ReferenceLevel(model)
     else:
-        # Built from FP32 weights, then cast whole: its RoPE tables are FP32 buffers.
-        module = RestructuredLevel(model, imgsz)
-    # .to(device): the restructured graph computes its RoPE tables on the CPU.
-    device = next(fp32_model.parameters()).device
+        # RestructuredBackbone builds its RoPE tables with CPU tensors (it cannot be built
+        # from a CUDA model): build on a CPU copy of the FP32 weights, then cast and move.
+        module = RestructuredLevel(copy.deepcopy(fp32_model).cpu(), imgsz)
     return (module.half() if half else module).to(device).eval()
 
 
@@ -232,14 +232,8 @@ def report(rows: list[dict], args, command: str, model: str) -> str:
     table = common.markdown_table(cos_rows, COLUMNS, digits=1)
     head = common.section_header("FP16 precision of the vision backbone (Table 4)", command,
                                  model, notes)
-    return f"{head}\n{table}\n\n![fp16 precision]({_rel(args)}/{STUDY}.png)\n"
+    return f"{head}\n{table}\n\n{common.image_link(args, STUDY, 'fp16 precision')}\n"
 
-
-def _rel(args) -> str:
-    try:
-        return str(Path(args.out).resolve().relative_to(Path(args.results).resolve().parent))
-    except ValueError:
-        return str(args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
