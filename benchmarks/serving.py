@@ -37,7 +37,7 @@ def graphs_dir(checkpoint: Path, imgsz: int, max_classes: int) -> Path:
     """backbone.onnx + enc_dec.onnx for this checkpoint and size (exported once)."""
     from dart_triton.export.onnx_export import GRAPHS_JSON, export_graphs
 
-    out = common.CHECKPOINT_CACHE / f"onnx-{checkpoint.name}-{imgsz}-m{max_classes}"
+    out = common.cache_dir() / f"onnx-{checkpoint.name}-{imgsz}-m{max_classes}"
     if not (out / GRAPHS_JSON).is_file():
         print(f"exporting ONNX graphs to {out} (once) ...", flush=True)
         _, agreements = export_graphs(checkpoint, out, imgsz, max_classes, log=print)
@@ -51,7 +51,7 @@ def repository(checkpoint: Path, imgsz: int, max_classes: int) -> Path:
     """A python-backend repository (ORT graphs inside Triton), built once."""
     from dart_triton.export.repository import build_repository
 
-    repo = common.CHECKPOINT_CACHE / f"repo-{checkpoint.name}-{imgsz}-m{max_classes}"
+    repo = common.cache_dir() / f"repo-{checkpoint.name}-{imgsz}-m{max_classes}"
     if not (repo / "dart_repository.json").is_file():
         print(f"building model repository {repo} (once) ...", flush=True)
         build_repository(checkpoint, repo, backend="python", imgsz=imgsz,
