@@ -323,14 +323,30 @@ def image_link(args: argparse.Namespace, stem: str, alt: str) -> str:
     return f"![{alt}]({rel}/{stem}.png)"
 
 
-def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0, nrows: int = 1):
+    """A figure and its axes as a flat list (row by row)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: benchmarks run in CI and on servers
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, list(axes[0])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
+                             squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """A CSV written by `write_csv`, numbers parsed back (to re-plot a finished run)."""
+    def parse(v: str) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def save_figure(fig, path: Path) -> Path:

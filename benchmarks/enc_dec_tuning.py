@@ -91,21 +91,26 @@ def _row(args, device, runtime, attn, dtype, threads, level, n, ms) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    fig, (ax,) = common.new_figure(width=7)
-    variants = sorted({(r["runtime"], r["attention"], r["dtype"], str(r["threads"]),
-                        r["opt_level"]) for r in rows})
-    for v in variants:
-        sel = sorted((r for r in rows if (r["runtime"], r["attention"], r["dtype"],
-                                          str(r["threads"]), r["opt_level"]) == v),
-                     key=lambda r: r["n"])
-        label = f"{v[0]} {v[1]} {v[2]} t={v[3]}" + (f" opt={v[4]}" if v[4] != "-" else "")
-        ax.plot([r["n"] for r in sel], [r["ms_per_prompt"] for r in sel], marker="o",
-                label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompts per pass (N)")
-    ax.set_ylabel("enc-dec ms per prompt")
-    ax.legend(fontsize=6)
+    sizes = sorted({r["imgsz"] for r in rows}, reverse=True)
+    fig, axes = common.new_figure(ncols=len(sizes), width=6)
+    for ax, imgsz in zip(axes, sizes, strict=True):
+        at = [r for r in rows if r["imgsz"] == imgsz]
+        variants = sorted({_variant(r) for r in at})
+        for v in variants:
+            sel = sorted((r for r in at if _variant(r) == v), key=lambda r: r["n"])
+            label = f"{v[0]} {v[1]} {v[2]} t={v[3]}" + (f" opt={v[4]}" if v[4] != "-" else "")
+            ax.plot([r["n"] for r in sel], [r["ms_per_prompt"] for r in sel], marker="o",
+                    label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{imgsz}px, {at[0]['device']}", fontsize=9)
+        ax.set_xlabel("prompts per pass (N)")
+        ax.set_ylabel("enc-dec ms per prompt")
+        ax.legend(fontsize=6)
     return common.save_figure(fig, path)
+
+
+def _variant(r: dict) -> tuple:
+    return r["runtime"], r["attention"], r["dtype"], str(r["threads"]), r["opt_level"]
 
 
 def report(rows, args, command, model) -> str:

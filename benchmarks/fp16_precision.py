@@ -205,10 +205,13 @@ def run_resolution(imgsz: int, args, device: str, rows: list[dict], flush) -> No
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    fig, (ax_cos, ax_lat) = common.new_figure(ncols=2, width=6.5)
     ok = [r for r in rows if r.get("status") == "ok"]
-    labels = [f"{r['imgsz']} {r['model'].split(' ')[0]}\n{r['runtime']} {r['precision']}"
-              for r in ok]
+    fig, (ax_cos, ax_lat) = common.new_figure(ncols=2, width=6.5,
+                                              height=max(3.0, 0.28 * len(ok) + 1))
+    short = {"restructured (explicit attn)": "restructured", "reference (fused SDPA)": "SDPA",
+             "reference (eager attn)": "reference"}
+    labels = [f"{r['imgsz']} {short.get(r['model'], r['model'])} {r['runtime']} "
+              f"{r['precision']}" for r in ok]
     y = np.arange(len(ok))
     ax_cos.barh(y, [1 - min(r["cosine"], 1.0) if r["cosine"] == r["cosine"] else 1 for r in ok])
     ax_cos.set_xscale("symlog", linthresh=1e-6)
