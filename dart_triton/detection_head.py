@@ -10,6 +10,7 @@ Only the last decoder layer is scored: earlier layers' logits are training signa
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -40,11 +41,21 @@ class BatchedDetectionHead(nn.Module):
     Outputs: boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence logits [N,1].
     """
 
-    def __init__(self, sam3_model, feat_hw: int):
+    def __init__(self, sam3_model, feat_hw: int, attn_implementation: str = "eager"):
+        """`attn_implementation`: "eager" (explicit softmax attention: what is exported) or
+        "sdpa" for the PyTorch runtime, where a fused kernel avoids materialising the
+        [N, heads, h*w, h*w] encoder attention (GBs at 1008 px and 16 prompts)."""
         super().__init__()
         self.encoder_layers = sam3_model.detr_encoder.layers
         dec = sam3_model.detr_decoder
         self.decoder_layers = dec.layers
+        if attn_implementation != "eager":
+            # Own copies: the layers read the attention kind from their (shared) config,
+            # and the reference model must keep its own.
+            self.encoder_layers = copy.deepcopy(self.encoder_layers)
+            self.decoder_layers = copy.deepcopy(self.decoder_layers)
+            for layers in (self.encoder_layers, self.decoder_layers):
+                layers[0].self_attn.config._attn_implementation = attn_implementation
         self.output_norm = dec.output_layer_norm
         self.box_head = dec.box_head
         self.presence_head, self.presence_norm = dec.presence_head, dec.presence_layer_norm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .backbone import RestructuredBackbone, mask_levels
@@ -35,8 +36,13 @@ class Sam3Parts:
     model: object  # transformers Sam3Model (the reference; also owns the weights)
     tokenizer: object
     backbone: RestructuredBackbone
-    head: BatchedDetectionHead
+    head: BatchedDetectionHead  # explicit attention: the graph that is exported
     dims: GraphDims
+
+    @cached_property
+    def runtime_head(self) -> BatchedDetectionHead:
+        """The same head with fused (SDPA) attention, for running in PyTorch."""
+        return BatchedDetectionHead(self.model, self.dims.feat_hw, "sdpa").eval()
 
 
 def load_parts(checkpoint: str | Path, imgsz: int | None = None,

@@ -95,7 +95,7 @@ class DartPipeline(_Pipeline):
 
     @classmethod
     def from_parts(cls, parts: Sam3Parts, runner: GraphRunner | None = None) -> DartPipeline:
-        return cls(runner or TorchRunner(parts.backbone, parts.head),
+        return cls(runner or TorchRunner(parts.backbone, parts.runtime_head),
                    TextEncoder.from_sam3(parts.model, parts.tokenizer),
                    parts.dims.imgsz, parts.dims.max_classes)
 
