@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "fp16", "bf16"), default=["fp32"],
                    help="precisions, in this order, for PyTorch levels (GPU: fp32 fp16)")
+    p.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
+                   help="attention of the PyTorch reference modules (ViT in L0-L2, DETR "
+                        "enc-dec in all levels): eager = explicit softmax, as load_sam3 "
+                        "loads it; sdpa = transformers' default (fused kernels)")
     p.add_argument("--no-engine", action="store_true", help="skip L3")
     p.add_argument("--serve", action="store_true",
                    help="L4: start a tritonserver on a built repository (CPU)")
@@ -279,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for imgsz in sizes:
         bench = Bench(args, imgsz, args.device)
-        model_text = f"{args.config}: {bench.model_text}; device {args.device}"
+        bench.parts.model.set_attn_implementation(args.attn)
+        model_text = (f"{args.config}: {bench.model_text}; device {args.device}; "
+                      f"{args.attn} attention in the PyTorch modules")
         for dname in args.dtypes:
             bench.set_dtype(dtypes[dname])
             # On a GPU the engine stand-in is an FP16/BF16 compile: skip it for FP32.

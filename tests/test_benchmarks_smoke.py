@@ -58,6 +58,15 @@ def test_enc_dec_tuning(bench_env):
     assert "ONNX Runtime" in _check(out, results, "enc_dec_tuning")
 
 
+def test_enc_dec_profile(bench_env):
+    from dart_triton.benchmarks import enc_dec_profile
+
+    out, results, args = bench_env
+    assert enc_dec_profile.main([*args, "--classes", "2"]) == 0
+    section = _check(out, results, "enc_dec_profile")
+    assert "MatMul" in section and "aten::" in section
+
+
 def test_fp16_precision_cpu(bench_env):
     from dart_triton.benchmarks import fp16_precision
 
