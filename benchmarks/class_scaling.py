@@ -141,12 +141,16 @@ def report(rows, breakdown, args, command, model, max_classes) -> str:
              "concurrency 1 (seq) and 2 (pipe); image 512x512 RGB, the first N COCO names. "
              "backbone/text ms: server compute per call; enc-dec ms: all enc_dec passes of "
              f"a frame (max {max_classes} prompts per pass). predicted = 1000 / max(backbone, "
-             "enc-dec) (DART eq. 1). The ensemble cannot chunk: blank for N > max_classes.")
-    head = common.section_header("Class scaling through Triton (Table 2)", command, model,
-                                 notes)
+             "enc-dec) (DART eq. 1). The ensemble cannot chunk: blank for N > max_classes. "
+             "perf_analyzer's frames/s come from short windows (a few requests of seconds "
+             "each): steps of ~0.05 frames/s are resolution, not signal.")
+    title = "Class scaling through Triton (Table 2)"
+    if args.stem != STUDY:
+        title += f": {args.stem}"
+    head = common.section_header(title, command, model, notes)
     table = common.markdown_table(rows, COLUMNS, digits=2)
     bd = common.markdown_table(breakdown, BREAKDOWN, digits=1)
-    return (f"{head}\n{table}\n\n{common.image_link(args, STUDY, 'class scaling')}\n\n"
+    return (f"{head}\n{table}\n\n{common.image_link(args, args.stem, 'class scaling')}\n\n"
             f"Per-model breakdown (statistics extension, per call; BLS `dart` includes the "
             f"time it waits on the models it calls):\n\n{bd}\n")
 
@@ -157,22 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     serving.add_server_args(p)
     p.add_argument("--pa-timeout", type=float, default=1800,
                    help="seconds one perf_analyzer run may take")
+    p.add_argument("--stem", default=STUDY, help="CSV/PNG file stem and RESULTS.md section key")
     args = p.parse_args(argv)
     imgsz = common.resolve_imgsz(args)
     command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
     rows: list[dict] = []
     breakdown: list[dict] = []
-    model = f"{args.config} random-weight SAM3 at {imgsz}px, python-backend repository (ORT)"
+    threads = f", {args.ort_threads} ORT thread(s) per session" if args.ort_threads else ""
+    model = (f"{args.config} random-weight SAM3 at {imgsz}px, python-backend repository "
+             f"(ORT{threads})")
     with serving.served(args, imgsz) as served, \
             tempfile.TemporaryDirectory(prefix="dart-scaling-") as tmp:
         max_classes = max_classes_of(served.http_url)
         for n in args.classes:
             print(f"{STUDY}: N={n}", flush=True)
             rows.append(measure_n(served, n, max_classes, args, Path(tmp), breakdown))
-            common.write_csv(rows, args.out / f"{STUDY}.csv")
-            common.write_csv(breakdown, args.out / f"{STUDY}_models.csv")
-            plot(rows, args.out / f"{STUDY}.png")
-            common.update_section(args.results, STUDY,
+            common.write_csv(rows, args.out / f"{args.stem}.csv")
+            common.write_csv(breakdown, args.out / f"{args.stem}_models.csv")
+            plot(rows, args.out / f"{args.stem}.png")
+            common.update_section(args.results, args.stem,
                                   report(rows, breakdown, args, command, model, max_classes))
     print(common.markdown_table(rows, COLUMNS, digits=2))
     return 0

@@ -225,6 +225,8 @@ def machine_info() -> dict[str, str]:
         "transformers": transformers.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
+    if hasattr(os, "getloadavg"):  # a shared machine: say how busy it was when we started
+        info["load"] = "/".join(f"{x:.1f}" for x in os.getloadavg()) + " (1/5/15 min)"
     return info
 
 

@@ -239,7 +239,8 @@ def report(rows: list[dict], args, command: str, model: str, info) -> str:
              "(L0/L1 run SAM3's text encoder per prompt, as shipped). "
              "Targets (DART): L2 ≥ 2.7x at N=3, ≥ 15x at N=80.")
     table = common.markdown_table(rows, COLUMNS, digits=1)
-    head = common.section_header("Optimisation hierarchy (Table 1)", command, model, notes, info)
+    title = "Optimisation hierarchy (Table 1)" + (f": {args.stem}" if args.stem != STUDY else "")
+    head = common.section_header(title, command, model, notes, info)
     return f"{head}\n{table}\n\n{common.image_link(args, args.stem, 'hierarchy')}\n"
 
 
