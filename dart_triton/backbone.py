@@ -31,10 +31,12 @@ def _rope_tables(layer, tokens_hw: tuple[int, int]) -> tuple[torch.Tensor, torch
     head dim and y in the second, each frequency repeated for its pair of channels.
     """
     ref = layer.rotary_emb
-    cos, sin = ref(torch.zeros(1), layer.position_ids)  # the reference's own tables, fp32
+    ids = layer.position_ids
+    cos, sin = ref(torch.zeros(1, device=ids.device), ids)  # the reference's own tables
     seq = tokens_hw[0] * tokens_hw[1]
     assert cos.shape[-2] == seq, (cos.shape, tokens_hw)
-    return cos.reshape(seq, -1).float(), sin.reshape(seq, -1).float()
+    dtype = layer.attention.q_proj.weight.dtype  # FP16 models get FP16 tables
+    return cos.reshape(seq, -1).to(dtype), sin.reshape(seq, -1).to(dtype)
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +140,9 @@ class RestructuredBackbone(nn.Module):
             pos = vit.embeddings._tile_position_embeddings(
                 vit.embeddings.position_embeddings, grid[0], grid[1]
             )
-        self.register_buffer("pos_embed", pos.reshape(1, grid[0], grid[1], -1).clone(),
-                             persistent=False)
+        # detach: at the pretraining size the "tiled" embedding is the parameter itself
+        pos = pos.reshape(1, grid[0], grid[1], -1).detach().clone()
+        self.register_buffer("pos_embed", pos, persistent=False)
         self.pre_norm = vit.layer_norm
         self.blocks = nn.ModuleList(ViTBlock(layer, grid) for layer in vit.layers)
         scales = vision_model.config.scale_factors

@@ -93,7 +93,8 @@ def build_repository(checkpoint: str | Path, output: str | Path, backend: str = 
                      instances: dict[str, int] | None = None, onnx_dir: str | Path | None = None,
                      gpu: bool | None = None, buckets: tuple[int, ...] = (),
                      vocabulary: str | Path | None = None, plan_options: dict | None = None,
-                     build_engine_plans: bool = True, log=print) -> RepoOptions:
+                     build_engine_plans: bool = True, ort_threads: int = 0,
+                     log=print) -> RepoOptions:
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     checkpoint, repo = Path(checkpoint), Path(output)
@@ -108,7 +109,7 @@ def build_repository(checkpoint: str | Path, output: str | Path, backend: str = 
                                f"(cosine {bad[0].cosine:.6f})")
     dims = read_graphs_meta(graphs)
     opts = RepoOptions(backend=backend, dims=dims, instances=instances or dict(DEFAULT_INSTANCES),
-                       gpu=bool(gpu), enc_dec_buckets=tuple(buckets))
+                       gpu=bool(gpu), enc_dec_buckets=tuple(buckets), ort_threads=ort_threads)
     vocab = Path(vocabulary) if vocabulary else ASSETS / "coco80.txt"
     opts.warm_vocabulary = vocab.name
     repo.mkdir(parents=True, exist_ok=True)
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run python/onnxruntime models on the GPU (implied by tensorrt)")
     p.add_argument("--buckets", default="",
                    help="tensorrt: enc_dec N profiles, e.g. 1,4,16 (pad to the next bucket)")
+    p.add_argument("--ort-threads", type=int, default=0,
+                   help="python backend: ONNX Runtime threads per graph session (default: "
+                        "all cores; with 2 frames in flight, half the cores each)")
     p.add_argument("--vocabulary", default=None,
                    help="class names (one per line) to pre-encode into the text cache "
                         "(default: the 80 COCO names)")
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.output, args.backend, args.imgsz, args.max_classes,
             parse_instances(args.instances), args.onnx_dir, args.gpu,
             parse_buckets(args.buckets), args.vocabulary, plan_options,
-            build_engine_plans=not args.no_plans)
+            build_engine_plans=not args.no_plans, ort_threads=args.ort_threads)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"dart-triton build: error: {exc}", file=sys.stderr)
         return 2

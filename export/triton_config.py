@@ -38,6 +38,7 @@ class RepoOptions:
     enc_dec_buckets: tuple[int, ...] = ()  # TensorRT profiles; () = one profile 1..max
     cuda_graphs: bool = True
     warm_vocabulary: str = "coco80.txt"
+    ort_threads: int = 0  # python backend: ONNX Runtime threads per session (0 = all cores)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -113,7 +114,12 @@ def graph_model_config(spec: ModelSpec, opts: RepoOptions) -> str:
         return text + _instances(count, opts.gpu)
     text = _header(spec.name, "backend: \"python\"\n") + _io(spec)
     text += _instances(count, opts.gpu)
-    return text + _params({"graph": "model.onnx", "max_classes": opts.dims.max_classes})
+    params = {"graph": "model.onnx", "max_classes": opts.dims.max_classes}
+    if opts.ort_threads:
+        # With frames in flight, backbone and enc_dec run at once: give each a share of the
+        # cores instead of both claiming all of them.
+        params["ort_threads"] = opts.ort_threads
+    return text + _params(params)
 
 
 def python_model_config(spec: ModelSpec, opts: RepoOptions, params: dict[str, object]) -> str:

@@ -40,3 +40,12 @@ def test_resolution_checks(tiny_checkpoint):
         RestructuredBackbone(model.vision_encoder, 100)
     with pytest.raises(ValueError, match="configured for 112x112"):
         RestructuredBackbone(model.vision_encoder, 140)
+
+
+def test_export_at_pretraining_size(tiny_checkpoint, tmp_path):
+    """At the ViT's pretraining size the position embedding is the parameter itself."""
+    from dart_triton.export.onnx_export import export_backbone
+    from dart_triton.model_parts import load_parts
+
+    parts = load_parts(tiny_checkpoint, imgsz=56)  # tiny variant a: pretrain_image_size 56
+    assert export_backbone(parts, tmp_path).is_file()

@@ -96,6 +96,10 @@ def test_instances_are_build_parameters(tiny_checkpoint, tmp_path):
 
     with pytest.raises(ValueError, match="MODEL=COUNT"):
         parse_instances("dart=zero")
+    build_repository(tiny_checkpoint, tmp_path / "py", backend="python", max_classes=2,
+                     ort_threads=1, log=lambda *_: None)
+    cfg = parse((tmp_path / "py" / "enc_dec" / "config.pbtxt").read_text())
+    assert cfg.parameters["ort_threads"].string_value == "1"
     build_repository(tiny_checkpoint, tmp_path, backend="onnxruntime", max_classes=2,
                      instances=parse_instances("dart=3,enc_dec=2"), log=lambda *_: None)
     assert parse((tmp_path / "dart" / "config.pbtxt").read_text()).instance_group[0].count == 3
