@@ -21,6 +21,8 @@ import pytest
 
 from dart_triton import server as server_module
 from dart_triton.perf_analyzer import (
+    PerfAnalyzerError,
+    PerfAnalyzerUnstable,
     find_perf_analyzer,
     parse_csv,
     run_perf_analyzer,
@@ -338,3 +340,22 @@ def test_parse_csv_names_columns_and_orders_by_load(tmp_path: Path) -> None:
     assert rows[0]["server_queue_us"] == 22
     assert rows[0]["server_compute_infer_us"] == 136
     assert rows[0]["avg_gpu_utilization"] is None
+
+
+def _fake_perf_analyzer(tmp_path: Path, message: str) -> Path:
+    exe = tmp_path / "perf_analyzer"
+    exe.write_text(f"#!/bin/sh\necho 'Request concurrency: 2'\necho '{message}'\nexit 2\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_unstable_measurement_is_told_apart_from_other_failures(tmp_path: Path) -> None:
+    unstable = _fake_perf_analyzer(tmp_path, "Failed to obtain stable measurement.")
+    with pytest.raises(PerfAnalyzerUnstable, match="stable measurement"):
+        run_perf_analyzer("m", "127.0.0.1:1", binary=unstable, csv_path=tmp_path / "a.csv")
+    (tmp_path / "perf_analyzer").unlink()
+    broken = _fake_perf_analyzer(tmp_path, "error: failed to get model metadata")
+    with pytest.raises(PerfAnalyzerError, match="model metadata") as err:
+        run_perf_analyzer("m", "127.0.0.1:1", binary=broken, csv_path=tmp_path / "b.csv")
+    assert not isinstance(err.value, PerfAnalyzerUnstable)
+    assert "exited with code 2" in str(err.value)
