@@ -92,6 +92,7 @@ CLASS_IDS = "CLASS_IDS"
 
 PIXEL_VALUES = "pixel_values"
 ORIGINAL_SIZE = "original_size"
+CHECKED_CLASSES = "checked_classes"  # CLASSES after preprocess validated them (ensemble)
 FPN_FEATURES = "fpn_features"  # the 1x level (imgsz/14): the only one detection reads
 FPN_FEATURES_4X = "fpn_features_4x"  # mask head only
 FPN_FEATURES_2X = "fpn_features_2x"  # mask head only
@@ -135,13 +136,24 @@ def enc_dec_spec(d: GraphDims) -> ModelSpec:
 
 
 def preprocess_spec(d: GraphDims) -> ModelSpec:
+    """IMAGE -> pixels; also the ensemble's gate: it checks the whole request up front.
+
+    Given CLASSES (and the options), preprocess validates them too and hands the class
+    names on as CHECKED_CLASSES, so in `dart_ensemble` a bad request fails in this first
+    step while no other step is in flight (see `export.triton_config.ensemble_config`).
+    """
     s = d.imgsz
     return ModelSpec(
         "preprocess",
-        (TensorSpec(IMAGE, "TYPE_UINT8", (-1, -1, 3)),),
+        (
+            TensorSpec(IMAGE, "TYPE_UINT8", (-1, -1, 3)),
+            TensorSpec(CLASSES, "TYPE_STRING", (-1,), optional=True),
+            *_request_options(),
+        ),
         (
             TensorSpec(PIXEL_VALUES, "TYPE_FP32", (1, 3, s, s)),
             TensorSpec(ORIGINAL_SIZE, "TYPE_INT32", (2,)),
+            TensorSpec(CHECKED_CLASSES, "TYPE_STRING", (-1,)),
         ),
     )
 

@@ -139,13 +139,27 @@ def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
 
 
 def ensemble_config(opts: RepoOptions) -> str:
-    """dart_ensemble: preprocess ∥ text_encoder -> backbone -> enc_dec -> postprocess."""
+    """dart_ensemble: preprocess -> backbone ∥ text_encoder -> enc_dec -> postprocess.
+
+    preprocess is the gate: it checks IMAGE, CLASSES and the options, and text_encoder
+    reads the checked names from it. Running preprocess and text_encoder side by side
+    wedged tritonserver 2.51: a zero-byte IMAGE (0xW) failing in preprocess while
+    text_encoder was in flight left the ensemble hanging, for that request and every
+    later one (1 in ~10 such requests, `tests/test_triton_server.py`). A failure in the
+    first step, with nothing else in flight, is answered cleanly. The cost is the
+    text encoder waiting for the resize (the cache answers in microseconds; the
+    backbone, not text, is the critical path).
+    """
     d = opts.dims
     spec = specs.dart_spec(d, "dart_ensemble")
     same = lambda *names: {n: n for n in names}  # noqa: E731 - tensor names match end to end
     steps = [
-        _step("preprocess", same(specs.IMAGE), same(specs.PIXEL_VALUES, specs.ORIGINAL_SIZE)),
-        _step("text_encoder", same(specs.CLASSES), same(specs.TEXT_FEATURES, specs.TEXT_MASK)),
+        _step("preprocess",
+              same(specs.IMAGE, specs.CLASSES, specs.SCORE_THRESHOLD, specs.NMS_IOU,
+                   specs.MAX_DETECTIONS),
+              same(specs.PIXEL_VALUES, specs.ORIGINAL_SIZE, specs.CHECKED_CLASSES)),
+        _step("text_encoder", {specs.CLASSES: specs.CHECKED_CLASSES},
+              same(specs.TEXT_FEATURES, specs.TEXT_MASK)),
         _step("backbone", same(specs.PIXEL_VALUES), same(specs.FPN_FEATURES)),
         _step("enc_dec", same(specs.FPN_FEATURES, specs.TEXT_FEATURES, specs.TEXT_MASK),
               same(specs.PRED_BOXES, specs.PRED_LOGITS, specs.PRESENCE_LOGITS)),

@@ -127,3 +127,29 @@ def test_enc_dec_refuses_more_than_max(models):
         fake_pb_utils.Tensor("text_mask", np.ones((n, 32), np.int32))])
     response = enc_dec.execute([req])[0]
     assert response.has_error() and "1 to 4 prompts" in response.error().message()
+
+
+def _preprocess(models, tensors):
+    response = models["preprocess"].execute([fake_pb_utils.Request(tensors)])[0]
+    if response.has_error():
+        raise ValueError(response.error().message())
+    return {n: fake_pb_utils.get_output_tensor_by_name(response, n)
+            for n in ("pixel_values", "original_size", "checked_classes")}
+
+
+def test_preprocess_gates_the_whole_request_for_the_ensemble(models, photo):
+    T = fake_pb_utils.Tensor
+    names = np.array([b"person", b"rocket"], dtype=object)
+    out = _preprocess(models, [T("IMAGE", photo), T("CLASSES", names)])
+    assert out["original_size"].as_numpy().tolist() == list(photo.shape[:2])
+    assert out["checked_classes"].as_numpy().tolist() == names.tolist()
+    # IMAGE alone (a direct call) still works and hands on no class names.
+    assert _preprocess(models, [T("IMAGE", photo)])["checked_classes"] is None
+    with pytest.raises(ValueError, match=r"CLASSES\[1\] is not valid UTF-8"):
+        _preprocess(models, [T("IMAGE", photo),
+                             T("CLASSES", np.array([b"ok", b"\xff"], dtype=object))])
+    with pytest.raises(ValueError, match="CLASSES is empty"):
+        _preprocess(models, [T("IMAGE", photo), T("CLASSES", np.array([], dtype=object))])
+    with pytest.raises(ValueError, match="NMS_IOU"):
+        _preprocess(models, [T("IMAGE", photo), T("CLASSES", names),
+                             T("NMS_IOU", np.array([0.0], np.float32))])

@@ -169,6 +169,34 @@ def test_bad_input_gets_named_error_and_server_stays_ready(triton_server, model,
     assert good.as_numpy(specs.SCORES) is not None
 
 
+
+@pytest.mark.parametrize("model", ["dart", "dart_ensemble"])
+def test_zero_byte_images_among_good_requests_never_wedge_the_server(triton_server, model):
+    """Regression: with preprocess ∥ text_encoder, a 0xW IMAGE failing in preprocess while
+    text_encoder was still encoding hung tritonserver 2.51's ensemble within a few such
+    requests, and every request after it. Now preprocess gates the ensemble."""
+    shapes = [(0, 0, 3), (0, 5, 3), (5, 0, 3)]
+
+    def one(k: int) -> str:
+        c = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        if k % 3 == 2:
+            out = c.infer(model, _raw_inputs(GOOD, [b"person", b"dog"]), client_timeout=30)
+            return "ok" if out.as_numpy(specs.SCORES) is not None else "no scores"
+        try:
+            # Unseen names: a cache miss keeps text_encoder busy while preprocess fails.
+            names = [f"zero-byte probe {k} {i}".encode() for i in range(2)]
+            c.infer(model, _raw_inputs(np.zeros(shapes[k % 3], np.uint8), names),
+                    client_timeout=30)
+        except InferenceServerException as exc:
+            return "rejected" if "at least 8 pixels" in str(exc) else str(exc)
+        return "accepted a zero-byte image"
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(60)))
+    assert results.count("ok") == 20, results
+    assert results.count("rejected") == 40, results
+    assert grpcclient.InferenceServerClient(triton_server.grpc_url).is_server_ready()
+
 def test_http_errors_too(triton_server):
     c = httpclient.InferenceServerClient(triton_server.http_url)
     t = httpclient.InferInput(specs.CLASSES, [1], "BYTES")

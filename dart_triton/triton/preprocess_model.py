@@ -1,4 +1,9 @@
-"""preprocess: IMAGE UINT8 [H, W, 3] -> pixel_values [1, 3, S, S] + original_size."""
+"""preprocess: IMAGE UINT8 [H, W, 3] -> pixel_values [1, 3, S, S] + original_size.
+
+In `dart_ensemble` it is also the gate: the request's CLASSES and options are checked
+here, and the names go on to `text_encoder` as checked_classes, so that every bad
+request fails in the first step, before any other step runs.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import torch
 from dart_triton import specs
 from dart_triton.preprocess import preprocess_tensor
 from dart_triton.triton import pb
-from dart_triton.validation import check_image
+from dart_triton.triton.postprocess_model import request_options
+from dart_triton.validation import check_image, check_options, decode_class_names
 
 
 class TritonPythonModel:
@@ -18,10 +24,18 @@ class TritonPythonModel:
 
     def _run(self, request) -> list:
         image = check_image(pb.as_numpy(pb.required_input(request, specs.IMAGE)))
+        classes = pb.optional_input(request, specs.CLASSES)
+        names = None if classes is None else pb.as_numpy(classes)
+        if names is not None:
+            decode_class_names(names)
+        check_options(**request_options(request))
         pixels = preprocess_tensor(torch.from_numpy(image).to(self.device), self.imgsz)
         size = np.array(image.shape[:2], dtype=np.int32)
-        return [pb.from_torch(specs.PIXEL_VALUES, pixels),
-                pb.pb_utils.Tensor(specs.ORIGINAL_SIZE, size)]
+        outputs = [pb.from_torch(specs.PIXEL_VALUES, pixels),
+                   pb.pb_utils.Tensor(specs.ORIGINAL_SIZE, size)]
+        if names is not None:
+            outputs.append(pb.pb_utils.Tensor(specs.CHECKED_CLASSES, names))
+        return outputs
 
     def execute(self, requests):
         return pb.respond(requests, self._run)
