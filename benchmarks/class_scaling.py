@@ -104,13 +104,14 @@ def measure_n(served, n: int, max_classes: int, args, workdir: Path,
     input_json = perf_input.write(workdir / f"input-{n}.json", common.test_image(),
                                   common.class_names(n))
     result: dict = {"n": n, "passes": -(-n // max_classes)}
+    unstable: list[str] = []
     for entry in ("dart", "dart_ensemble"):
         if entry == "dart_ensemble" and n > max_classes:
             continue  # the ensemble's one enc_dec step cannot chunk
         for c in (1, 2):
             fps, d, stable = run_level(served, entry, input_json, c, args, workdir)
             if not stable:
-                result.setdefault("unstable", []).append(f"{entry} c={c}")
+                unstable.append(f"{entry} c={c}")
             frames = d.get(entry, {}).get("calls", 0.0)
             for model in MODELS:
                 if d.get(model, {}).get("calls"):
@@ -131,7 +132,7 @@ def measure_n(served, n: int, max_classes: int, args, workdir: Path,
     result["predicted_pipe_fps"] = 1e3 / max(bb, ed)
     if result.get("seq_fps"):
         result["gain_pct"] = 100 * (result["pipe_fps"] / result["seq_fps"] - 1)
-    result["unstable"] = ", ".join(result.get("unstable", []))
+    result["unstable"] = ", ".join(unstable)
     return result
 
 

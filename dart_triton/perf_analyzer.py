@@ -41,7 +41,6 @@ class PerfAnalyzerUnstable(PerfAnalyzerError):
     """
 
 
-
 def find_perf_analyzer() -> Path:
     """``perf_analyzer`` on PATH, else the one scripts/install_triton_tools.sh put in .tools."""
     on_path = shutil.which("perf_analyzer")

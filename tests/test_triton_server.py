@@ -169,7 +169,6 @@ def test_bad_input_gets_named_error_and_server_stays_ready(triton_server, model,
     assert good.as_numpy(specs.SCORES) is not None
 
 
-
 @pytest.mark.parametrize("model", ["dart", "dart_ensemble"])
 def test_zero_byte_images_among_good_requests_never_wedge_the_server(triton_server, model):
     """Regression: with preprocess ∥ text_encoder, a 0xW IMAGE failing in preprocess while
@@ -196,6 +195,7 @@ def test_zero_byte_images_among_good_requests_never_wedge_the_server(triton_serv
     assert results.count("ok") == 20, results
     assert results.count("rejected") == 40, results
     assert grpcclient.InferenceServerClient(triton_server.grpc_url).is_server_ready()
+
 
 def test_http_errors_too(triton_server):
     c = httpclient.InferenceServerClient(triton_server.http_url)

@@ -20,7 +20,7 @@ from dart_triton.pipelines import chunk_slices
 from dart_triton.postprocess import merge_chunks, select
 from dart_triton.preprocess import preprocess_tensor
 from dart_triton.triton import pb
-from dart_triton.triton.postprocess_model import detection_tensors, request_options
+from dart_triton.triton.postprocess_model import detection_tensors
 from dart_triton.validation import check_image, check_options, decode_class_names
 
 
@@ -62,7 +62,7 @@ class TritonPythonModel:
         classes_tensor = pb.required_input(request, specs.CLASSES)
         image = check_image(pb.as_numpy(image_tensor))
         names = decode_class_names(pb.as_numpy(classes_tensor))
-        options = request_options(request)
+        options = pb.request_options(request)
         check_options(**options)
 
         pixels = preprocess_tensor(torch.from_numpy(image).to(self.device), self.imgsz)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from dart_triton import specs
+
 
 def model_params(args: dict) -> dict[str, str]:
     config = json.loads(args["model_config"])
@@ -61,6 +63,17 @@ def scalar(request, name: str, default, cast):
     if value.size != 1:
         raise ValueError(f"{name} must hold exactly one value, got {value.size}")
     return cast(value[0])
+
+
+def request_options(request) -> dict:
+    """SCORE_THRESHOLD, NMS_IOU, MAX_DETECTIONS as keyword arguments, defaults filled in."""
+    return {
+        "score_threshold": scalar(request, specs.SCORE_THRESHOLD,
+                                  specs.DEFAULT_SCORE_THRESHOLD, float),
+        "nms_iou": scalar(request, specs.NMS_IOU, specs.DEFAULT_NMS_IOU, float),
+        "max_detections": scalar(request, specs.MAX_DETECTIONS,
+                                 specs.DEFAULT_MAX_DETECTIONS, int),
+    }
 
 
 def error_response(exc: Exception):

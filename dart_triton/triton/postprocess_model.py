@@ -7,16 +7,6 @@ from dart_triton.postprocess import select
 from dart_triton.triton import pb
 
 
-def request_options(request) -> dict:
-    return {
-        "score_threshold": pb.scalar(request, specs.SCORE_THRESHOLD,
-                                     specs.DEFAULT_SCORE_THRESHOLD, float),
-        "nms_iou": pb.scalar(request, specs.NMS_IOU, specs.DEFAULT_NMS_IOU, float),
-        "max_detections": pb.scalar(request, specs.MAX_DETECTIONS,
-                                    specs.DEFAULT_MAX_DETECTIONS, int),
-    }
-
-
 def detection_tensors(boxes, scores, class_ids) -> list:
     return [pb.pb_utils.Tensor(specs.BOXES, boxes),
             pb.pb_utils.Tensor(specs.SCORES, scores),
@@ -33,7 +23,7 @@ class TritonPythonModel:
             for name in (specs.PRED_BOXES, specs.PRED_LOGITS, specs.PRESENCE_LOGITS,
                          specs.ORIGINAL_SIZE))
         return detection_tensors(*select(boxes, logits, presence, size,
-                                         **request_options(request)))
+                                         **pb.request_options(request)))
 
     def execute(self, requests):
         return pb.respond(requests, self._run)

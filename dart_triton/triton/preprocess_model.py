@@ -13,7 +13,6 @@ import torch
 from dart_triton import specs
 from dart_triton.preprocess import preprocess_tensor
 from dart_triton.triton import pb
-from dart_triton.triton.postprocess_model import request_options
 from dart_triton.validation import check_image, check_options, decode_class_names
 
 
@@ -25,16 +24,15 @@ class TritonPythonModel:
     def _run(self, request) -> list:
         image = check_image(pb.as_numpy(pb.required_input(request, specs.IMAGE)))
         classes = pb.optional_input(request, specs.CLASSES)
-        names = None if classes is None else pb.as_numpy(classes)
-        if names is not None:
-            decode_class_names(names)
-        check_options(**request_options(request))
+        if classes is not None:
+            decode_class_names(pb.as_numpy(classes))
+        check_options(**pb.request_options(request))
         pixels = preprocess_tensor(torch.from_numpy(image).to(self.device), self.imgsz)
         size = np.array(image.shape[:2], dtype=np.int32)
         outputs = [pb.from_torch(specs.PIXEL_VALUES, pixels),
                    pb.pb_utils.Tensor(specs.ORIGINAL_SIZE, size)]
-        if names is not None:
-            outputs.append(pb.pb_utils.Tensor(specs.CHECKED_CLASSES, names))
+        if classes is not None:
+            outputs.append(pb.pb_utils.Tensor(specs.CHECKED_CLASSES, pb.as_numpy(classes)))
         return outputs
 
     def execute(self, requests):
