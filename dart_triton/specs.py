@@ -80,6 +80,16 @@ class GraphDims:
         return self.imgsz // PATCH_SIZE
 
 
+# Model names: the only place they are spelled out --------------------------------
+PREPROCESS = "preprocess"
+TEXT_ENCODER = "text_encoder"
+BACKBONE = "backbone"
+ENC_DEC = "enc_dec"
+POSTPROCESS = "postprocess"
+DART = "dart"  # the public BLS model
+DART_ENSEMBLE = "dart_ensemble"  # the same contract as a pure Triton ensemble
+GRAPH_MODELS = (BACKBONE, ENC_DEC)  # the two exported graphs (ONNX / plans / torch)
+
 # Tensor names shared across models ------------------------------------------------
 IMAGE = "IMAGE"
 CLASSES = "CLASSES"
@@ -101,6 +111,8 @@ TEXT_MASK = "text_mask"
 PRED_BOXES = "pred_boxes"  # [N, Q, 4] xyxy, normalised to [0, 1]
 PRED_LOGITS = "pred_logits"  # [N, Q]
 PRESENCE_LOGITS = "presence_logits"  # [N, 1]
+HEAD_OUTPUTS = (PRED_BOXES, PRED_LOGITS, PRESENCE_LOGITS)  # enc_dec's outputs, in order
+DETECTION_OUTPUTS = (BOXES, SCORES, CLASS_IDS)  # dart's outputs, in order
 
 
 def backbone_spec(d: GraphDims) -> ModelSpec:
@@ -112,7 +124,7 @@ def backbone_spec(d: GraphDims) -> ModelSpec:
             TensorSpec(FPN_FEATURES_2X, "TYPE_FP32", (1, d.fpn_dim, 2 * h, 2 * h)),
         ]
     return ModelSpec(
-        "backbone",
+        BACKBONE,
         (TensorSpec(PIXEL_VALUES, "TYPE_FP32", (1, 3, s, s)),),
         tuple(outputs),
     )
@@ -121,7 +133,7 @@ def backbone_spec(d: GraphDims) -> ModelSpec:
 def enc_dec_spec(d: GraphDims) -> ModelSpec:
     h = d.feat_hw
     return ModelSpec(
-        "enc_dec",
+        ENC_DEC,
         (
             TensorSpec(FPN_FEATURES, "TYPE_FP32", (1, d.fpn_dim, h, h)),
             TensorSpec(TEXT_FEATURES, "TYPE_FP32", (-1, d.text_len, d.text_dim)),
@@ -144,7 +156,7 @@ def preprocess_spec(d: GraphDims) -> ModelSpec:
     """
     s = d.imgsz
     return ModelSpec(
-        "preprocess",
+        PREPROCESS,
         (
             TensorSpec(IMAGE, "TYPE_UINT8", (-1, -1, 3)),
             TensorSpec(CLASSES, "TYPE_STRING", (-1,), optional=True),
@@ -160,7 +172,7 @@ def preprocess_spec(d: GraphDims) -> ModelSpec:
 
 def text_encoder_spec(d: GraphDims) -> ModelSpec:
     return ModelSpec(
-        "text_encoder",
+        TEXT_ENCODER,
         (TensorSpec(CLASSES, "TYPE_STRING", (-1,)),),
         (
             TensorSpec(TEXT_FEATURES, "TYPE_FP32", (-1, d.text_len, d.text_dim)),
@@ -188,13 +200,13 @@ def _detections() -> tuple[TensorSpec, ...]:
 def postprocess_spec(d: GraphDims) -> ModelSpec:
     enc_dec = enc_dec_spec(d)
     return ModelSpec(
-        "postprocess",
+        POSTPROCESS,
         (*enc_dec.outputs, TensorSpec(ORIGINAL_SIZE, "TYPE_INT32", (2,)), *_request_options()),
         _detections(),
     )
 
 
-def dart_spec(d: GraphDims, name: str = "dart") -> ModelSpec:
+def dart_spec(d: GraphDims, name: str = DART) -> ModelSpec:
     """The public contract, shared by the BLS model ``dart`` and ``dart_ensemble``."""
     return ModelSpec(
         name,
@@ -214,7 +226,7 @@ def all_specs(d: GraphDims) -> dict[str, ModelSpec]:
         backbone_spec(d),
         enc_dec_spec(d),
         postprocess_spec(d),
-        dart_spec(d, "dart"),
-        dart_spec(d, "dart_ensemble"),
+        dart_spec(d, DART),
+        dart_spec(d, DART_ENSEMBLE),
     ]
     return {s.name: s for s in specs}
