@@ -179,7 +179,7 @@ def all_configs(opts: RepoOptions) -> dict[str, str]:
     s = specs.all_specs(d)
     common = {"imgsz": d.imgsz, "max_classes": d.max_classes}
     return {
-        "preprocess": python_model_config(s["preprocess"], opts, {"imgsz": d.imgsz}),
+        "preprocess": python_model_config(s["preprocess"], opts, common),
         "text_encoder": python_model_config(
             s["text_encoder"], opts, {"warm_vocabulary": opts.warm_vocabulary,
                                       "max_classes": specs.MAX_REQUEST_CLASSES}),
