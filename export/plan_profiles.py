@@ -19,7 +19,7 @@ from dart_triton import specs
 from dart_triton.buckets import ProfileRange
 
 Shape = tuple[int, ...]
-MODELS = ("backbone", "enc_dec")
+MODELS = specs.GRAPH_MODELS
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,11 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from dart_triton import specs
+
 SIDECAR_SUFFIX = ".json"
 PLAN_NAME = "model.plan"
-PLAN_MODELS = ("backbone", "enc_dec")
+PLAN_MODELS = specs.GRAPH_MODELS
 # Fields two plans of one repository must share, with what to say when they do not.
 SHARED_FIELDS = {"imgsz": "image size", "tensorrt_version": "TensorRT version"}
 
@@ -185,7 +187,7 @@ def stale_reasons(
                                    f"this GPU has {device.get(key)}")
         if imgsz is not None and info.get("imgsz") != imgsz:
             reasons.append(f"{model}: built for imgsz {info.get('imgsz')}, want {imgsz}")
-        if (max_classes is not None and model == "enc_dec"
+        if (max_classes is not None and model == specs.ENC_DEC
                 and info.get("max_classes") != max_classes):
             reasons.append(f"{model}: built for max_classes {info.get('max_classes')}, "
                            f"want {max_classes}")

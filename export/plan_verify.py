@@ -73,7 +73,7 @@ def max_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _hint(model: str) -> str:
-    if model == "backbone":
+    if model == specs.BACKBONE:
         return (" Likely FP16 attention fell back to generic MatMuls (paper §3.3): export with "
                 "explicit attention and real-valued RoPE, or build with --precision fp32.")
     return " Try --precision fp32 to tell an FP16 problem from an export problem."

@@ -4,9 +4,10 @@
  --imgsz N --max-classes M`
 
 Exports the two graphs (unless `--onnx-dir` already holds them for the same sizes),
-writes every `config.pbtxt` from `dart_triton.specs`, copies the python models, saves
-the text encoder (weights, tokenizer, warm cache for a vocabulary) into the repository
-so it is self-contained, and for `tensorrt` builds verified FP16 plans.
+writes every `config.pbtxt` from `dart_triton.specs` and the python models' entry points,
+saves the text encoder (weights, tokenizer, warm cache for a vocabulary) into the
+repository so it is self-contained, and writes what the backend serves the graphs from
+(see `export.backends`).
 """
 
 from __future__ import annotations
@@ -16,19 +17,27 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 
 from dart_triton import specs
+from dart_triton.buckets import parse_buckets
 from dart_triton.checkpoint import CheckpointError
 from dart_triton.text_encoder import TextEncoder, read_vocabulary
 
+from .backends import BACKENDS, get_backend
 from .onnx_export import GRAPHS_JSON, export_graphs, read_graphs_meta
-from .triton_config import BACKENDS, DEFAULT_INSTANCES, RepoOptions, all_configs
+from .tensorrt_build import PlanBuildOptions, add_plan_arguments
+from .triton_config import DEFAULT_INSTANCES, RepoOptions, write_repository_files
 
-SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-ASSETS = Path(__file__).resolve().parent.parent / "dart_triton" / "assets"
-GRAPH_MODELS = ("backbone", "enc_dec")
+MANIFEST = "dart_repository.json"
+DEFAULT_VOCABULARY = "coco80.txt"
+
+
+def packaged_vocabulary(name: str = DEFAULT_VOCABULARY) -> Path:
+    """A vocabulary shipped as package data (``dart_triton/assets``)."""
+    return Path(str(resources.files("dart_triton") / "assets" / name))
 
 
 def parse_instances(text: str | None) -> dict[str, int]:
@@ -43,18 +52,47 @@ def parse_instances(text: str | None) -> dict[str, int]:
     return counts
 
 
-def write_configs(repo: Path, opts: RepoOptions) -> None:
-    for name, text in all_configs(opts).items():
-        (repo / name / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version dir
-        (repo / name / "config.pbtxt").write_text(text)
+@dataclass
+class BuildOptions:
+    """What `dart-triton build` was asked for; built once from the command line."""
 
+    backend: str = "python"
+    imgsz: int | None = None  # None: the checkpoint's
+    max_classes: int = specs.DEFAULT_MAX_CLASSES
+    instances: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_INSTANCES))
+    onnx_dir: Path | None = None  # reuse exported graphs
+    gpu: bool = False
+    buckets: tuple[int, ...] = ()
+    vocabulary: Path | None = None  # None: the packaged COCO names
+    ort_threads: int = 0
+    build_plans: bool = True  # tensorrt: build the plans now (else `build-plans` later)
+    plan: PlanBuildOptions = field(default_factory=PlanBuildOptions)
 
-def copy_python_models(repo: Path, backend: str) -> None:
-    names = ["preprocess", "text_encoder", "postprocess", "dart"]
-    if backend == "python":
-        names += list(GRAPH_MODELS)
-    for name in names:
-        shutil.copy2(SOURCE_REPOSITORY / name / "1" / "model.py", repo / name / "1" / "model.py")
+    def __post_init__(self) -> None:
+        get_backend(self.backend)  # refuses an unknown name
+        self.buckets = parse_buckets(self.buckets)
+        if self.buckets and self.buckets[-1] != self.max_classes:
+            raise ValueError(f"the largest bucket ({self.buckets[-1]}) must equal "
+                             f"--max-classes ({self.max_classes})")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BuildOptions:
+        return cls(backend=args.backend, imgsz=args.imgsz, max_classes=args.max_classes,
+                   instances=parse_instances(args.instances),
+                   onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None, gpu=args.gpu,
+                   buckets=parse_buckets(args.buckets),
+                   vocabulary=Path(args.vocabulary) if args.vocabulary else None,
+                   ort_threads=args.ort_threads, build_plans=not args.no_plans,
+                   plan=PlanBuildOptions.from_args(args))
+
+    def plan_options(self, max_classes: int) -> PlanBuildOptions:
+        return replace(self.plan, max_classes=max_classes, buckets=self.buckets)
+
+    def repo_options(self, dims: specs.GraphDims) -> RepoOptions:
+        vocab = self.vocabulary or packaged_vocabulary()
+        return RepoOptions(backend=self.backend, dims=dims, instances=dict(self.instances),
+                           gpu=self.gpu, enc_dec_buckets=self.buckets,
+                           warm_vocabulary=vocab.name, ort_threads=self.ort_threads)
 
 
 def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
@@ -68,19 +106,6 @@ def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
     return len(names)
 
 
-def place_graphs(repo: Path, onnx_dir: Path, backend: str) -> None:
-    if backend == "tensorrt":
-        return
-    for name in GRAPH_MODELS:
-        version = repo / name / "1"
-        for old in version.glob("model.onnx*"):
-            old.unlink()
-        shutil.copy2(onnx_dir / f"{name}.onnx", version / "model.onnx")
-        data = onnx_dir / f"{name}.onnx.data"
-        if data.is_file():  # external weights keep the file name the graph refers to
-            shutil.copy2(data, version / data.name)
-
-
 def _graphs_match(onnx_dir: Path, imgsz: int | None, max_classes: int) -> bool:
     if not (onnx_dir / GRAPHS_JSON).is_file():
         return False
@@ -88,56 +113,44 @@ def _graphs_match(onnx_dir: Path, imgsz: int | None, max_classes: int) -> bool:
     return (imgsz in (None, dims.imgsz)) and dims.max_classes == max_classes
 
 
-def build_repository(checkpoint: str | Path, output: str | Path, backend: str = "python",
-                     imgsz: int | None = None, max_classes: int = specs.DEFAULT_MAX_CLASSES,
-                     instances: dict[str, int] | None = None, onnx_dir: str | Path | None = None,
-                     gpu: bool | None = None, buckets: tuple[int, ...] = (),
-                     vocabulary: str | Path | None = None, plan_options: dict | None = None,
-                     build_engine_plans: bool = True, ort_threads: int = 0,
-                     log=print) -> RepoOptions:
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+def build_repository(checkpoint: str | Path, output: str | Path,
+                     options: BuildOptions | None = None, *, log=print,
+                     **overrides) -> RepoOptions:
+    """Write a servable repository; `overrides` replace fields of `options`."""
+    build = replace(options or BuildOptions(), **overrides)
     checkpoint, repo = Path(checkpoint), Path(output)
+    backend = get_backend(build.backend)
     # Every directory in a repository is a model to Triton: export graphs elsewhere.
-    scratch = tempfile.TemporaryDirectory(prefix="dart-graphs-")
-    graphs = Path(onnx_dir) if onnx_dir else Path(scratch.name)
-    if not _graphs_match(graphs, imgsz, max_classes):
-        _, agreements = export_graphs(checkpoint, graphs, imgsz, max_classes, log=log)
-        bad = [a for a in agreements if not a.ok]
-        if bad:
-            raise RuntimeError(f"ONNX Runtime disagrees with PyTorch on {bad[0].tensor} "
-                               f"(cosine {bad[0].cosine:.6f})")
-    dims = read_graphs_meta(graphs)
-    opts = RepoOptions(backend=backend, dims=dims, instances=instances or dict(DEFAULT_INSTANCES),
-                       gpu=bool(gpu), enc_dec_buckets=tuple(buckets), ort_threads=ort_threads)
-    vocab = Path(vocabulary) if vocabulary else ASSETS / "coco80.txt"
-    opts.warm_vocabulary = vocab.name
-    repo.mkdir(parents=True, exist_ok=True)
-    write_configs(repo, opts)
-    copy_python_models(repo, backend)
-    place_graphs(repo, graphs, backend)
-    log(f"text encoder: cached {write_text_encoder(repo, checkpoint, vocab)} names "
-        f"from {vocab.name}")
-    if backend == "tensorrt" and build_engine_plans:
-        from .tensorrt_build import build_plans
-
-        build_plans(graphs, repo, {"max_classes": dims.max_classes, "buckets": buckets,
-                                   **(plan_options or {})})
-    (repo / "dart_repository.json").write_text(json.dumps(
-        {"backend": backend, "dims": {k: v for k, v in asdict(dims).items() if k != "extra"},
-         "instances": opts.instances, "enc_dec_buckets": list(buckets),
-         "checkpoint": str(checkpoint.resolve())}, indent=2))
-    scratch.cleanup()
+    with tempfile.TemporaryDirectory(prefix="dart-graphs-") as scratch:
+        graphs = Path(build.onnx_dir) if build.onnx_dir else Path(scratch)
+        if not _graphs_match(graphs, build.imgsz, build.max_classes):
+            _, agreements = export_graphs(checkpoint, graphs, build.imgsz, build.max_classes,
+                                          log=log)
+            bad = [a for a in agreements if not a.ok]
+            if bad:
+                raise RuntimeError(f"ONNX Runtime disagrees with PyTorch on {bad[0].tensor} "
+                                   f"(cosine {bad[0].cosine:.6f})")
+        opts = build.repo_options(read_graphs_meta(graphs))
+        vocab = build.vocabulary or packaged_vocabulary()
+        repo.mkdir(parents=True, exist_ok=True)
+        write_repository_files(repo, opts)
+        backend.write_artifacts(repo, graphs, build, opts, log)
+        log(f"text encoder: cached {write_text_encoder(repo, checkpoint, vocab)} names "
+            f"from {vocab.name}")
+    (repo / MANIFEST).write_text(json.dumps(
+        {"backend": build.backend, "dims": asdict(opts.dims), "instances": opts.instances,
+         "enc_dec_buckets": list(build.buckets), "checkpoint": str(checkpoint.resolve())},
+        indent=2))
     return opts
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dart-triton build", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="local facebook/sam3-layout directory")
     p.add_argument("--output", required=True, help="model repository directory to write")
-    p.add_argument("--backend", choices=BACKENDS, default="python",
-                   help="how backbone/enc_dec are served: TensorRT plans (GPU), the "
-                        "onnxruntime backend, or ONNX Runtime inside the python backend")
+    p.add_argument("--backend", choices=tuple(BACKENDS), default="python",
+                   help="how backbone/enc_dec are served: "
+                        + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))
     p.add_argument("--imgsz", type=int, default=None,
                    help="input resolution, a multiple of 14 (default: the checkpoint's)")
     p.add_argument("--max-classes", type=int, default=specs.DEFAULT_MAX_CLASSES,
@@ -147,32 +160,24 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(f"{k}={v}" for k, v in DEFAULT_INSTANCES.items()) + ")")
     p.add_argument("--onnx-dir", default=None, help="reuse graphs from `dart-triton export`")
     p.add_argument("--gpu", action="store_true",
-                   help="run python/onnxruntime models on the GPU (implied by tensorrt)")
-    p.add_argument("--buckets", default="",
-                   help="tensorrt: enc_dec N profiles, e.g. 1,4,16 (pad to the next bucket)")
+                   help="run the python models and graphs on the GPU (implied by tensorrt)")
     p.add_argument("--ort-threads", type=int, default=0,
                    help="python backend: ONNX Runtime threads per graph session (default: "
                         "all cores; with 2 frames in flight, half the cores each)")
     p.add_argument("--vocabulary", default=None,
                    help="class names (one per line) to pre-encode into the text cache "
                         "(default: the 80 COCO names)")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="tensorrt")
     p.add_argument("--no-plans", action="store_true",
                    help="tensorrt: write the repository without plans (build them later with "
                         "`dart-triton build-plans` on the GPU that will serve them)")
-    p.add_argument("--workspace-gb", type=float, default=None, help="tensorrt workspace limit")
-    args = p.parse_args(argv)
-    try:
-        from dart_triton.buckets import parse_buckets
+    add_plan_arguments(p, build_command=True)
+    return p
 
-        plan_options = {"precision": args.precision}
-        if args.workspace_gb:
-            plan_options["workspace_gb"] = args.workspace_gb
-        opts = build_repository(
-            args.checkpoint, args.output, args.backend, args.imgsz, args.max_classes,
-            parse_instances(args.instances), args.onnx_dir, args.gpu,
-            parse_buckets(args.buckets), args.vocabulary, plan_options,
-            build_engine_plans=not args.no_plans, ort_threads=args.ort_threads)
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        opts = build_repository(args.checkpoint, args.output, BuildOptions.from_args(args))
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"dart-triton build: error: {exc}", file=sys.stderr)
         return 2

@@ -67,7 +67,7 @@ TRT_MISSING = (
     "TensorRT not installed: run inside the NGC tritonserver container "
     "(nvcr.io/nvidia/tritonserver:<yy.mm>-py3) or pip install tensorrt on a GPU machine"
 )
-SPEC_FOR = {"backbone": specs.backbone_spec, "enc_dec": specs.enc_dec_spec}
+SPEC_FOR = {specs.BACKBONE: specs.backbone_spec, specs.ENC_DEC: specs.enc_dec_spec}
 
 
 class TensorRTMissingError(RuntimeError):
@@ -124,6 +124,15 @@ class PlanBuildOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PlanBuildOptions:
+        """The options `add_plan_arguments` put on the command line (and any
+        `build-plans`-only ones present in `args`)."""
+        return cls.coerce({
+            **vars(args),
+            "tolerances": Tolerances(min_cosine=args.min_cosine, max_abs_boxes=args.max_box_diff),
+        })
+
     def resolved_max_classes(self, exported: int | None = None) -> int:
         """--max-classes, else the largest bucket, else the export's, else the default."""
         if self.max_classes is not None:
@@ -172,7 +181,7 @@ def plan_jobs(
     ios = {m: read_onnx_io(p) for m, p in paths.items() if p.is_file()}
     hint = read_graphs_hint(onnx_dir)
     max_classes = opts.resolved_max_classes(hint.get("max_classes"))
-    dims = graph_dims_from_onnx(ios.get("backbone"), ios.get("enc_dec"), max_classes, hint)
+    dims = graph_dims_from_onnx(ios.get(specs.BACKBONE), ios.get(specs.ENC_DEC), max_classes, hint)
     if opts.imgsz is not None and opts.imgsz != dims.imgsz:
         raise ValueError(f"--imgsz {opts.imgsz} but the ONNX graphs in {onnx_dir} are for "
                          f"imgsz {dims.imgsz}: re-export or drop --imgsz")
@@ -181,7 +190,7 @@ def plan_jobs(
     for model in opts.models:
         io, spec = ios[model], SPEC_FOR[model](dims)
         check_graph_matches_spec(io, spec, f"{model}.onnx")
-        if model == "enc_dec" and io.inputs[specs.TEXT_FEATURES][0] != -1:
+        if model == specs.ENC_DEC and io.inputs[specs.TEXT_FEATURES][0] != -1:
             raise ValueError(f"enc_dec.onnx has a fixed class count N="
                              f"{io.inputs[specs.TEXT_FEATURES][0]}: export it with a dynamic "
                              "N axis so one plan serves 1..max_classes")
@@ -193,7 +202,7 @@ def plan_jobs(
         line = trtexec_command(paths[model], plan, profiles, opts.precision, opts.workspace_gb,
                                opts.opt_level, only_inputs=dyn)
         jobs.append(PlanJob(model, paths[model], plan, io, spec,
-                            ranges if profiles and model == "enc_dec" else [], profiles, dyn,
+                            ranges if profiles and model == specs.ENC_DEC else [], profiles, dyn,
                             line))
     return dims, jobs
 
@@ -253,7 +262,7 @@ def _verify(trt, job: PlanJob, blob: bytes, dims, opts, onnx_dir: Path, sample: 
             cache: dict, logger) -> dict:
     from .plan_runner import PlanRunner
 
-    if job.model == "backbone":
+    if job.model == specs.BACKBONE:
         cases = backbone_cases(dims, sample, opts.seed)
         _fpn_reference(onnx_dir, dims, sample, opts.seed, cache)  # fills backbone_out
 
@@ -273,7 +282,7 @@ def _verify(trt, job: PlanJob, blob: bytes, dims, opts, onnx_dir: Path, sample: 
 def _sidecar(job: PlanJob, dims: specs.GraphDims, opts: PlanBuildOptions, trt_version: str,
              device: dict | None, onnx_digest: str, plan_digest: str, size: int,
              verification: dict) -> dict:
-    enc = job.model == "enc_dec"
+    enc = job.model == specs.ENC_DEC
     dims_dict = {k: v for k, v in dataclasses.asdict(dims).items() if k != "extra"}
     return {
         "model": job.model,
@@ -364,6 +373,27 @@ def build_plans(
     return results
 
 
+def add_plan_arguments(ap: argparse.ArgumentParser, build_command: bool = False) -> None:
+    """Plan options shared by `dart-triton build` and `dart-triton build-plans`."""
+    what = "tensorrt: " if build_command else ""
+    ap.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
+                    help=f"{what}plan precision (default %(default)s)")
+    ap.add_argument("--workspace-gb", type=float, help=f"{what}builder workspace limit (GiB)")
+    ap.add_argument("--opt-level", type=int,
+                    help=f"{what}builder optimisation level 0..5 (TensorRT's default: 3)")
+    ap.add_argument("--sample", type=Path,
+                    help=f"{what}.npz of real pixel_values/text_features/text_mask to verify with")
+    ap.add_argument("--skip-verify", action="store_true",
+                    help=f"{what}do not compare the plans with FP32 ONNX Runtime")
+    ap.add_argument("--min-cosine", type=float, default=Tolerances.min_cosine,
+                    help=f"{what}verification bar for FPN features and logits "
+                         "(default %(default)s)")
+    ap.add_argument("--max-box-diff", type=float, default=Tolerances.max_abs_boxes,
+                    help=f"{what}verification bar for pred_boxes, normalised units "
+                         "(default %(default)s)")
+    ap.add_argument("--verbose", action="store_true", help=f"{what}TensorRT INFO logging")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dart-triton build-plans",
@@ -371,9 +401,6 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--onnx-dir", required=True, type=Path,
                     help="folder with backbone.onnx and enc_dec.onnx")
     ap.add_argument("--output", required=True, type=Path, help="Triton model repository")
-    ap.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    ap.add_argument("--workspace-gb", type=float, help="builder workspace limit (GiB)")
-    ap.add_argument("--opt-level", type=int, help="builder optimisation level 0..5 (TRT: 3)")
     ap.add_argument("--max-classes", type=int,
                     help=f"largest N per pass (default {specs.DEFAULT_MAX_CLASSES}, "
                          "or the largest bucket)")
@@ -381,28 +408,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--buckets", help="e.g. 1,4,16: one profile per bucket (callers pad N)")
     ap.add_argument("--imgsz", type=int, help="expected image size (checked against ONNX)")
     ap.add_argument("--models", default=",".join(MODELS), help="subset, e.g. enc_dec")
-    ap.add_argument("--sample", type=Path,
-                    help=".npz of real pixel_values/text_features/text_mask to verify with")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-verify", action="store_true",
-                    help="do not compare the plans with FP32 ONNX Runtime")
-    ap.add_argument("--min-cosine", type=float, default=Tolerances.min_cosine,
-                    help="verification bar for FPN features and logits (default %(default)s)")
-    ap.add_argument("--max-box-diff", type=float, default=Tolerances.max_abs_boxes,
-                    help="verification bar for pred_boxes, normalised units "
-                         "(default %(default)s)")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the graphs and print the trtexec lines; build nothing")
-    ap.add_argument("--verbose", action="store_true", help="TensorRT INFO logging")
+    add_plan_arguments(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    opts = PlanBuildOptions.coerce({
-        **vars(args),
-        "tolerances": Tolerances(min_cosine=args.min_cosine, max_abs_boxes=args.max_box_diff),
-    })
+    opts = PlanBuildOptions.from_args(args)
     try:
         if args.dry_run:
             _, jobs = plan_jobs(args.onnx_dir, args.output, opts)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from dart_triton import specs
-from dart_triton.export.repository import SOURCE_REPOSITORY
+from dart_triton.export.backends import BACKENDS
 from dart_triton.export.triton_config import (
-    BACKENDS,
     RepoOptions,
     all_configs,
+    python_model_entry,
     reference_options,
 )
+
+SOURCE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 
 DIMS = specs.GraphDims(imgsz=644, max_classes=8)
 
@@ -51,6 +55,11 @@ def test_committed_reference_configs_are_generated():
     for name, text in all_configs(reference_options()).items():
         assert (SOURCE_REPOSITORY / name / "config.pbtxt").read_text() == text, name
         check_against_spec(parse(text), specs.all_specs(reference_options().dims)[name])
+    backend = BACKENDS[reference_options().backend]
+    entries = {p.parent.parent.name: p.read_text()
+               for p in SOURCE_REPOSITORY.glob("*/1/model.py")}
+    assert entries == {name: python_model_entry(module)
+                       for name, module in backend.python_models().items()}
 
 
 def test_tensorrt_specifics():
@@ -119,7 +128,7 @@ def test_bundled_server_accepts_tensorrt_repository_configs(tiny_checkpoint, tmp
     from dart_triton.server import TritonServer
 
     build_repository(tiny_checkpoint, tmp_path, backend="tensorrt", max_classes=4,
-                     buckets=(1, 4), build_engine_plans=False, log=lambda *_: None)
+                     buckets=(1, 4), build_plans=False, log=lambda *_: None)
     with TritonServer(tmp_path, extra_args=["--exit-on-error=false", "--strict-readiness=false",
                                             "--exit-timeout-secs=5"],
                       env={"HF_HUB_OFFLINE": "1"}) as server:

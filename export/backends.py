@@ -1,0 +1,173 @@
+"""The backend table: how `backbone` and `enc_dec` are served, one entry per backend.
+
+Everything that differs between backends lives in its entry: the config body of the two
+graph models, which python models the repository needs, where the models run, and the
+artifacts written into the graph models' version directories. Nothing else in the
+project branches on a backend's name; a new backend is a new entry here.
+
+  tensorrt    -> platform "tensorrt_plan" (GPU, FP16 plans built from the ONNX graphs)
+  onnxruntime -> platform "onnxruntime_onnx" (the NGC image's onnxruntime backend)
+  python      -> the python backend running the same ONNX graphs in ONNX Runtime
+                 (any Triton, including the python-only one in nvidia-pytriton)
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dart_triton import specs
+from dart_triton.specs import ModelSpec
+
+from . import pbtxt
+
+if TYPE_CHECKING:
+    from .repository import BuildOptions
+    from .triton_config import RepoOptions
+
+# The python models every repository has, and the module that implements each.
+PYTHON_MODELS: dict[str, str] = {
+    specs.PREPROCESS: "dart_triton.triton.preprocess_model",
+    specs.TEXT_ENCODER: "dart_triton.triton.text_encoder_model",
+    specs.POSTPROCESS: "dart_triton.triton.postprocess_model",
+    specs.DART: "dart_triton.triton.dart_model",
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    help: str
+    # The runtime line of the graph models' config.pbtxt.
+    runtime: str
+    # Text after the instance group of a graph model's config (profiles, CUDA graphs, params).
+    graph_extras: Callable[[ModelSpec, RepoOptions], str]
+    # Writes what the graph models load into `repo/<model>/1/` from the exported graphs.
+    write_artifacts: Callable[[Path, Path, BuildOptions, RepoOptions, Callable], None]
+    # Graph models served by a python model (model name -> implementing module).
+    graph_python_models: dict[str, str] = field(default_factory=dict)
+    # Whether the graph models need a GPU whatever `--gpu` says.
+    gpu_only: bool = False
+    # Optimisation profiles of enc_dec: one per N bucket (TensorRT); otherwise none.
+    profiles_per_bucket: bool = False
+
+    def python_models(self) -> dict[str, str]:
+        """Every python model of a repository with this backend -> implementing module."""
+        return {**PYTHON_MODELS, **self.graph_python_models}
+
+    def graph_config(self, spec: ModelSpec, opts: RepoOptions) -> str:
+        profiles = None
+        if self.profiles_per_bucket and spec.name == specs.ENC_DEC and opts.enc_dec_buckets:
+            profiles = [str(i) for i in range(len(opts.enc_dec_buckets))]
+        return (pbtxt.header(spec.name, self.runtime) + pbtxt.io(spec)
+                + pbtxt.instances(opts.instances[spec.name], opts.gpu, profiles)
+                + self.graph_extras(spec, opts))
+
+
+# Graph model extras -------------------------------------------------------------------
+
+
+def _tensorrt_extras(spec: ModelSpec, opts: RepoOptions) -> str:
+    """CUDA graphs: one per concrete input shape (with max_batch_size 0, batch_size 0).
+
+    enc_dec's N is dynamic, so its graphs exist only with buckets (one per bucket)."""
+    if not opts.cuda_graphs:
+        return ""
+    if spec.name == specs.ENC_DEC:
+        if not opts.enc_dec_buckets:
+            return ""
+        shapes: list[int | None] = sorted(set(opts.enc_dec_buckets))
+    else:
+        shapes = [None]
+    specs_txt = []
+    for n in shapes:
+        entries = []
+        for t in spec.inputs:
+            shape = tuple(n if d == -1 else d for d in t.dims)
+            entries.append(f"        input {{ key: \"{t.name}\" value {{ dim: "
+                           f"{pbtxt.dims(shape)} }} }}")
+        specs_txt.append("      {\n        batch_size: 0\n" + "\n".join(entries) + "\n      }")
+    return ("optimization {\n  cuda {\n    graphs: true\n    graph_spec [\n"
+            + ",\n".join(specs_txt) + "\n    ]\n  }\n}\n")
+
+
+def _no_extras(spec: ModelSpec, opts: RepoOptions) -> str:
+    return ""
+
+
+def _python_graph_extras(spec: ModelSpec, opts: RepoOptions) -> str:
+    params: dict[str, object] = {"graph": "model.onnx", "max_classes": opts.dims.max_classes}
+    if opts.ort_threads:
+        # With frames in flight, backbone and enc_dec run at once: give each a share of the
+        # cores instead of both claiming all of them.
+        params["ort_threads"] = opts.ort_threads
+    return pbtxt.params(params)
+
+
+# Artifacts ----------------------------------------------------------------------------
+
+
+def _copy_onnx(repo: Path, graphs: Path, build: BuildOptions, opts: RepoOptions,
+               log: Callable) -> None:
+    for name in specs.GRAPH_MODELS:
+        version = repo / name / "1"
+        for old in version.glob("model.onnx*"):
+            old.unlink()
+        shutil.copy2(graphs / f"{name}.onnx", version / "model.onnx")
+        data = graphs / f"{name}.onnx.data"
+        if data.is_file():  # external weights keep the file name the graph refers to
+            shutil.copy2(data, version / data.name)
+
+
+def _build_plans(repo: Path, graphs: Path, build: BuildOptions, opts: RepoOptions,
+                 log: Callable) -> None:
+    if not build.build_plans:
+        log("tensorrt: no plans built (--no-plans); build them on the serving GPU with "
+            "`dart-triton build-plans`")
+        return
+    from .tensorrt_build import build_plans
+
+    build_plans(graphs, repo, build.plan_options(opts.dims.max_classes))
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend(
+            name="tensorrt",
+            help="TensorRT plans (GPU, FP16 by default), built and verified on this GPU",
+            runtime='platform: "tensorrt_plan"\n',
+            graph_extras=_tensorrt_extras,
+            write_artifacts=_build_plans,
+            gpu_only=True,
+            profiles_per_bucket=True,
+        ),
+        Backend(
+            name="onnxruntime",
+            help="the ONNX graphs on Triton's onnxruntime backend (NGC image)",
+            runtime='platform: "onnxruntime_onnx"\n',
+            graph_extras=_no_extras,
+            write_artifacts=_copy_onnx,
+        ),
+        Backend(
+            name="python",
+            help="the ONNX graphs in ONNX Runtime inside the python backend (any Triton)",
+            runtime='backend: "python"\n',
+            graph_extras=_python_graph_extras,
+            write_artifacts=_copy_onnx,
+            graph_python_models={m: "dart_triton.triton.graph_model"
+                                 for m in specs.GRAPH_MODELS},
+        ),
+    )
+}
+BACKEND_NAMES = tuple(BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}") from None
