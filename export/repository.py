@@ -167,6 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocabulary", default=None,
                    help="class names (one per line) to pre-encode into the text cache "
                         "(default: the 80 COCO names)")
+    p.add_argument("--buckets", default="",
+                   help="enc_dec class-count buckets, e.g. 1,4,16: one TensorRT profile (and "
+                        "CUDA graph) each; dart pads N up to the next bucket. The largest "
+                        "must equal --max-classes")
     p.add_argument("--no-plans", action="store_true",
                    help="tensorrt: write the repository without plans (build them later with "
                         "`dart-triton build-plans` on the GPU that will serve them)")
