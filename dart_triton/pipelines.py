@@ -10,6 +10,7 @@ Data path: image → preprocess → backbone → (text cache) → encoder-decode
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -20,9 +21,10 @@ import torch
 from .checkpoint import TEXT_MAX_LENGTH
 from .detections import Detections
 from .model_parts import Sam3Parts, image_size_of, load_parts
-from .postprocess import merge_chunks, postprocess
+from .orchestration import HeadOutputs, plan_passes, run_graphs, run_sync
+from .postprocess import postprocess
 from .preprocess import preprocess
-from .runtime import GraphRunner, OrtRunner, TorchRunner
+from .runtime import LocalGraphs, OrtRunner, TorchRunner
 from .specs import (
     DEFAULT_MAX_CLASSES,
     DEFAULT_MAX_DETECTIONS,
@@ -41,9 +43,22 @@ class Detector(Protocol):
                class_agnostic_nms: bool = False) -> Detections: ...
 
 
-def chunk_slices(n: int, max_per_pass: int) -> list[slice]:
-    """Prompt ranges decoded together: ceil(n / max) passes (DART §3.4)."""
-    return [slice(i, min(i + max_per_pass, n)) for i in range(0, n, max_per_pass)]
+class InProcessRunner:
+    """The orchestration's steps in this process: the backbone in a worker thread while
+    the text encoder runs, then the enc_dec passes one after another (on a CPU, passes in
+    parallel would only fight over the same cores)."""
+
+    def __init__(self, graphs: LocalGraphs, text_encoder: TextEncoder):
+        self.graphs, self.text_encoder = graphs, text_encoder
+
+    async def backbone(self, pixel_values: np.ndarray) -> np.ndarray:
+        return await asyncio.to_thread(self.graphs.backbone, pixel_values)
+
+    async def text(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.text_encoder.encode(names)
+
+    async def enc_dec(self, features, text_features, text_mask) -> HeadOutputs:
+        return HeadOutputs(*self.graphs.enc_dec(features, text_features, text_mask))
 
 
 class _Pipeline:
@@ -51,7 +66,7 @@ class _Pipeline:
 
     imgsz: int
 
-    def raw(self, pixel_values: np.ndarray, names: list[str]):
+    def raw(self, pixel_values: np.ndarray, names: list[str]) -> HeadOutputs:
         raise NotImplementedError
 
     def detect(self, image, classes, score_threshold=DEFAULT_SCORE_THRESHOLD,
@@ -71,7 +86,7 @@ class NaivePipeline(_Pipeline):
         self.imgsz = image_size_of(model)
 
     @torch.no_grad()
-    def raw(self, pixel_values: np.ndarray, names: list[str]):
+    def raw(self, pixel_values: np.ndarray, names: list[str]) -> HeadOutputs:
         """Per-prompt SAM3 outputs stacked: boxes [N,Q,4], logits [N,Q], presence [N,1]."""
         pixels = torch.from_numpy(pixel_values)
         outs = []
@@ -80,22 +95,26 @@ class NaivePipeline(_Pipeline):
                                  truncation=True, return_tensors="pt")
             out = self.model(pixel_values=pixels, input_ids=tok["input_ids"],
                              attention_mask=tok["attention_mask"])
-            outs.append((out.pred_boxes.numpy(), out.pred_logits.numpy(),
-                         out.presence_logits.numpy()))
-        return merge_chunks(outs)
+            outs.append(HeadOutputs(out.pred_boxes.numpy(), out.pred_logits.numpy(),
+                                    out.presence_logits.numpy()))
+        return HeadOutputs.concat(outs)
 
 
 class DartPipeline(_Pipeline):
-    def __init__(self, runner: GraphRunner, text_encoder: TextEncoder, imgsz: int,
-                 max_classes: int = DEFAULT_MAX_CLASSES):
-        self.runner = runner
-        self.text_encoder = text_encoder
+    def __init__(self, graphs: LocalGraphs, text_encoder: TextEncoder, imgsz: int,
+                 max_classes: int = DEFAULT_MAX_CLASSES, buckets: Sequence[int] = ()):
+        self.runner = InProcessRunner(graphs, text_encoder)
         self.imgsz = imgsz
         self.max_classes = max_classes
+        self.buckets = tuple(buckets)
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.runner.text_encoder
 
     @classmethod
-    def from_parts(cls, parts: Sam3Parts, runner: GraphRunner | None = None) -> DartPipeline:
-        return cls(runner or TorchRunner(parts.backbone, parts.runtime_head),
+    def from_parts(cls, parts: Sam3Parts, graphs: LocalGraphs | None = None) -> DartPipeline:
+        return cls(graphs or TorchRunner(parts.backbone, parts.runtime_head),
                    TextEncoder.from_sam3(parts.model, parts.tokenizer),
                    parts.dims.imgsz, parts.dims.max_classes)
 
@@ -107,10 +126,6 @@ class DartPipeline(_Pipeline):
         parts = load_parts(checkpoint, imgsz, max_classes)
         return cls.from_parts(parts, OrtRunner(onnx_dir) if onnx_dir else None)
 
-    def raw(self, pixel_values: np.ndarray, names: list[str]):
-        features = self.runner.backbone(pixel_values)  # once, whatever the class count
-        text_features, text_mask = self.text_encoder.encode(names)
-        return merge_chunks([
-            self.runner.enc_dec(features, text_features[s], text_mask[s])
-            for s in chunk_slices(len(names), self.max_classes)
-        ])
+    def raw(self, pixel_values: np.ndarray, names: list[str]) -> HeadOutputs:
+        passes = plan_passes(len(names), self.max_classes, self.buckets)
+        return run_sync(run_graphs(self.runner, pixel_values, names, passes))

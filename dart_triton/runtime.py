@@ -16,14 +16,16 @@ import torch
 from . import specs
 
 
-class GraphRunner(Protocol):
+class LocalGraphs(Protocol):
+    """The two graphs in this process, synchronously (numpy in, numpy out)."""
+
     def backbone(self, pixel_values: np.ndarray) -> np.ndarray: ...
 
     def enc_dec(self, fpn_features: np.ndarray, text_features: np.ndarray,
                 text_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
-class TorchRunner:
+class TorchRunner(LocalGraphs):
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
         self._backbone, self._head = backbone, head
 
@@ -62,7 +64,7 @@ class OrtGraph:
         return self.session.run(self.output_names, inputs)
 
 
-class OrtRunner:
+class OrtRunner(LocalGraphs):
     def __init__(self, onnx_dir: str | Path, threads: int | None = None):
         onnx_dir = Path(onnx_dir)
         self._backbone = OrtGraph(onnx_dir / "backbone.onnx", threads)

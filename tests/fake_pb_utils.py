@@ -15,13 +15,18 @@ MODELS: dict[str, object] = {}
 
 
 class TritonError:
-    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG = range(4)
+    # The codes tritonserver 2.51's python backend offers (probed on the bundled server).
+    (UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS,
+     CANCELLED) = range(8)
 
     def __init__(self, msg: str, code: int = 1):
-        self._msg, self.code = msg, code
+        self._msg, self._code = msg, code
 
     def message(self) -> str:
         return self._msg
+
+    def code(self) -> int:
+        return self._code
 
 
 class TritonModelException(Exception):

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from dart_triton.pipelines import DartPipeline, chunk_slices
+from dart_triton.orchestration import plan_passes
+from dart_triton.pipelines import DartPipeline
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,13 @@ def test_onnx_runtime_pipeline_matches(tiny_checkpoint, dart, photo, tmp_path):
 
 
 def test_chunks():
-    assert chunk_slices(3, 16) == [slice(0, 3)]
-    assert [s.stop - s.start for s in chunk_slices(80, 16)] == [16] * 5
-    assert [s.stop - s.start for s in chunk_slices(10, 4)] == [4, 4, 2]
+    assert [(p.start, p.stop) for p in plan_passes(3, 16)] == [(0, 3)]
+    assert [p.stop - p.start for p in plan_passes(80, 16)] == [16] * 5
+    assert [p.stop - p.start for p in plan_passes(10, 4)] == [4, 4, 2]
+    # with buckets, each pass is padded up to the next bucket; no padding without them
+    assert all(p.rows == p.stop - p.start for p in plan_passes(10, 4))
+    assert [(p.start, p.stop, p.rows) for p in plan_passes(10, 4, (1, 4))] == [
+        (0, 4, 4), (4, 8, 4), (8, 10, 4)]
 
 
 @pytest.mark.parametrize("image, classes, message", [

@@ -153,3 +153,31 @@ def test_preprocess_gates_the_whole_request_for_the_ensemble(models, photo):
     with pytest.raises(ValueError, match="NMS_IOU"):
         _preprocess(models, [T("IMAGE", photo), T("CLASSES", names),
                              T("NMS_IOU", np.array([0.0], np.float32))])
+
+
+def test_failing_sub_model_is_internal_naming_it(models, photo, monkeypatch):
+    """A called model's error is the server's problem: INTERNAL (UNAVAILABLE when the
+    model is down), never INVALID_ARG, and the message names the model."""
+
+    class Broken:
+        def execute(self, requests):
+            return [fake_pb_utils.InferenceResponse(error=fake_pb_utils.TritonError(
+                "CUDA error: an illegal memory access", fake_pb_utils.TritonError.INTERNAL))]
+
+    class Dead:
+        def execute(self, requests):
+            return [fake_pb_utils.InferenceResponse(error=fake_pb_utils.TritonError(
+                "Stub process 'enc_dec_0_0' is not healthy.",
+                fake_pb_utils.TritonError.INTERNAL))]
+
+    dart = models["dart"]
+    for model, stand_in, code in (("backbone", Broken(), "INTERNAL"),
+                                  ("enc_dec", Dead(), "UNAVAILABLE")):
+        monkeypatch.setitem(fake_pb_utils.MODELS, model, stand_in)
+        before = dart.failures[code].value
+        response = asyncio.run(dart.execute([_request(photo, ["person"])]))[0]
+        monkeypatch.setitem(fake_pb_utils.MODELS, model, models[model])
+        assert response.has_error()
+        assert response.error().code() == getattr(fake_pb_utils.TritonError, code)
+        assert f"model '{model}' failed" in response.error().message()
+        assert dart.failures[code].value == before + 1

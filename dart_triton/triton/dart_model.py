@@ -1,10 +1,17 @@
 """dart: the public detector, a BLS pipeline over the other models.
 
-Per request: check inputs → preprocess (in process) → backbone ∥ text_encoder (async
-BLS, at once) → enc_dec on chunks of ≤ max_classes prompts (all chunks in flight) →
-postprocess (in process). The backbone runs once, whatever the number of classes.
-Frames overlap across `dart` instances: while one instance waits on `backbone`,
-another's `enc_dec` runs (inter-frame pipelining).
+The orchestration (backbone ∥ text, enc_dec passes, padding, merging) is
+`dart_triton.orchestration`, shared with the in-process `DartPipeline`; this module only
+binds its steps to BLS calls (`BlsRunner`) and maps errors to Triton codes. Frames
+overlap across `dart` instances: while one instance waits on `backbone`, another's
+`enc_dec` runs (inter-frame pipelining).
+
+Errors: a bad request -> INVALID_ARGUMENT; a called model that fails -> INTERNAL naming
+it, or UNAVAILABLE when it is down (a dead stub: retrying after a restart helps).
+tritonserver 2.51's python backend counts an error *response* as a success in
+`nv_inference_request_success` (a raised exception is counted as a failure but always
+reaches the client as INTERNAL with a traceback), so `dart` counts its failures itself:
+`dart_request_failures_total{code=...}`.
 """
 
 from __future__ import annotations
@@ -15,22 +22,66 @@ import numpy as np
 import torch
 
 from dart_triton import specs
-from dart_triton.buckets import pad_to_bucket, plan_passes
-from dart_triton.pipelines import chunk_slices
-from dart_triton.postprocess import merge_chunks, select
+from dart_triton.orchestration import HeadOutputs, ModelCallError, plan_passes, run_graphs
+from dart_triton.postprocess import select
 from dart_triton.preprocess import preprocess_tensor
 from dart_triton.triton import pb
 from dart_triton.triton.postprocess_model import detection_tensors
 from dart_triton.validation import check_image, check_options, decode_class_names
 
+# What a called model says when its stub is gone or not loaded: retrying later can help.
+_UNAVAILABLE_SIGNS = ("not healthy", "not ready", "unavailable", "stub process")
 
-async def _call(model: str, inputs: list, outputs: list[str]) -> list:
+
+def _unavailable(code: int | None, message: str) -> bool:
+    return code == getattr(pb.pb_utils.TritonError, "UNAVAILABLE", None) or any(
+        s in message.lower() for s in _UNAVAILABLE_SIGNS)
+
+
+async def call_model(model: str, inputs: list, outputs: tuple[str, ...]) -> list:
+    """One BLS call; any failure becomes a `ModelCallError` naming the model."""
     request = pb.pb_utils.InferenceRequest(model_name=model, inputs=inputs,
-                                           requested_output_names=outputs)
-    response = await request.async_exec()
+                                           requested_output_names=list(outputs))
+    try:
+        response = await request.async_exec()
+    except Exception as exc:  # the call itself failed (e.g. the model is not loaded)
+        raise ModelCallError(model, str(exc), _unavailable(None, str(exc))) from None
     if response.has_error():
-        raise ValueError(f"{model}: {response.error().message()}")
-    return [pb.pb_utils.get_output_tensor_by_name(response, name) for name in outputs]
+        error = response.error()
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        raise ModelCallError(model, error.message(), _unavailable(code, error.message()))
+    tensors = [pb.pb_utils.get_output_tensor_by_name(response, name) for name in outputs]
+    missing = [n for n, t in zip(outputs, tensors, strict=True) if t is None]
+    if missing:
+        raise ModelCallError(model, f"returned no {', '.join(missing)}")
+    return tensors
+
+
+class BlsRunner:
+    """The orchestration's steps as BLS calls. FPN features stay a Triton tensor from
+    backbone to enc_dec (no copy); text features become torch tensors for slicing."""
+
+    async def backbone(self, pixel_values: torch.Tensor):
+        (features,) = await call_model(
+            specs.BACKBONE, [pb.from_torch(specs.PIXEL_VALUES, pixel_values)],
+            (specs.FPN_FEATURES,))
+        return features
+
+    async def text(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = np.array([n.encode("utf-8") for n in names], dtype=object)
+        features, mask = await call_model(
+            specs.TEXT_ENCODER, [pb.pb_utils.Tensor(specs.CLASSES, classes)],
+            (specs.TEXT_FEATURES, specs.TEXT_MASK))
+        return pb.as_torch(features), pb.as_torch(mask)
+
+    async def enc_dec(self, features, text_features: torch.Tensor,
+                      text_mask: torch.Tensor) -> HeadOutputs:
+        outs = await call_model(specs.ENC_DEC, [
+            features,
+            pb.from_torch(specs.TEXT_FEATURES, text_features),
+            pb.from_torch(specs.TEXT_MASK, text_mask),
+        ], specs.HEAD_OUTPUTS)
+        return HeadOutputs(*(pb.as_numpy(t) for t in outs))
 
 
 class TritonPythonModel:
@@ -40,53 +91,42 @@ class TritonPythonModel:
         self.max_classes = int(params["max_classes"])
         self.buckets = sorted(int(b) for b in params.get("enc_dec_buckets", "").split(",") if b)
         self.device = pb.device_of(args)
-
-    def _passes(self, n: int) -> list[tuple[int, int, int]]:
-        """(start, stop, padded rows) per enc_dec pass; padding only with TensorRT buckets."""
-        if self.buckets:
-            return plan_passes(n, [b for b in self.buckets if b <= self.max_classes])
-        return [(s.start, s.stop, s.stop - s.start) for s in chunk_slices(n, self.max_classes)]
-
-    async def _decode(self, features, text_features: torch.Tensor, text_mask: torch.Tensor,
-                      start: int, stop: int, rows: int):
-        feats, mask = pad_to_bucket(text_features[start:stop], text_mask[start:stop], rows)
-        outs = await _call("enc_dec", [
-            features,
-            pb.from_torch(specs.TEXT_FEATURES, feats),
-            pb.from_torch(specs.TEXT_MASK, mask),
-        ], [specs.PRED_BOXES, specs.PRED_LOGITS, specs.PRESENCE_LOGITS])
-        return tuple(pb.as_numpy(t)[: stop - start] for t in outs)
+        self.runner = BlsRunner()
+        family = pb.pb_utils.MetricFamily
+        # The family must outlive its metrics: keep both on the instance.
+        self.failure_family = family(
+            name="dart_request_failures_total",
+            description="dart requests answered with an error, by Triton error code",
+            kind=family.COUNTER)
+        self.failures = {code: self.failure_family.Metric(labels={"code": code})
+                         for code in ("INVALID_ARG", "INTERNAL", "UNAVAILABLE")}
 
     async def _run(self, request) -> list:
-        image_tensor = pb.required_input(request, specs.IMAGE)
-        classes_tensor = pb.required_input(request, specs.CLASSES)
-        image = check_image(pb.as_numpy(image_tensor))
-        names = decode_class_names(pb.as_numpy(classes_tensor))
+        image = check_image(pb.as_numpy(pb.required_input(request, specs.IMAGE)))
+        names = decode_class_names(pb.as_numpy(pb.required_input(request, specs.CLASSES)))
         options = pb.request_options(request)
         check_options(**options)
-
         pixels = preprocess_tensor(torch.from_numpy(image).to(self.device), self.imgsz)
-        (features,), (text_features, text_mask) = await asyncio.gather(
-            _call("backbone", [pb.from_torch(specs.PIXEL_VALUES, pixels)], [specs.FPN_FEATURES]),
-            _call("text_encoder", [pb.pb_utils.Tensor(specs.CLASSES, pb.as_numpy(classes_tensor))],
-                  [specs.TEXT_FEATURES, specs.TEXT_MASK]),
-        )
-        text_features, text_mask = pb.as_torch(text_features), pb.as_torch(text_mask)
-        chunks = await asyncio.gather(*(
-            self._decode(features, text_features, text_mask, *p)
-            for p in self._passes(len(names))))
-        return detection_tensors(*select(*merge_chunks(list(chunks)), np.array(image.shape[:2]),
-                                         **options))
+        passes = plan_passes(len(names), self.max_classes, self.buckets)
+        head = await run_graphs(self.runner, pixels, names, passes)
+        return detection_tensors(*select(*head, np.array(image.shape[:2]), **options))
+
+    def _error(self, exc: BaseException):
+        errors = pb.pb_utils.TritonError
+        if isinstance(exc, ValueError):
+            code, name, text = errors.INVALID_ARG, "INVALID_ARG", str(exc)
+        elif isinstance(exc, ModelCallError) and exc.unavailable:
+            code, name, text = errors.UNAVAILABLE, "UNAVAILABLE", str(exc)
+        elif isinstance(exc, ModelCallError):
+            code, name, text = errors.INTERNAL, "INTERNAL", str(exc)
+        else:
+            code, name, text = errors.INTERNAL, "INTERNAL", f"internal error: {exc!r}"
+        self.failures[name].increment(1)
+        return pb.pb_utils.InferenceResponse(output_tensors=[],
+                                             error=errors(text, code))
 
     async def execute(self, requests):
         results = await asyncio.gather(*(self._run(r) for r in requests),
                                        return_exceptions=True)
-        responses = []
-        for result in results:
-            if isinstance(result, ValueError):
-                responses.append(pb.error_response(result))
-            elif isinstance(result, BaseException):
-                responses.append(pb.error_response(RuntimeError(f"internal error: {result!r}")))
-            else:
-                responses.append(pb.pb_utils.InferenceResponse(output_tensors=result))
-        return responses
+        return [self._error(r) if isinstance(r, BaseException)
+                else pb.pb_utils.InferenceResponse(output_tensors=r) for r in results]

@@ -8,9 +8,10 @@ from dart_triton.triton import pb
 
 
 def detection_tensors(boxes, scores, class_ids) -> list:
-    return [pb.pb_utils.Tensor(specs.BOXES, boxes),
-            pb.pb_utils.Tensor(specs.SCORES, scores),
-            pb.pb_utils.Tensor(specs.CLASS_IDS, class_ids)]
+    """`select`'s (boxes, scores, class ids) as the output tensors, in spec order."""
+    return [pb.pb_utils.Tensor(name, value)
+            for name, value in zip(specs.DETECTION_OUTPUTS, (boxes, scores, class_ids),
+                                   strict=True)]
 
 
 class TritonPythonModel:
@@ -20,8 +21,7 @@ class TritonPythonModel:
     def _run(self, request) -> list:
         boxes, logits, presence, size = (
             pb.as_numpy(pb.required_input(request, name))
-            for name in (specs.PRED_BOXES, specs.PRED_LOGITS, specs.PRESENCE_LOGITS,
-                         specs.ORIGINAL_SIZE))
+            for name in (*specs.HEAD_OUTPUTS, specs.ORIGINAL_SIZE))
         return detection_tensors(*select(boxes, logits, presence, size,
                                          **pb.request_options(request)))
 
