@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def cache_dir() -> Path:
     """
     return Path(os.environ.get("DART_BENCH_CACHE") or REPO_ROOT / "artifacts" / "bench")
 
-COCO80 = REPO_ROOT / "dart_triton" / "assets" / "coco80.txt"
+COCO80 = Path(str(resources.files("dart_triton") / "assets" / "coco80.txt"))
 
 # CPU defaults: the full ViT-H at 1008 px takes ~minutes per frame on 2 cores. Not 336:
 # at the pretraining size RestructuredBackbone's pos_embed is the Parameter itself
@@ -55,7 +56,8 @@ def base_parser(prog: str, description: str, classes: Sequence[int] = (3,),
                    help="full: random-weight SAM3 (Sam3Config(), ~840M params); tiny: the "
                         "test-size random SAM3 (seconds, numbers meaningless)")
     p.add_argument("--imgsz", type=int, default=None,
-                   help="input resolution, a multiple of 14 (default: full 336, tiny 112)")
+                   help="input resolution, a multiple of 14 (default: full "
+                        f"{DEFAULT_IMGSZ['full']}, tiny {DEFAULT_IMGSZ['tiny']})")
     p.add_argument("--classes", type=int, nargs="+", default=list(classes),
                    help="class counts N to measure (default: %(default)s)")
     p.add_argument("--iters", type=int, default=iters, help="timed repeats (median reported)")
@@ -160,10 +162,6 @@ class Timing:
     @property
     def median_ms(self) -> float:
         return statistics.median(self.samples_ms) if self.samples_ms else float("nan")
-
-    @property
-    def min_ms(self) -> float:
-        return min(self.samples_ms) if self.samples_ms else float("nan")
 
 
 def time_call(fn: Callable[[], Any], iters: int = 3, warmup: int = 1,
