@@ -63,7 +63,7 @@ class Backend:
         if self.profiles_per_bucket and spec.name == specs.ENC_DEC and opts.enc_dec_buckets:
             profiles = [str(i) for i in range(len(opts.enc_dec_buckets))]
         return (pbtxt.header(spec.name, self.runtime) + pbtxt.io(spec)
-                + pbtxt.instances(opts.instances[spec.name], opts.gpu, profiles)
+                + pbtxt.instances(opts.instances[spec.name], opts.gpu, profiles, opts.gpus)
                 + self.graph_extras(spec, opts))
 
 

@@ -30,12 +30,14 @@ def params(values: Mapping[str, object]) -> str:
     )
 
 
-def instances(count: int, gpu: bool, profiles: list[str] | None = None) -> str:
+def instances(count: int, gpu: bool, profiles: list[str] | None = None,
+              gpus: tuple[int, ...] = ()) -> str:
+    """One instance group; with `gpus`, Triton places `count` instances on EACH listed GPU."""
     kind = "KIND_GPU" if gpu else "KIND_CPU"
-    prof = ""
+    extra = f"\n    gpus: {dims(gpus)}" if gpu and gpus else ""
     if profiles:
-        prof = "\n    profile: [ " + ", ".join(f'"{p}"' for p in profiles) + " ]"
-    return f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}{prof}\n  }}\n]\n"
+        extra += "\n    profile: [ " + ", ".join(f'"{p}"' for p in profiles) + " ]"
+    return f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}{extra}\n  }}\n]\n"
 
 
 def header(name: str, body: str) -> str:

@@ -32,19 +32,21 @@ class RepoOptions:
     dims: GraphDims = field(default_factory=GraphDims)
     instances: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_INSTANCES))
     gpu: bool = False  # python models and graphs on the GPU (KIND_GPU)
+    gpus: tuple[int, ...] = ()  # GPU ids; () = Triton's default (every visible GPU)
     enc_dec_buckets: tuple[int, ...] = ()  # N buckets dart pads to; () = chunks of max
     cuda_graphs: bool = True
     warm_vocabulary: str = "coco80.txt"
     ort_threads: int = 0  # python backend: ONNX Runtime threads per session (0 = all cores)
 
     def __post_init__(self) -> None:
-        if get_backend(self.backend).gpu_only:
+        self.gpus = tuple(self.gpus)
+        if get_backend(self.backend).gpu_only or self.gpus:
             self.gpu = True
 
 
 def python_model_config(spec: ModelSpec, opts: RepoOptions, params: dict[str, object]) -> str:
     text = pbtxt.header(spec.name, "backend: \"python\"\n") + pbtxt.io(spec)
-    text += pbtxt.instances(opts.instances[spec.name], opts.gpu)
+    text += pbtxt.instances(opts.instances[spec.name], opts.gpu, gpus=opts.gpus)
     if opts.gpu:
         # Let GPU tensors reach the python model as they are (DLPack), not via host memory.
         params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
