@@ -1,12 +1,24 @@
-"""`dart-triton detect` and `dart-triton video`."""
+"""`dart-triton detect` and `dart-triton video`.
+
+Every mistake is answered with one line on stderr that names the file or option:
+exit 2 for a usage error (found before any request is sent: paths, options, classes),
+1 for a runtime failure (an unreadable image or video, the server). Output paths are
+checked, and their folders created, before any inference, so a typo costs no server time.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
 
 from dart_triton import specs
 
@@ -16,11 +28,38 @@ from .triton_client import DEFAULT_URLS, DartClient
 # Requests kept in flight when `detect` is given several images.
 _DETECT_IN_FLIGHT = 4
 
+# Option -> the request tensor it sets, to name the option in the tensor's error message.
+_OPTION_TENSORS = {
+    "--score-threshold": specs.SCORE_THRESHOLD,
+    "--nms-iou": specs.NMS_IOU,
+    "--max-detections": specs.MAX_DETECTIONS,
+}
+
+
+class UsageError(ValueError):
+    """A mistake in the command line; the message names the option or file."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that answers a mistake in one line (not usage + error) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _say(command: str, message: str) -> None:
+    print(f"dart-triton {command}: {_one_line(message)}", file=sys.stderr)
+
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", nargs="+", required=True, metavar="NAME",
-                        help="class names to detect (quote names with spaces: 'traffic light'); "
-                             "put it after the input file(s)")
+                        help="class names to detect, after the input file(s): "
+                             "--classes person 'traffic light' or --classes person,dog")
     parser.add_argument("--url", help=f"Triton address (default grpc {DEFAULT_URLS['grpc']}, "
                                       f"http {DEFAULT_URLS['http']})")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
@@ -34,75 +73,270 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    return {
+    """The request options, checked by the server's own rules, or UsageError naming the option."""
+    from .inputs import option_arrays
+
+    options = {
         "score_threshold": args.score_threshold,
         "nms_iou": args.nms_iou,
         "max_detections": args.max_detections,
     }
+    try:
+        option_arrays(**options)
+    except ValueError as e:
+        message = str(e)
+        for option, tensor in _OPTION_TENSORS.items():
+            message = message.replace(tensor, option)
+        raise UsageError(message) from None
+    return options
 
 
-def _fail(command: str, err: Exception, url: str) -> int:
-    if isinstance(err, DartClientError):
-        print(f"dart-triton {command}: server error ({url}): {err}", file=sys.stderr)
-        return 1
-    print(f"dart-triton {command}: error: {err}", file=sys.stderr)
-    return 2
+def _media_suffixes() -> frozenset[str]:
+    from .images import writable_suffixes
+    from .video import WRITABLE_SUFFIXES, readable_suffixes
+
+    try:
+        videos = readable_suffixes()
+    except ImportError:  # the `video` extra is optional
+        videos = WRITABLE_SUFFIXES
+    return writable_suffixes() | frozenset(videos)
 
 
-def _annotation_paths(images: Sequence[Path], out: Path) -> list[Path]:
-    """One image: ``out`` is the file (or a directory to put it in). Several: a directory."""
-    if len(images) == 1 and not out.is_dir():
-        return [out]
-    names = [p.name for p in images]
+def _require(module: str, extra: str, what: str) -> None:
+    """UsageError when an optional dependency is missing, before any request is sent."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs {module}: pip install 'dart-triton[{extra}]'")
+
+
+def class_names(values: Sequence[str]) -> list[str]:
+    """``--classes`` values as class names: commas split names; paths are refused.
+
+    ``--classes`` takes every word after it, so ``detect --classes cat img.jpg`` would
+    silently ask for a class called "img.jpg". A value that is an existing file, or ends
+    in an image or video extension, is refused with the two ways to say it right.
+    """
+    from .inputs import class_list
+
+    media = _media_suffixes()
+    for value in values:
+        if Path(value).is_file() or Path(value).suffix.lower() in media:
+            raise UsageError(
+                f"--classes {value!r} looks like a file path, not a class name: put the "
+                f"files before --classes, or end the class list with -- (... --classes cat "
+                f"-- {value})"
+            )
+    names = [name.strip() for value in values for name in value.split(",")]
+    if not all(names):
+        raise UsageError(f"--classes {','.join(values)!r} has an empty name")
+    try:
+        return class_list(names)
+    except ValueError as e:
+        raise UsageError(f"--classes: {e}") from None
+
+
+def _is_folder_arg(raw: str | Path) -> bool:
+    return (isinstance(raw, str) and raw.endswith(("/", os.sep))) or Path(raw).is_dir()
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (itself included) when it is not a folder."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def _check_writable_file(path: Path, option: str) -> None:
+    """Create ``path``'s folder and prove the file can be written, without truncating it."""
+    if blocker := _file_in_the_way(path.parent):
+        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with open(path, "ab"):
+                pass
+        else:
+            with open(path, "xb"):
+                pass
+            path.unlink()
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
+
+
+def _check_writable_folder(folder: Path, option: str) -> None:
+    if blocker := _file_in_the_way(folder):
+        raise UsageError(f"{option} {folder}: {blocker} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"{option} {folder}: cannot create or write to this folder ({e.strerror or e})"
+        ) from None
+
+
+def _refuse_overwriting(outputs: Sequence[Path], inputs: Sequence[Path], option: str) -> None:
+    sources = {p.resolve() for p in inputs}
+    for out in outputs:
+        if out.resolve() in sources:
+            raise UsageError(f"{option} {out} would overwrite the input file {out}")
+
+
+def _annotation_paths(images: Sequence[Path], out: str | Path) -> list[Path]:
+    """Where ``--annotate OUT`` puts each annotated image.
+
+    OUT is a folder when it ends with ``/``, already is a folder, or has no extension:
+    one file per image, named after the image. Otherwise it is the file for the one
+    image; its extension must be one Pillow writes.
+    """
+    from .images import writable_suffixes
+
+    path = Path(out)
+    if not _is_folder_arg(out) and path.suffix:
+        if path.suffix.lower() not in writable_suffixes():
+            raise UsageError(f"--annotate {out}: unknown image extension {path.suffix!r}; use "
+                             ".png or .jpg, or a folder (end it with /)")
+        if len(images) > 1:
+            raise UsageError(f"--annotate {out}: {len(images)} images need a folder, not one "
+                             "file (end it with /)")
+        return [path]
+    names = [p.name if p.suffix.lower() in writable_suffixes() else f"{p.name}.png"
+             for p in images]
     # Prefix an index only when file names collide (same name in different folders).
     unique = len(set(names)) == len(names)
-    return [out / (n if unique else f"{i:04d}_{n}") for i, n in enumerate(names)]
+    return [path / (n if unique else f"{i:04d}_{n}") for i, n in enumerate(names)]
+
+
+def _image_paths(values: Sequence[Path]) -> list[Path]:
+    if not values:
+        raise UsageError("no IMAGE given: dart-triton detect IMAGE... --classes NAME...")
+    for path in values:
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder; give image files (e.g. {path}/*.jpg)")
+        if not path.exists():
+            raise UsageError(f"{path}: no such image file")
+    return list(values)
+
+
+def _output_paths(args: argparse.Namespace) -> tuple[Path | None, list[Path] | None]:
+    """``--json`` file and ``--annotate`` files, checked and their folders created."""
+    json_out = None
+    if args.json is not None:
+        if _is_folder_arg(args.json):
+            raise UsageError(f"--json {args.json} is a folder; give a file name, e.g. "
+                             f"{Path(args.json) / 'detections.json'}")
+        json_out = Path(args.json)
+        _refuse_overwriting([json_out], args.images, "--json")
+        _check_writable_file(json_out, "--json")
+    annotated = None
+    if args.annotate is not None:
+        _require("supervision", "draw", "--annotate")
+        annotated = _annotation_paths(args.images, args.annotate)
+        _refuse_overwriting(annotated, args.images, "--annotate")
+        if json_out is not None:
+            _refuse_overwriting(annotated, [json_out], "--annotate")
+        if len(annotated) == 1 and annotated[0] == Path(args.annotate):
+            _check_writable_file(annotated[0], "--annotate")
+        else:
+            _check_writable_folder(Path(args.annotate), "--annotate")
+    return json_out, annotated
+
+
+def _server_ready(client: DartClient, command: str) -> bool:
+    """One line, before any image or frame is read, when nothing serves the model."""
+    if client.is_ready():
+        return True
+    _say(command, f"error: no model {client.model!r} ready at {client.url} ({client.protocol}); "
+                  "is `dart-triton serve` running there? (see --url, --protocol)")
+    return False
+
+
+def _image_reason(err: Exception) -> str:
+    from .images import ImageFileError
+
+    # ImageFileError names the file itself; the server's shape rules name IMAGE.
+    return str(err) if isinstance(err, ImageFileError) else str(err).replace("IMAGE", "image")
 
 
 def detect_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dart-triton detect",
-        description="Detect open-vocabulary classes in images through a Triton `dart` server.",
+        description="Detect open-vocabulary classes in images through a Triton `dart` server. "
+                    "An image that cannot be read is named on stderr and skipped; the others "
+                    "are still detected and written, and the exit status is then 1.",
+        epilog="Images go before --classes (or after `--`: --classes cat -- img.jpg). "
+               "Exit status: 0 ok, 1 an image or the server failed, 2 a usage error.",
     )
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
     _add_server_args(parser)
-    parser.add_argument("--json", type=Path, metavar="OUT",
-                        help="write detections here instead of printing them")
-    parser.add_argument("--annotate", type=Path, metavar="OUT",
-                        help="annotated image file (one image) or directory (several)")
+    parser.add_argument("--json", metavar="OUT.json",
+                        help="write detections to this file instead of printing them")
+    parser.add_argument("--annotate", metavar="OUT",
+                        help="annotated image: a file (.png, .jpg) for one image, or a folder "
+                             "(ends with /, exists, or has no extension; created) that gets "
+                             "one file per image, named after it")
     args = parser.parse_args(argv)
+    try:
+        classes = class_names(args.classes)
+        args.images = _image_paths(args.images)
+        options = _options(args)
+        json_out, annotated = _output_paths(args)
+    except UsageError as e:
+        _say("detect", f"error: {e}")
+        return 2
 
     from .draw import annotate
-    from .images import load_image, save_image
+    from .images import ImageFileError, load_image, save_image
+    from .inputs import check_image
     from .pipeline import in_order
 
+    failed: list[Path] = []
+
+    def readable() -> Iterator[tuple[int, Path, np.ndarray]]:
+        # Decoded lazily, so only the in-flight images are held in memory.
+        for i, path in enumerate(args.images):
+            try:
+                yield i, path, check_image(load_image(path))
+            except (ImageFileError, ValueError) as e:
+                failed.append(path)
+                reason = _image_reason(e)
+                _say("detect", f"skipped {path}: {reason}" if str(path) not in reason
+                     else f"skipped {reason}")
+
     client = DartClient(args.url, args.protocol, args.model, concurrency=_DETECT_IN_FLIGHT)
-    annotated = _annotation_paths(args.images, args.annotate) if args.annotate else None
-    records = []
+    records: list[dict] = []
+    status = 0
     try:
-        # Images are decoded lazily, so only the in-flight ones are held in memory.
-        loaded = ((i, path, load_image(path)) for i, path in enumerate(args.images))
-
-        def submit(item: tuple[int, Path, object]):
-            return client.detect_async(item[2], args.classes, **_options(args))
-
-        for (i, path, image), dets in in_order(loaded, submit, _DETECT_IN_FLIGHT):
+        if not _server_ready(client, "detect"):
+            return 1
+        for (i, path, image), dets in in_order(
+            readable(), lambda item: client.detect_async(item[2], classes, **options),
+            _DETECT_IN_FLIGHT,
+        ):
             h, w = image.shape[:2]
             records.append({"file_name": str(path), "image_id": i, "width": w, "height": h,
                             "detections": dets.to_coco(i)})
             if annotated:
                 save_image(annotated[i], annotate(image, dets))
-    except (DartClientError, ValueError, OSError) as e:
-        return _fail("detect", e, client.url)
+    except DartClientError as e:
+        _say("detect", f"server error ({client.url}): {e}")
+        status = 1
+    except OSError as e:  # an annotated image that could not be saved after all
+        _say("detect", f"error: cannot write {e.filename or ''}: {e.strerror or e}")
+        status = 1
     finally:
         client.close()
+    if failed:
+        status = 1
+    if not records:
+        return status or 1
 
-    # One image: plain COCO results list; several: which file each list belongs to.
-    payload = records[0]["detections"] if len(records) == 1 else records
+    # One image given: plain COCO results list; several: which file each list belongs to.
+    payload = records[0]["detections"] if len(args.images) == 1 else records
     text = json.dumps(payload, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    if json_out:
+        json_out.write_text(text + "\n")
         for r in records:
             found = ", ".join(f"{d['category_name']} {d['score']:.2f}" for d in r["detections"])
             print(f"{r['file_name']}: {len(r['detections'])} detections"
@@ -110,44 +344,94 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
     else:
         print(text)
     if annotated:
-        where = annotated[0] if len(annotated) == 1 else annotated[0].parent
+        where = annotated[0] if len(annotated) == 1 else Path(args.annotate)
         print(f"annotated image(s) written to {where}", file=sys.stderr)
-    return 0
+    return status
+
+
+def _video_paths(args: argparse.Namespace) -> Path:
+    """Check IN, and resolve ``--out`` (a video file or a folder) to the file to write."""
+    from .images import still_image_format
+    from .video import WRITABLE_SUFFIXES, readable_suffixes
+
+    src: Path = args.input
+    if src.is_dir():
+        raise UsageError(f"{src} is a folder, not a video file")
+    if not src.exists():
+        raise UsageError(f"{src}: no such video file")
+    _require("imageio_ffmpeg", "video", "dart-triton video")
+    still = still_image_format(src)
+    if still:
+        raise UsageError(f"{src} is a still image ({still}), not a video; use "
+                         f"dart-triton detect {src} --classes ...")
+    if src.suffix.lower() not in readable_suffixes():
+        raise UsageError(f"{src}: unknown video extension {src.suffix!r}; ffmpeg is asked "
+                         f"to read {', '.join(readable_suffixes())}")
+    if _is_folder_arg(args.out):
+        folder = Path(args.out)
+        _check_writable_folder(folder, "--out")
+        out = folder / f"{src.stem}_annotated.mp4"
+    else:
+        out = Path(args.out)
+        if out.suffix.lower() not in WRITABLE_SUFFIXES:
+            raise UsageError(f"--out {args.out}: neither a video file "
+                             f"({', '.join(WRITABLE_SUFFIXES)}) nor a folder (end it with /)")
+    _refuse_overwriting([out], [src], "--out")
+    _check_writable_file(out, "--out")
+    return out
 
 
 def video_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dart-triton video",
         description="Annotate every frame of a video through a Triton `dart` server.",
+        epilog="Exit status: 0 ok, 1 the video or the server failed, 2 a usage error.",
     )
     parser.add_argument("input", type=Path, metavar="IN")
     _add_server_args(parser)
-    parser.add_argument("--out", type=Path, required=True, metavar="OUT.mp4")
+    parser.add_argument("--out", required=True, metavar="OUT",
+                        help="annotated video (.mp4, .mov, .mkv, .avi; H.264), or a folder "
+                             "(ends with / or exists) that gets IN_annotated.mp4")
     parser.add_argument("--in-flight", type=int, default=4, metavar="K",
                         help="requests kept in flight; raise it until FPS stops growing")
     parser.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     args = parser.parse_args(argv)
-    if args.in_flight < 1:
-        parser.error("--in-flight must be >= 1")
-    if not args.input.is_file():
-        parser.error(f"no such video: {args.input}")
+    try:
+        if args.in_flight < 1:
+            raise UsageError(f"--in-flight must be >= 1, got {args.in_flight}")
+        if args.max_frames is not None and args.max_frames < 1:
+            raise UsageError(f"--max-frames must be >= 1, got {args.max_frames}")
+        classes = class_names(args.classes)
+        options = _options(args)
+        out = _video_paths(args)
+    except UsageError as e:
+        _say("video", f"error: {e}")
+        return 2
 
-    from .video import annotate_video
+    from .video import VideoError, annotate_video
 
     client = DartClient(args.url, args.protocol, args.model, concurrency=args.in_flight)
-    options = _options(args)
     try:
+        if not _server_ready(client, "video"):
+            return 1
         stats = annotate_video(
             args.input,
-            args.out,
-            lambda frame: client.detect_async(frame, args.classes, **options),
+            out,
+            lambda frame: client.detect_async(frame, classes, **options),
             in_flight=args.in_flight,
             max_frames=args.max_frames,
         )
-    except (DartClientError, ValueError, OSError) as e:
-        return _fail("video", e, client.url)
+    except DartClientError as e:
+        _say("video", f"server error ({client.url}): {e}")
+        return 1
+    except VideoError as e:
+        _say("video", f"error: {e}")
+        return 1
+    except (ValueError, OSError) as e:  # a frame the server's rules refuse, a full disk
+        _say("video", f"error: {e}")
+        return 1
     finally:
         client.close()
-    print(f"{args.out}: {stats.summary()} "
+    print(f"{out}: {stats.summary()} "
           f"(model {args.model}, {args.protocol} {client.url}, {args.in_flight} in flight)")
     return 0

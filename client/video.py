@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,42 @@ import numpy as np
 from .detections import Detections
 from .draw import annotate
 from .pipeline import SupportsResult, in_order
+
+# Containers that hold the H.264 stream `annotate_video` writes.
+WRITABLE_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi")
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be read or written; ``str(err)`` is one line naming the file."""
+
+
+def readable_suffixes() -> tuple[str, ...]:
+    """Extensions imageio's FFMPEG reader accepts (it picks the reader by extension)."""
+    import imageio.v2 as iio
+
+    with warnings.catch_warnings():  # imageio deprecates its format table, not the reader
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return tuple(iio.formats["FFMPEG"].extensions)
+
+
+def _ffmpeg_reason(err: BaseException) -> str:
+    """One line out of imageio's error, which appends ffmpeg's whole stderr."""
+    text = str(err)
+    head, _, stderr = text.partition("=== stderr ===")
+    # ffmpeg's own verdict on the input, e.g. "[in#0 @ 0x..] moov atom not found".
+    verdicts = [m.group(1) for m in re.finditer(r"^\[in#\d+ @ [^]]+\] (.+)$", stderr, re.M)]
+    if verdicts:
+        return verdicts[-1]
+    if "does not contain any stream" in stderr:
+        return "no video stream found"
+    return head.strip().splitlines()[0] if head.strip() else type(err).__name__
+
+
+def _frames_checked(frames: Iterator[np.ndarray], src: str | Path) -> Iterator[np.ndarray]:
+    try:
+        yield from frames
+    except (OSError, RuntimeError, ValueError) as e:  # a stream that breaks mid-way
+        raise VideoError(f"{src}: cannot decode the video: {_ffmpeg_reason(e)}") from None
 
 
 @dataclass(frozen=True)
@@ -68,20 +106,26 @@ def annotate_video(
     from tqdm import tqdm
 
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    reader = iio.get_reader(str(src), format="FFMPEG")
     try:
+        reader = iio.get_reader(str(src), format="FFMPEG")
         meta = reader.get_meta_data()
-        # macro_block_size=2: H.264/yuv420p needs even sides; 16 would rescale most sizes.
-        writer = iio.get_writer(
-            str(dst),
-            format="FFMPEG",
-            fps=meta.get("fps") or 30.0,
-            codec="libx264",
-            quality=8,
-            macro_block_size=2,
-        )
+    except (OSError, RuntimeError, ValueError) as e:
+        raise VideoError(f"{src}: cannot read as a video: {_ffmpeg_reason(e)}") from None
+    try:
         try:
-            frames = itertools.islice(_frames(reader), max_frames)
+            # macro_block_size=2: H.264/yuv420p needs even sides; 16 would rescale most sizes.
+            writer = iio.get_writer(
+                str(dst),
+                format="FFMPEG",
+                fps=meta.get("fps") or 30.0,
+                codec="libx264",
+                quality=8,
+                macro_block_size=2,
+            )
+        except (OSError, RuntimeError, ValueError) as e:
+            raise VideoError(f"{dst}: cannot write a video there: {_ffmpeg_reason(e)}") from None
+        try:
+            frames = itertools.islice(_frames_checked(_frames(reader), src), max_frames)
             bar = tqdm(
                 total=_expected_frames(meta, max_frames), unit="frame", disable=not progress
             )
@@ -97,4 +141,6 @@ def annotate_video(
             writer.close()
     finally:
         reader.close()
+    if count == 0:
+        raise VideoError(f"{src}: no frame could be decoded")
     return VideoStats(count, seconds)
