@@ -10,9 +10,28 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+BACKEND="${DART_BACKEND:-python}"
+case "$BACKEND" in
+    python|onnxruntime|tensorrt) ;;
+    *) echo "demo.sh: DART_BACKEND=$BACKEND: choose python, onnxruntime or tensorrt" >&2; exit 2 ;;
+esac
+# The tritonserver bundled in nvidia-pytriton has only the python backend: refuse a backend
+# the server that `dart-triton serve` runs cannot load now, not after a build and a crash.
+# Checked before setup when a venv is already there (exit 2 is the check's refusal; other
+# failures wait for setup to fix the venv), and again after it.
+check_backend() {
+    local problem rc=0
+    problem="$("$1" -m dart_triton.repository_check --backend "$BACKEND" 2>&1)" || rc=$?
+    if [[ $rc -eq 2 || ( $rc -ne 0 && "$2" == after ) ]]; then
+        echo "demo.sh: DART_BACKEND=$BACKEND: $problem" >&2
+        exit 2
+    fi
+}
+[[ -x .venv/bin/python ]] && check_backend .venv/bin/python before
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
+check_backend python after
 
 OUT="${OUT:-out/demo}"
 mkdir -p "$OUT"
@@ -26,7 +45,7 @@ if [[ -z "${DART_IMAGE:-}" ]]; then
 fi
 IFS=',' read -r -a CLASSES <<< "${DART_CLASSES:-person,rocket,flag}"
 
-build_args=(--checkpoint "$CHECKPOINT" --output "$OUT/model_repository" --backend "${DART_BACKEND:-python}")
+build_args=(--checkpoint "$CHECKPOINT" --output "$OUT/model_repository" --backend "$BACKEND")
 [[ -n "${DART_IMGSZ:-}" ]] && build_args+=(--imgsz "$DART_IMGSZ")
 dart-triton build "${build_args[@]}"
 

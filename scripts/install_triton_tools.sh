@@ -132,7 +132,7 @@ if ! have_b64 && [[ ! -e "$PA_DIR/lib/libb64.so.0d" ]]; then
 fi
 
 mkdir -p "$TOOLS/bin"
-cat > "$TOOLS/bin/perf_analyzer" <<'EOF'
+wrapper="$(cat <<'EOF'
 #!/usr/bin/env bash
 # Written by scripts/install_triton_tools.sh: runs the tritonclient 2.49.0 perf_analyzer
 # with the libs it needs (libcudart.so.12; no GPU is required for HTTP/gRPC load).
@@ -140,14 +140,28 @@ pa="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../perf_analyzer" && p
 export LD_LIBRARY_PATH="$pa/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 exec "$pa/bin/perf_analyzer" "$@"
 EOF
-chmod 0755 "$TOOLS/bin/perf_analyzer"
+)"
+# Replaced only when it changed, and atomically: someone may be running it right now.
+if [[ "$(cat "$TOOLS/bin/perf_analyzer" 2>/dev/null)" != "$wrapper" ]]; then
+    printf '%s\n' "$wrapper" > "$TOOLS/bin/perf_analyzer.new"
+    chmod 0755 "$TOOLS/bin/perf_analyzer.new"
+    mv -f "$TOOLS/bin/perf_analyzer.new" "$TOOLS/bin/perf_analyzer"
+fi
+# On PATH once the venv is activated (the wrapper finds its libs through readlink -f).
+# Not tritonserver: `dart-triton serve` runs the bundled one with the set-up it needs,
+# and a tritonserver on PATH would be taken for the one in NVIDIA's container.
+pa_link="$(cd "$TOOLS/bin" && pwd)/perf_analyzer"
+if [[ "$(readlink "$VENV/bin/perf_analyzer" 2>/dev/null)" != "$pa_link" ]]; then
+    ln -sfn "$pa_link" "$VENV/bin/perf_analyzer"
+    log "linked $VENV/bin/perf_analyzer -> $pa_link"
+fi
 
 # 5. Verify. perf_analyzer 2.49 exits 99 on --help (it is not a known option there)
 # but prints its usage; a missing lib would print a loader error instead.
 missing="$(LD_LIBRARY_PATH="$PA_DIR/lib" ldd "$PA_DIR/bin/perf_analyzer" | grep 'not found' || true)"
 [[ -z "$missing" ]] || die "perf_analyzer is missing shared libraries:
 $missing"
-help_out="$("$TOOLS/bin/perf_analyzer" --help 2>&1 || true)"
+help_out="$("$VENV/bin/perf_analyzer" --help 2>&1 || true)"
 grep -q 'perf_analyzer \[options\]' <<<"$help_out" || die "perf_analyzer --help failed:
 $help_out"
-log "perf_analyzer: ok -> $TOOLS/bin/perf_analyzer"
+log "perf_analyzer: ok -> $TOOLS/bin/perf_analyzer (on PATH as $VENV/bin/perf_analyzer)"
