@@ -206,9 +206,14 @@ def tiny_checkpoint_main(argv: list[str] | None = None) -> int:
         description="Write a tiny randomly initialised SAM3 checkpoint (for tests and demos: "
         "its detections are meaningless).",
     )
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", choices=sorted(TINY_CONFIGS), default="a")
+    parser.add_argument("out_dir", metavar="OUT_DIR",
+                        help="directory to write (created); same layout as facebook/sam3")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights: same seed, same checkpoint "
+                             "(default: %(default)s)")
+    parser.add_argument("--variant", choices=sorted(TINY_CONFIGS), default="a",
+                        help="tiny architecture; the variants differ in widths, windows, "
+                             "global blocks, queries and image size (default: %(default)s)")
     args = parser.parse_args(argv)
     out = write_tiny_checkpoint(args.out_dir, seed=args.seed, variant=args.variant)
     print(f"tiny random SAM3 (variant {args.variant}, seed {args.seed}) written to {out}")

@@ -416,7 +416,9 @@ def _cleanup(process: subprocess.Popen[bytes] | None, workdir: Path, keep_log: l
 
 _EPILOG = """\
 Any other option is passed to tritonserver unchanged, e.g. --log-verbose=1,
---model-control-mode=explicit --load-model=dart, --exit-timeout-secs=5.
+--exit-timeout-secs=5. With --model-control-mode=explicit, load every model of the
+repository (--load-model=*): `dart` calls the others, so --load-model=dart alone
+reports ready while every request fails.
 
 tritonserver defaults that matter here: --exit-on-error=true (a model that fails to
 load stops the server, and this command exits non-zero quoting the error) and
