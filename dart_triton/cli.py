@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "checkpoint -> servable Triton model repository"),
     "build-plans": ("dart_triton.export.tensorrt_build", "main",
                     "ONNX graphs -> TensorRT plans, verified (GPU + TensorRT)"),
+    "check-repository": ("dart_triton.export.manifest", "check_main",
+                         "is a built repository what `build` would write now? (exit 0: yes)"),
     "serve": ("dart_triton.server", "serve_main", "start tritonserver on a repository"),
     "detect": ("dart_triton.client.cli", "detect_main", "detect objects in images via Triton"),
     "video": ("dart_triton.client.cli", "video_main", "annotate a video via Triton"),
@@ -24,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: dart-triton COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: dart-triton COMMAND [ARGS...]   (or --version)", "", "commands:"]
     lines += [f"  {name:<16} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -36,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[0] in {"-h", "--help"}:
         print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from dart_triton import __version__
+
+        print(f"dart-triton {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

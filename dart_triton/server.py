@@ -40,6 +40,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from dart_triton.export.manifest import version_refusal
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 INSTALL_HINT = "run scripts/install_triton_tools.sh (or pip install 'dart-triton[serve]')"
@@ -105,9 +107,14 @@ def prepare_backend_dir(dest: Path, python_version: str | None = None) -> Path:
 
 
 def tools_dir() -> Path:
-    """Where scripts/install_triton_tools.sh puts its tools (``$DART_TRITON_TOOLS`` or .tools)."""
+    """Where scripts/install_triton_tools.sh puts its tools: ``$DART_TRITON_TOOLS``, else
+    ``.tools`` of the source checkout this runs from, else ``dart-triton-tools`` in this
+    environment (an installed wheel: the tools belong to the environment they serve)."""
     env = os.environ.get("DART_TRITON_TOOLS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / ".tools"
+    checkout = Path(__file__).resolve().parents[1]
+    if env or (checkout / "pyproject.toml").is_file():
+        return Path(env) if env else checkout / ".tools"
+    return Path(sys.prefix) / "dart-triton-tools"
 
 
 def stub_python_bin(binary: Path | None = None) -> Path:
@@ -473,6 +480,9 @@ def serve_main(argv: list[str]) -> int:
     missing = [r for r in args.model_repository if not Path(r).is_dir()]
     if missing:
         print(f"dart-triton serve: no such model repository: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if refusal := version_refusal(args.model_repository):  # built by another dart-triton
+        print(f"dart-triton serve: {refusal}", file=sys.stderr)
         return 2
     try:
         server = TritonServer(

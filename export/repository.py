@@ -13,11 +13,10 @@ repository so it is self-contained, and writes what the backend serves the graph
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -26,12 +25,13 @@ from dart_triton.buckets import parse_buckets
 from dart_triton.checkpoint import CheckpointError
 from dart_triton.text_encoder import TextEncoder, read_vocabulary
 
+from . import manifest
 from .backends import BACKENDS, get_backend
 from .onnx_export import GRAPHS_JSON, export_graphs, read_graphs_meta
 from .tensorrt_build import PlanBuildOptions, add_plan_arguments
 from .triton_config import DEFAULT_INSTANCES, RepoOptions, write_repository_files
 
-MANIFEST = "dart_repository.json"
+MANIFEST = manifest.MANIFEST
 DEFAULT_VOCABULARY = "coco80.txt"
 
 
@@ -120,6 +120,7 @@ def build_repository(checkpoint: str | Path, output: str | Path,
     build = replace(options or BuildOptions(), **overrides)
     checkpoint, repo = Path(checkpoint), Path(output)
     backend = get_backend(build.backend)
+    manifest.invalidate(repo)  # written last: a repository without one is unfinished
     # Every directory in a repository is a model to Triton: export graphs elsewhere.
     with tempfile.TemporaryDirectory(prefix="dart-graphs-") as scratch:
         graphs = Path(build.onnx_dir) if build.onnx_dir else Path(scratch)
@@ -137,10 +138,7 @@ def build_repository(checkpoint: str | Path, output: str | Path,
         backend.write_artifacts(repo, graphs, build, opts, log)
         log(f"text encoder: cached {write_text_encoder(repo, checkpoint, vocab)} names "
             f"from {vocab.name}")
-    (repo / MANIFEST).write_text(json.dumps(
-        {"backend": build.backend, "dims": asdict(opts.dims), "instances": opts.instances,
-         "enc_dec_buckets": list(build.buckets), "checkpoint": str(checkpoint.resolve())},
-        indent=2))
+    manifest.write_manifest(repo, build, checkpoint, vocab, opts.dims)
     return opts
 
 

@@ -22,7 +22,7 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     log "installing python packages into $VENV (first run: a few minutes)"
     "$PY" -m pip install --quiet --upgrade pip
     "$PY" -c 'import torch' 2>/dev/null || "$PY" -m pip install --quiet "torch==2.13.0"
-    "$PY" -m pip install --quiet -e "$ROOT[video,draw,eval,bench,dev]"
+    "$PY" -m pip install --quiet -e "${ROOT}[video,draw,eval,bench,dev]"
     "$PY" -m pip install --quiet --no-deps "open_clip_torch==3.3.0"
     echo "$want" > "$STAMP"
 fi

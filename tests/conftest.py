@@ -78,3 +78,11 @@ def triton_server(python_repository):
     with TritonServer(python_repository, startup_timeout=180,
                       extra_args=["--exit-timeout-secs=5"]) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def wheel_env(tmp_path_factory):
+    """The project's wheel (built from its sdist) in a fresh venv: tests/wheel_env.py."""
+    from .wheel_env import make_wheel_env
+
+    return make_wheel_env(tmp_path_factory.mktemp("wheel_env"))

@@ -1,0 +1,279 @@
+"""The manifest of a built repository (``dart_repository.json``) and the checks made with it.
+
+`dart-triton build` deletes the manifest first and writes it last, so an interrupted
+build leaves none. It records the package version and everything that shaped the
+repository: the build options (backend, sizes, instances, buckets, GPU, plan options),
+the resolved graph dims, the vocabulary (name and hash), the checkpoint (path, hash of
+its config.json, size and mtime of its files: cheap, no multi-GB hashing) and the files
+the build wrote.
+
+* ``dart-triton serve`` refuses, in one line, a repository built by another version:
+  the generated ``model.py`` entry points import this package's modules and its configs
+  follow this version's specs (:func:`version_refusal`).
+* ``dart-triton check-repository REPO --checkpoint DIR -- BUILD ARGS`` exits 0 when REPO
+  is what ``dart-triton build --checkpoint DIR --output REPO BUILD ARGS`` would write
+  now, else prints why and exits 1; the container entrypoint rebuilds on 1. It covers
+  every backend; TensorRT plans are also checked against this GPU and TensorRT through
+  their sidecars (``export.plan_sidecar``).
+
+This module imports nothing heavy at load time: `serve` calls it before starting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dart_triton import __version__, specs
+
+if TYPE_CHECKING:
+    from .repository import BuildOptions
+
+MANIFEST = "dart_repository.json"
+FORMAT = 1
+# Options that do not change what is written (logging only).
+_NOT_SHAPING = {"verbose"}
+# A graph model Triton serves from a TensorRT plan (GPU- and TensorRT-version-specific).
+_PLAN_PLATFORM = re.compile(r'^\s*platform:\s*"tensorrt_plan"', re.M)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """Paths as strings, tuples as lists: what the value reads back as from JSON."""
+    return json.loads(json.dumps(value, default=str))
+
+
+# What shaped a repository ---------------------------------------------------------------
+
+
+def checkpoint_record(checkpoint: str | Path) -> dict[str, Any]:
+    """Where the checkpoint is and a cheap fingerprint of it (config hash, file stats)."""
+    root = Path(checkpoint).resolve()
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+             for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    config = root / "config.json"
+    return {"path": str(root), "config_sha256": _sha256(config) if config.is_file() else None,
+            "files": files}
+
+
+def checkpoint_image_size(checkpoint: str | Path) -> int | None:
+    """The input size the checkpoint's config.json states (what ``--imgsz`` defaults to)."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("detector_config") or config  # sam3_video nests the detector
+    size = config.get("vision_config", {}).get("backbone_config", {}).get("image_size")
+    if isinstance(size, list):
+        size = size[0] if size else None
+    return int(size) if size else None
+
+
+def options_record(build: BuildOptions, vocabulary: Path) -> dict[str, Any]:
+    """The build options that shape a repository, as JSON. ``imgsz`` is compared through
+    the resolved dims (None means the checkpoint's), so it is left out here."""
+    record = asdict(build)
+    record.pop("imgsz")
+    record["plan"] = {k: v for k, v in record["plan"].items()
+                      if k not in _NOT_SHAPING and k != "imgsz"}
+    record["vocabulary"] = {"name": vocabulary.name, "sha256": _sha256(vocabulary)}
+    return _jsonable(record)
+
+
+def write_manifest(repo: str | Path, build: BuildOptions, checkpoint: str | Path,
+                   vocabulary: Path, dims: specs.GraphDims) -> Path:
+    """Write the manifest of a finished build, atomically, listing the files written."""
+    repo = Path(repo)
+    files = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*")
+                   if p.is_file() and p.name != MANIFEST and "__pycache__" not in p.parts)
+    manifest = {
+        "format": FORMAT,
+        "dart_triton_version": __version__,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backend": build.backend,
+        "requested_imgsz": build.imgsz,
+        "dims": _jsonable(asdict(dims)),
+        "options": options_record(build, vocabulary),
+        "checkpoint": checkpoint_record(checkpoint),
+        "files": files,
+    }
+    fd, tmp = tempfile.mkstemp(dir=repo, prefix=f".{MANIFEST}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, repo / MANIFEST)
+    return repo / MANIFEST
+
+
+def invalidate(repo: str | Path) -> None:
+    """Called when a build starts: until it finishes, the repository has no manifest."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(repo) / MANIFEST).unlink()
+
+
+def read_manifest(repo: str | Path) -> dict[str, Any] | None:
+    """The manifest, or None when the repository has none (not built by `dart-triton build`)."""
+    path = Path(repo) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path} is unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is not a manifest")
+    return data
+
+
+# Checks ---------------------------------------------------------------------------------
+
+
+def version_refusal(repositories: Iterable[str | Path]) -> str | None:
+    """One line when a repository was built by another dart-triton version, else None.
+
+    A repository without a manifest (written by hand, or by another tool) is not refused.
+    """
+    for repo in repositories:
+        try:
+            manifest = read_manifest(repo)
+        except ManifestError as exc:
+            return f"{exc}: rebuild the repository with `dart-triton build`"
+        if manifest is None:
+            continue
+        built = manifest.get("dart_triton_version")
+        if built != __version__:
+            by = f"dart-triton {built}" if built else "an earlier dart-triton"
+            return (f"{repo} was built by {by} and this is {__version__}: rebuild it with "
+                    "`dart-triton build`")
+    return None
+
+
+def _differences(prefix: str, built: Any, wanted: Any) -> list[str]:
+    """Leaf-by-leaf differences of two JSON values, named by their path."""
+    if isinstance(built, Mapping) and isinstance(wanted, Mapping):
+        out = []
+        for key in sorted(set(built) | set(wanted)):
+            out += _differences(f"{prefix}.{key}" if prefix else key, built.get(key),
+                                wanted.get(key))
+        return out
+    return [] if built == wanted else [f"{prefix}: built with {built!r}, now {wanted!r}"]
+
+
+def plan_models(repo: Path) -> list[str]:
+    """Graph models of ``repo`` that Triton serves from TensorRT plans."""
+    return [m for m in specs.GRAPH_MODELS
+            if (repo / m / "config.pbtxt").is_file()
+            and _PLAN_PLATFORM.search((repo / m / "config.pbtxt").read_text())]
+
+
+def stale_reasons(repo: str | Path, checkpoint: str | Path, build: BuildOptions,
+                  vocabulary: Path, *, check_plans: bool = True) -> list[str]:
+    """Why ``repo`` is not what building ``checkpoint`` with ``build`` would write now
+    (empty: it is current). Without the checkpoint directory its fingerprint is not
+    compared: a built repository is self-contained and may be served as it is."""
+    repo = Path(repo)
+    try:
+        manifest = read_manifest(repo)
+    except ManifestError as exc:
+        return [str(exc)]
+    if manifest is None:
+        return [f"no {MANIFEST} in {repo} (never built, or the build was interrupted)"]
+    reasons = []
+    if (built := manifest.get("dart_triton_version")) != __version__:
+        by = f"dart-triton {built}" if built else "an earlier dart-triton"
+        reasons.append(f"built by {by}, this is {__version__}")
+    if manifest.get("format") != FORMAT:
+        return [*reasons, f"manifest format {manifest.get('format')}, expected {FORMAT}"]
+    dims = manifest.get("dims", {})
+    want_imgsz = build.imgsz or checkpoint_image_size(checkpoint)
+    if want_imgsz is None and manifest.get("requested_imgsz") is not None:
+        reasons.append(f"imgsz: built with {manifest['requested_imgsz']}, now the checkpoint's")
+    elif want_imgsz is not None and dims.get("imgsz") != want_imgsz:
+        reasons.append(f"imgsz: built with {dims.get('imgsz')}, now {want_imgsz}")
+    reasons += _differences("", manifest.get("options"), options_record(build, vocabulary))
+    if Path(checkpoint).is_dir():
+        reasons += _differences("checkpoint", manifest.get("checkpoint"),
+                                checkpoint_record(checkpoint))
+    missing = [f for f in manifest.get("files", []) if not (repo / f).is_file()]
+    if missing:
+        reasons.append(f"{len(missing)} file(s) of the build are missing, e.g. {missing[0]}")
+    elif check_plans and (models := plan_models(repo)):
+        from .plan_sidecar import current_device, tensorrt_version
+        from .plan_sidecar import stale_reasons as plan_stale
+
+        reasons += plan_stale(repo, models, imgsz=dims.get("imgsz"),
+                              max_classes=dims.get("max_classes"), device=current_device(),
+                              trt_version=tensorrt_version())
+    return reasons
+
+
+# `dart-triton check-repository` ---------------------------------------------------------
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dart-triton check-repository",
+        description="Exit 0 if REPO is what `dart-triton build --checkpoint DIR --output REPO "
+                    "BUILD_ARGS` would write now (same dart-triton version, options, "
+                    "checkpoint; TensorRT plans built for this GPU and TensorRT), else print "
+                    "why and exit 1.",
+        usage="dart-triton check-repository REPO --checkpoint DIR [-- BUILD_ARGS...]")
+    p.add_argument("repo", help="model repository written by `dart-triton build`")
+    p.add_argument("--checkpoint", required=True,
+                   help="the checkpoint the build would read (not compared when absent)")
+    p.add_argument("--quiet", action="store_true", help="print nothing when current")
+    return p
+
+
+def check_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = _check_parser().parse_args(argv[:split])
+    build_args = argv[split + 1:]
+    from .repository import BuildOptions, packaged_vocabulary
+    from .repository import _parser as build_parser
+
+    parsed = build_parser().parse_args(
+        ["--checkpoint", args.checkpoint, "--output", args.repo, *build_args])
+    try:
+        build = BuildOptions.from_args(parsed)
+        vocabulary = build.vocabulary or packaged_vocabulary()
+        if not vocabulary.is_file():
+            raise ValueError(f"no vocabulary file {vocabulary}")
+    except ValueError as exc:
+        print(f"dart-triton check-repository: error: {exc}", file=sys.stderr)
+        return 2
+    reasons = stale_reasons(args.repo, args.checkpoint, build, vocabulary)
+    for reason in reasons:
+        print(f"stale: {reason}")
+    if not reasons and not args.quiet:
+        note = "" if Path(args.checkpoint).is_dir() else \
+            f" (checkpoint {args.checkpoint} absent: not compared)"
+        print(f"{args.repo} is current{note}")
+    return 1 if reasons else 0
+
+
+if __name__ == "__main__":
+    sys.exit(check_main())
