@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dart_triton.backbone import detection_level
 from dart_triton.benchmarks import common
 
 STUDY = "fp16_precision"
@@ -55,16 +56,12 @@ def _tiny_config():
     return tiny_config("a")
 
 
-def detect_level(model) -> int:
-    return len(model.config.scale_factors) - 2
-
-
 class ReferenceLevel(torch.nn.Module):
     """Sam3VisionModel -> only the FPN level the detector reads (same output as ours)."""
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.level = model, detect_level(model)
+        self.model, self.level = model, detection_level(model)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values).fpn_hidden_states[self.level]

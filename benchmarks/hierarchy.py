@@ -80,7 +80,7 @@ class Bench:
         return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
 
     def detect_level(self) -> int:
-        return len(self.parts.model.config.vision_config.scale_factors) - 2
+        return self.parts.dims.detection_level  # the level Sam3Model feeds its enc-dec
 
     # Levels: each returns a zero-argument callable running one frame --------------------
     def level0(self, names: list[str]):
@@ -107,13 +107,13 @@ class Bench:
         return run
 
     def _decode(self, fpn: torch.Tensor, names: list[str]) -> None:
-        from dart_triton.pipelines import chunk_slices
+        from dart_triton.orchestration import plan_passes
 
         feats, mask = self.text.encode(names)  # warm after the first call: cache lookups
         feats = torch.from_numpy(feats).to(self.device, self.dtype)
         mask = torch.from_numpy(mask).to(self.device)
-        for s in chunk_slices(len(names), self.args.max_classes):
-            self.parts.head(fpn, feats[s], mask[s])
+        for p in plan_passes(len(names), self.args.max_classes):
+            self.parts.head(fpn, feats[p.start:p.stop], mask[p.start:p.stop])
 
     def level2(self, names: list[str]):
         encoder, px, level = self.parts.model.vision_encoder, self.pixels, self.detect_level()

@@ -7,8 +7,9 @@ is written so that TensorRT's attention pattern matcher recognises every block:
   for the build resolution (no complex numbers, no position-id arithmetic at run time);
 * attention as explicit ``softmax(Q·Kᵀ·scale)·V`` (no SDPA or fused attention op);
 * the tiled absolute position embedding precomputed (no data-dependent ``If`` nodes);
-* only the FPN levels that are asked for: detection reads the 1x level alone, the finer
-  two feed only the mask head (at 1008 px the 4x level is 85 MB of FP32 per frame).
+* only the FPN levels that are asked for: detection reads one level alone (the one
+  `Sam3Model` reads, see `specs.GraphDims.detection_level`), the finer ones feed only the
+  mask head (with SAM3's scales, at 1008 px the 4x level is 85 MB of FP32 per frame).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .specs import PATCH_SIZE
+from .specs import PATCH_SIZE, GraphDims
 
 
 def _pair(x) -> tuple[int, int]:
@@ -114,10 +115,10 @@ class ViTBlock(nn.Module):
 
 
 class RestructuredBackbone(nn.Module):
-    """pixel_values [1, 3, S, S] -> the requested FPN levels, coarse (1x) level first.
+    """pixel_values [1, 3, S, S] -> the requested FPN levels, detection level first.
 
     `levels` indexes `Sam3VisionModel`'s neck outputs; by default only the level that
-    SAM3's detector reads (the last one the model keeps, i.e. index len(scales) - 2).
+    SAM3's detector reads (`detection_level`).
     """
 
     def __init__(self, vision_model, imgsz: int, levels: list[int] | None = None):
@@ -145,9 +146,7 @@ class RestructuredBackbone(nn.Module):
         self.register_buffer("pos_embed", pos, persistent=False)
         self.pre_norm = vit.layer_norm
         self.blocks = nn.ModuleList(ViTBlock(layer, grid) for layer in vit.layers)
-        scales = vision_model.config.scale_factors
-        detect_level = len(scales) - 2
-        self.levels = [detect_level] if levels is None else list(levels)
+        self.levels = [detection_level(vision_model)] if levels is None else list(levels)
         self.fpn = nn.ModuleList(vision_model.neck.fpn_layers[i] for i in self.levels)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -160,7 +159,17 @@ class RestructuredBackbone(nn.Module):
         return tuple(layer(x) for layer in self.fpn)
 
 
+def neck_dims(vision_model, with_mask_levels: bool = False) -> GraphDims:
+    """The neck's layout as `specs.GraphDims` sees it (only the scale-derived fields count)."""
+    return GraphDims(scale_factors=tuple(vision_model.config.scale_factors),
+                     with_mask_levels=with_mask_levels)
+
+
+def detection_level(vision_model) -> int:
+    """Neck index of the level `Sam3Model` feeds its DETR encoder-decoder."""
+    return neck_dims(vision_model).detection_level
+
+
 def mask_levels(vision_model) -> list[int]:
     """Neck indices for detection first, then the finer levels the mask head reads."""
-    n = len(vision_model.config.scale_factors)
-    return [n - 2, *range(n - 2)]
+    return list(neck_dims(vision_model, with_mask_levels=True).backbone_levels)

@@ -1,6 +1,6 @@
 """SAM3's DETR encoder-decoder as a batched, detection-only head (DART §3.2).
 
-One image's coarse FPN features are broadcast to N class prompts inside the graph, so
+One image's detection-level FPN features are broadcast to N class prompts inside the graph, so
 all prompts are decoded in one pass. Text enters only through cross-attention, which
 is independent across the batch axis, so row i equals SAM3 run alone on prompt i.
 The mask head is gone; shape-only tensors (image position encoding, the coordinate
@@ -15,6 +15,8 @@ import math
 
 import torch
 from torch import nn
+
+from .specs import GraphDims
 
 # Additive mask value for padded text tokens: finite in FP16, exp() underflows to 0.
 MASK_NEG = -65504.0
@@ -41,8 +43,10 @@ class BatchedDetectionHead(nn.Module):
     Outputs: boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence logits [N,1].
     """
 
-    def __init__(self, sam3_model, feat_hw: int, attn_implementation: str = "eager"):
-        """`attn_implementation`: "eager" (explicit softmax attention: what is exported) or
+    def __init__(self, sam3_model, dims: GraphDims, attn_implementation: str = "eager"):
+        """`dims.feat_hw` sizes the shape-only constants (the side of the level `Sam3Model`
+        reads, from the checkpoint's scale factors); `attn_implementation`: "eager"
+        (explicit softmax attention: what is exported) or
         "sdpa" for the PyTorch runtime, where a fused kernel avoids materialising the
         [N, heads, h*w, h*w] encoder attention (GBs at 1008 px and 16 prompts)."""
         super().__init__()
@@ -67,6 +71,7 @@ class BatchedDetectionHead(nn.Module):
 
         neck = sam3_model.vision_encoder.neck
         c = sam3_model.config.vision_config.fpn_hidden_size
+        feat_hw = dims.feat_hw
         with torch.no_grad():
             pos = neck.position_encoding((1, c, feat_hw, feat_hw), "cpu", torch.float32)
             grid = torch.arange(feat_hw, dtype=torch.float32) / feat_hw

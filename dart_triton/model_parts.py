@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .backbone import RestructuredBackbone, mask_levels
+from .backbone import RestructuredBackbone
 from .checkpoint import TEXT_MAX_LENGTH, load_sam3, load_tokenizer
 from .detection_head import BatchedDetectionHead
 from .specs import DEFAULT_MAX_CLASSES, PATCH_SIZE, GraphDims
@@ -28,6 +28,7 @@ def graph_dims(model, max_classes: int = DEFAULT_MAX_CLASSES,
         num_queries=int(cfg.detr_decoder_config.num_queries),
         max_classes=max_classes,
         with_mask_levels=with_mask_levels,
+        scale_factors=tuple(cfg.vision_config.scale_factors),  # where detection reads
     )
 
 
@@ -42,7 +43,7 @@ class Sam3Parts:
     @cached_property
     def runtime_head(self) -> BatchedDetectionHead:
         """The same head with fused (SDPA) attention, for running in PyTorch."""
-        return BatchedDetectionHead(self.model, self.dims.feat_hw, "sdpa").eval()
+        return BatchedDetectionHead(self.model, self.dims, "sdpa").eval()
 
 
 def load_parts(checkpoint: str | Path, imgsz: int | None = None,
@@ -53,7 +54,7 @@ def load_parts(checkpoint: str | Path, imgsz: int | None = None,
         raise ValueError(f"--max-classes must be at least 1, got {max_classes}")
     model = load_sam3(checkpoint, imgsz=imgsz)
     dims = graph_dims(model, max_classes, with_mask_levels)
-    levels = mask_levels(model.vision_encoder) if with_mask_levels else None
-    backbone = RestructuredBackbone(model.vision_encoder, dims.imgsz, levels).eval()
-    head = BatchedDetectionHead(model, dims.feat_hw).eval()
+    backbone = RestructuredBackbone(model.vision_encoder, dims.imgsz,
+                                    list(dims.backbone_levels)).eval()
+    head = BatchedDetectionHead(model, dims).eval()
     return Sam3Parts(model, load_tokenizer(checkpoint), backbone, head, dims)

@@ -6,7 +6,7 @@ tensor names and shapes from here. A shape entry of ``-1`` is dynamic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Triton data types (config.pbtxt spelling) and their numpy spellings.
 NUMPY_DTYPE = {
@@ -20,11 +20,32 @@ NUMPY_DTYPE = {
 }
 
 PATCH_SIZE = 14
+# Sam3VisionConfig's default FPN scales (4x, 2x, 1x, 0.5x of the ViT's imgsz/14 grid).
+SAM3_SCALE_FACTORS = (4.0, 2.0, 1.0, 0.5)
 DEFAULT_IMGSZ = 1008
 DEFAULT_MAX_CLASSES = 16
 MAX_REQUEST_CLASSES = 1024
 # Largest accepted input image, in pixels per side (an 8K frame fits; 16384² RGB is 768 MiB).
 MAX_IMAGE_SIDE = 8192
+# Longest class name accepted, in UTF-8 bytes. SAM3 reads 32 CLIP tokens per prompt (start,
+# at most 30 name tokens, end) and the longest token in CLIP's BPE vocabulary is 32 bytes, so
+# a name that fits holds at most 30 x 32 = 960 bytes; 1024 (32 tokens x 32 bytes) leaves a
+# margin. A longer name would be truncated anyway (whitespace runs aside: the tokenizer
+# collapses them). Refusing it up front keeps megabyte names out of the tokenizer (~1 s per
+# MB on a CPU) and out of the text cache.
+MAX_CLASS_NAME_BYTES = 1024
+
+# Pre-NMS candidate caps (`postprocess.nms`); NMS_IOU 1.0 (no NMS) sorts all and skips them.
+# In greedy NMS a box's fate depends only on the better-scored boxes of its group, so NMS over
+# the best-scored candidates returns exactly the start of what uncapped NMS returns.
+# Overall: SCORE_THRESHOLD 0 over 1024 classes x 200 queries is 204,800 boxes; 10,000 is
+# 100x the default MAX_DETECTIONS and bounds one request's NMS work. It can only shorten
+# the answer, and only if NMS suppresses more than 10,000 - MAX_DETECTIONS of the best boxes.
+PRE_NMS_TOPK = 10_000
+# Per NMS group (a class; the whole image in class-agnostic NMS): bounds a group's IoU matrix
+# to 1000 x 1000. 5x SAM3's 200 queries, so it never binds in SAM3's per-class NMS; in
+# class-agnostic NMS it acts as the overall cap (again only shortening the answer).
+PRE_NMS_TOPK_PER_GROUP = 1_000
 
 DEFAULT_SCORE_THRESHOLD = 0.3
 DEFAULT_NMS_IOU = 0.7
@@ -64,7 +85,14 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class GraphDims:
-    """Sizes fixed when a repository is built (from the checkpoint and build flags)."""
+    """Sizes fixed when a repository is built (from the checkpoint and build flags).
+
+    Where detection reads its features is the checkpoint's, not an assumption: the vision
+    neck has one FPN level per `scale_factors` entry, and `Sam3Model` feeds the DETR
+    encoder-decoder the last level it keeps (``fpn_hidden_states[:-1][-1]``), i.e. neck
+    index ``len(scale_factors) - 2``, at stride ``PATCH_SIZE / scale``. SAM3's default
+    scales put it at scale 1 (imgsz / 14); other valid configs do not.
+    """
 
     imgsz: int = DEFAULT_IMGSZ
     fpn_dim: int = 256  # channels of the FPN features the detector reads
@@ -72,12 +100,58 @@ class GraphDims:
     text_dim: int = 256  # projected text feature width (= DETR hidden size)
     num_queries: int = 200
     max_classes: int = DEFAULT_MAX_CLASSES
-    with_mask_levels: bool = False  # backbone also returns the two finer FPN levels
-    extra: dict = field(default_factory=dict, compare=False)
+    # backbone also returns the finer FPN levels the mask head reads (the neck levels
+    # before the detection level; False when there are none)
+    with_mask_levels: bool = False
+    scale_factors: tuple[float, ...] = SAM3_SCALE_FACTORS  # vision_config.scale_factors
+
+    def __post_init__(self):
+        scales = tuple(float(s) for s in self.scale_factors)  # JSON gives a list
+        if len(scales) < 2 or any(s <= 0 for s in scales):
+            raise ValueError(f"scale_factors must hold at least two positive scales (SAM3 "
+                             f"detects on the second to last), got {list(scales)}")
+        object.__setattr__(self, "scale_factors", scales)
+        object.__setattr__(self, "with_mask_levels",
+                           bool(self.with_mask_levels) and self.detection_level > 0)
+
+    @property
+    def detection_level(self) -> int:
+        """Index of the neck output the detector reads."""
+        return len(self.scale_factors) - 2
+
+    @property
+    def detection_scale(self) -> float:
+        return self.scale_factors[self.detection_level]
+
+    @property
+    def detection_stride(self) -> float:
+        """Input pixels per detection feature (14 for SAM3's default scales)."""
+        return PATCH_SIZE / self.detection_scale
+
+    def level_hw(self, scale: float) -> int:
+        """Side of the FPN level at `scale` (0.5 is a floor-mode 2x2 max-pool)."""
+        return int(self.imgsz // PATCH_SIZE * scale)
 
     @property
     def feat_hw(self) -> int:
-        return self.imgsz // PATCH_SIZE
+        """Side of the detection features: the enc-dec's grid, position encoding and RPB."""
+        return self.level_hw(self.detection_scale)
+
+    @property
+    def backbone_levels(self) -> tuple[int, ...]:
+        """Neck indices the backbone graph returns: detection first, then the mask levels."""
+        mask = range(self.detection_level) if self.with_mask_levels else ()
+        return (self.detection_level, *mask)
+
+    def level_name(self, index: int) -> str:
+        """Output name of neck level `index`: FPN_FEATURES for detection, else by scale."""
+        if index == self.detection_level:
+            return FPN_FEATURES
+        scale = self.scale_factors[index]
+        if self.scale_factors[: self.detection_level].count(scale) > 1:
+            raise ValueError(f"scale_factors {list(self.scale_factors)} repeat {scale:g}: "
+                             "the mask levels need distinct scales to be named")
+        return f"{FPN_FEATURES}_{scale:g}x"
 
 
 # Model names: the only place they are spelled out --------------------------------
@@ -103,8 +177,8 @@ CLASS_IDS = "CLASS_IDS"
 PIXEL_VALUES = "pixel_values"
 ORIGINAL_SIZE = "original_size"
 CHECKED_CLASSES = "checked_classes"  # CLASSES after preprocess validated them (ensemble)
-FPN_FEATURES = "fpn_features"  # the 1x level (imgsz/14): the only one detection reads
-FPN_FEATURES_4X = "fpn_features_4x"  # mask head only
+FPN_FEATURES = "fpn_features"  # the level detection reads (GraphDims.feat_hw per side)
+FPN_FEATURES_4X = "fpn_features_4x"  # mask head only (GraphDims.level_name: by scale)
 FPN_FEATURES_2X = "fpn_features_2x"  # mask head only
 TEXT_FEATURES = "text_features"
 TEXT_MASK = "text_mask"
@@ -116,13 +190,11 @@ DETECTION_OUTPUTS = (BOXES, SCORES, CLASS_IDS)  # dart's outputs, in order
 
 
 def backbone_spec(d: GraphDims) -> ModelSpec:
-    s, h = d.imgsz, d.feat_hw
-    outputs = [TensorSpec(FPN_FEATURES, "TYPE_FP32", (1, d.fpn_dim, h, h))]
-    if d.with_mask_levels:
-        outputs += [
-            TensorSpec(FPN_FEATURES_4X, "TYPE_FP32", (1, d.fpn_dim, 4 * h, 4 * h)),
-            TensorSpec(FPN_FEATURES_2X, "TYPE_FP32", (1, d.fpn_dim, 2 * h, 2 * h)),
-        ]
+    s = d.imgsz
+    outputs = []
+    for i in d.backbone_levels:  # detection level first, then the mask levels (if asked)
+        h = d.level_hw(d.scale_factors[i])
+        outputs.append(TensorSpec(d.level_name(i), "TYPE_FP32", (1, d.fpn_dim, h, h)))
     return ModelSpec(
         BACKBONE,
         (TensorSpec(PIXEL_VALUES, "TYPE_FP32", (1, 3, s, s)),),

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,7 @@ def export_enc_dec(parts: Sam3Parts, out_dir: Path) -> Path:
     d = parts.dims
     path = out_dir / "enc_dec.onnx"
     n = max(2, min(3, d.max_classes))  # N >= 2 so the exporter cannot specialise N to 1
-    example = (torch.zeros(1, d.fpn_dim, d.feat_hw, d.feat_hw),
+    example = (torch.zeros(spec.inputs[0].dims),
                torch.zeros(n, d.text_len, d.text_dim),
                torch.ones(n, d.text_len, dtype=torch.int32))
     dynamic = {t.name: {0: "N"} for t in (*spec.inputs[1:], *spec.outputs)}
@@ -151,7 +151,11 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
         raise RuntimeError(f"backbone graph contains fused attention nodes: {fused[:3]}")
     log(f"exporting enc_dec (N = 1..{max_classes}) ...")
     export_enc_dec(parts, out)
-    meta = {"dims": {k: v for k, v in asdict(parts.dims).items() if k != "extra"},
+    d = parts.dims
+    meta = {"dims": asdict(d),  # read back by read_graphs_meta
+            # derived from dims.scale_factors; recorded for people reading the file
+            "detection_level": {"index": d.detection_level, "scale": d.detection_scale,
+                                "stride": d.detection_stride, "feat_hw": d.feat_hw},
             "checkpoint": str(Path(checkpoint).resolve()), "opset": OPSET,
             "torch": torch.__version__}
     agreements = check_graphs(parts, out, n=min(3, max_classes)) if check else []
@@ -160,9 +164,16 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
     return meta, agreements
 
 
+def graph_dims_of(recorded: dict) -> specs.GraphDims:
+    """GraphDims from a recorded ``dims`` dict. One written before the scale factors were
+    recorded gets SAM3's default scales: the detection level at imgsz / 14, as then."""
+    names = {f.name for f in fields(specs.GraphDims)}
+    return specs.GraphDims(**{k: v for k, v in recorded.items() if k in names})
+
+
 def read_graphs_meta(onnx_dir: str | Path) -> specs.GraphDims:
     meta = json.loads((Path(onnx_dir) / GRAPHS_JSON).read_text())
-    return specs.GraphDims(**meta["dims"])
+    return graph_dims_of(meta["dims"])
 
 
 def main(argv: list[str] | None = None) -> int:

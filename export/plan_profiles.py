@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,16 @@ def read_graphs_hint(onnx_dir: str | Path) -> dict:
     return dict(json.loads(path.read_text()).get("dims", {}))
 
 
+def _imgsz_for_features(h: int, scales: specs.GraphDims, backbone: tuple[int, int]) -> int:
+    """The input size enc_dec's h x h features imply: the backbone's (imgsz, side) when its
+    features have that side, else the size whose detection level under `scales` is h."""
+    if h <= 0:
+        return -1  # symbolic in this graph
+    if backbone[1] == h:
+        return backbone[0]
+    return math.ceil(h / scales.detection_scale) * specs.PATCH_SIZE
+
+
 def graph_dims_from_onnx(
     backbone: GraphIO | None,
     enc_dec: GraphIO | None,
@@ -80,17 +91,23 @@ def graph_dims_from_onnx(
 
     Static graph dimensions are facts; ``hint`` (the exporter's dart_graphs.json) fills
     the ones the exporter left symbolic (e.g. the query count of the outputs) and must
-    agree with the rest.
+    agree with the rest. The graphs cannot tell which FPN scales the checkpoint has: those
+    come from the hint, SAM3's default (detection at imgsz / 14) when it has none.
     """
     if backbone is None and enc_dec is None:
         raise ValueError("need backbone.onnx or enc_dec.onnx to read the graph sizes")
+    hint = dict(hint or {})
+    scales = specs.GraphDims(scale_factors=hint.get("scale_factors", specs.SAM3_SCALE_FACTORS))
     found: list[tuple[str, int | bool, str]] = []  # (key, value, where)
+    features: list[tuple[int, str]] = []  # detection-level side per graph
+    backbone_sizes = (-1, -1)  # (imgsz, detection-level side)
     if backbone is not None:
         pix = _need(backbone.inputs, specs.PIXEL_VALUES, 4, "backbone.onnx")
         fpn = _need(backbone.outputs, specs.FPN_FEATURES, 4, "backbone.onnx")
+        backbone_sizes = (pix[2], fpn[2])
+        features.append((fpn[2], "backbone.onnx"))
         found += [("imgsz", pix[2], "backbone.onnx"), ("fpn_dim", fpn[1], "backbone.onnx"),
-                  ("with_mask_levels", specs.FPN_FEATURES_4X in backbone.outputs,
-                   "backbone.onnx")]
+                  ("with_mask_levels", len(backbone.outputs) > 1, "backbone.onnx")]
     if enc_dec is not None:
         fpn = _need(enc_dec.inputs, specs.FPN_FEATURES, 4, "enc_dec.onnx")
         text = _need(enc_dec.inputs, specs.TEXT_FEATURES, 3, "enc_dec.onnx")
@@ -98,7 +115,8 @@ def graph_dims_from_onnx(
         boxes = _need(enc_dec.outputs, specs.PRED_BOXES, 3, "enc_dec.onnx")
         for name in (specs.PRED_LOGITS, specs.PRESENCE_LOGITS):
             _need(enc_dec.outputs, name, 2, "enc_dec.onnx")
-        h = fpn[2] * specs.PATCH_SIZE if fpn[2] > 0 else -1
+        features.append((fpn[2], "enc_dec.onnx"))
+        h = _imgsz_for_features(fpn[2], scales, backbone_sizes)
         found += [("imgsz", h, "enc_dec.onnx"), ("fpn_dim", fpn[1], "enc_dec.onnx"),
                   ("text_len", text[1], "enc_dec.onnx"), ("text_dim", text[2], "enc_dec.onnx"),
                   ("num_queries", boxes[1], "enc_dec.onnx")]
@@ -111,9 +129,9 @@ def graph_dims_from_onnx(
             raise ValueError(f"{where[key]} and {src} disagree on {key}: {kw[key]} vs {value} "
                              "(export both graphs from one `dart-triton export` run)")
         kw[key], where[key] = value, src
-    for key, value in (hint or {}).items():
-        if key not in {f.name for f in dataclasses.fields(specs.GraphDims)} or key in (
-                "extra", "max_classes"):
+    known = {f.name for f in dataclasses.fields(specs.GraphDims)} - {"max_classes"}
+    for key, value in hint.items():
+        if key not in known:
             continue
         if key in kw and kw[key] != value:
             raise ValueError(f"{GRAPHS_JSON} says {key}={value} but {where[key]} has "
@@ -126,6 +144,13 @@ def graph_dims_from_onnx(
     dims = specs.GraphDims(max_classes=max_classes, **kw)
     if dims.imgsz % specs.PATCH_SIZE:
         raise ValueError(f"imgsz {dims.imgsz} is not a multiple of the patch size 14")
+    for h, src in features:
+        if h > 0 and h != dims.feat_hw:
+            raise ValueError(
+                f"{src}: {specs.FPN_FEATURES} is {h}x{h}, but {dims.imgsz} px with scale "
+                f"factors {list(dims.scale_factors)} detects on {dims.feat_hw}x{dims.feat_hw} "
+                f"(stride {dims.detection_stride:g}): the {GRAPHS_JSON} beside the graphs is "
+                "missing or from another export")
     return dims
 
 
