@@ -20,8 +20,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 TEXT_MAX_LENGTH = 32  # SAM3's processor pads every prompt to 32 tokens
 
-# Two deliberately different tiny architectures: widths, windows, global blocks,
-# queries and image sizes all differ, so nothing can silently depend on one of them.
+# Deliberately different tiny architectures: widths, windows, global blocks, queries and
+# image sizes all differ, so nothing can silently depend on one of them. "c" also has
+# other FPN scales than SAM3's [4, 2, 1, 0.5]: Sam3Model then detects on the 2x level
+# (stride 7, 18x18 at 126 px), not at imgsz / 14.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "a": {
         "vit": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -41,6 +43,16 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "detr": dict(hidden_size=24, num_attention_heads=3, intermediate_size=48),
         "enc_layers": 2, "dec_layers": 1, "queries": 7,
     },
+    "c": {
+        "vit": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, image_size=126, window_size=4,
+                    global_attn_indexes=[1], pretrain_image_size=42),
+        "scales": [4.0, 2.0, 1.0],
+        "fpn": 16, "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2),
+        "detr": dict(hidden_size=16, num_attention_heads=2, intermediate_size=32),
+        "enc_layers": 1, "dec_layers": 2, "queries": 6,
+    },
 }
 
 
@@ -59,6 +71,7 @@ def tiny_config(variant: str = "a"):
         vision_config=dict(
             backbone_config=dict(model_type="sam3_vit_model", patch_size=14, **v["vit"]),
             fpn_hidden_size=d,
+            scale_factors=v.get("scales"),  # None: SAM3's default
         ),
         text_config=dict(max_position_embeddings=TEXT_MAX_LENGTH, projection_dim=d, **v["text"]),
         geometry_encoder_config=dict(num_layers=1, **detr),
@@ -213,7 +226,9 @@ def tiny_checkpoint_main(argv: list[str] | None = None) -> int:
                              "(default: %(default)s)")
     parser.add_argument("--variant", choices=sorted(TINY_CONFIGS), default="a",
                         help="tiny architecture; the variants differ in widths, windows, "
-                             "global blocks, queries and image size (default: %(default)s)")
+                             "global blocks, queries and image size; c also has FPN scales "
+                             "[4, 2, 1], so it detects at stride 7, not 14 "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     out = write_tiny_checkpoint(args.out_dir, seed=args.seed, variant=args.variant)
     print(f"tiny random SAM3 (variant {args.variant}, seed {args.seed}) written to {out}")

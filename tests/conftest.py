@@ -34,9 +34,18 @@ def tiny_checkpoint_b(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_b"), seed=1, variant="b")
 
 
-@pytest.fixture(scope="session", params=["a", "b"])
-def any_tiny_checkpoint(request, tiny_checkpoint, tiny_checkpoint_b):
-    return tiny_checkpoint if request.param == "a" else tiny_checkpoint_b
+@pytest.fixture(scope="session")
+def tiny_checkpoint_c(tmp_path_factory):
+    """FPN scales [4, 2, 1]: Sam3Model detects on the 2x level (stride 7), not imgsz / 14."""
+    from dart_triton.checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_c"), seed=2, variant="c")
+
+
+@pytest.fixture(scope="session", params=["a", "b", "c"])
+def any_tiny_checkpoint(request):
+    suffix = "" if request.param == "a" else f"_{request.param}"
+    return request.getfixturevalue(f"tiny_checkpoint{suffix}")
 
 
 @pytest.fixture(scope="session")

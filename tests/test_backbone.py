@@ -5,6 +5,8 @@ import torch
 
 from dart_triton.backbone import RestructuredBackbone, mask_levels
 from dart_triton.checkpoint import load_sam3
+from dart_triton.model_parts import graph_dims
+from dart_triton.specs import SAM3_SCALE_FACTORS
 
 
 @pytest.mark.parametrize("levels", ["detect", "all"])
@@ -17,12 +19,20 @@ def test_matches_reference(any_tiny_checkpoint, levels):
     with torch.no_grad():
         ref = model.vision_encoder(x).fpn_hidden_states
         out = ours(x)
-    assert len(out) == (3 if levels == "all" else 1)
+    scales = tuple(model.config.vision_config.scale_factors)
+    # Sam3Model keeps every level but the last (the mask head reads them all)
+    assert len(out) == (len(scales) - 1 if levels == "all" else 1)
     for level, got in zip(ours.levels, out, strict=True):
         assert got.shape == ref[level].shape
         assert (got - ref[level]).abs().max().item() <= 1e-4
-    # detection reads the 1x level: imgsz / 14 per side
-    assert out[0].shape[-1] == size // 14
+    # detection reads the level Sam3Model feeds its enc-dec: fpn_hidden_states[:-1][-1]
+    assert (out[0] - ref[:-1][-1]).abs().max().item() <= 1e-4
+    assert out[0].shape[-1] == graph_dims(model).feat_hw
+    if scales == SAM3_SCALE_FACTORS:
+        # detection reads the 1x level: imgsz / 14 per side
+        assert out[0].shape[-1] == size // 14
+    else:  # variant c, scales [4, 2, 1]: the 2x level, stride 7
+        assert out[0].shape[-1] == 2 * (size // 14) and graph_dims(model).detection_stride == 7
 
 
 def test_other_resolution_rebuilds_rope(tiny_checkpoint):

@@ -32,6 +32,18 @@ def test_cli_writes_checkpoint(tmp_path):
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["model_type"] == "sam3"
 
 
+def test_cli_variant_c_detects_off_stride_14(tmp_path):
+    """Variant c keeps Sam3Model's other valid FPN scales, and the parts follow them."""
+    from dart_triton.model_parts import load_parts
+
+    assert cli(["tiny-checkpoint", str(tmp_path / "ck"), "--variant", "c"]) == 0
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert config["vision_config"]["scale_factors"] == [4.0, 2.0, 1.0]
+    dims = load_parts(tmp_path / "ck").dims
+    assert (dims.imgsz, dims.detection_level, dims.detection_stride, dims.feat_hw) == (
+        126, 1, 7.0, 18)
+
+
 @pytest.mark.parametrize("break_it, message", [
     (lambda d: None, "checkpoint directory not found"),
     (lambda d: d.mkdir(), "config.json is missing"),

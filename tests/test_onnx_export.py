@@ -7,13 +7,17 @@ import onnx
 import pytest
 
 from dart_triton import specs
+from dart_triton.checkpoint import load_sam3
 from dart_triton.cli import main as cli
 from dart_triton.export.onnx_export import (
     FUSED_ATTENTION_OPS,
+    GRAPHS_JSON,
     MIN_COSINE,
     export_graphs,
     fused_attention_nodes,
+    read_graphs_meta,
 )
+from dart_triton.export.plan_profiles import graph_dims_from_onnx, read_onnx_io
 from dart_triton.runtime import OrtGraph
 
 
@@ -76,6 +80,58 @@ def test_cli_export_with_mask_levels(tiny_checkpoint, tmp_path, capsys):
     assert [o.name for o in graph.output] == [
         specs.FPN_FEATURES, specs.FPN_FEATURES_4X, specs.FPN_FEATURES_2X]
     assert json.loads((tmp_path / "dart_graphs.json").read_text())["dims"]["max_classes"] == 2
+
+
+def test_detection_level_recorded_and_read_back(exported):
+    """dart_graphs.json carries the checkpoint's scales; the graphs, the JSON and the
+    TensorRT builder's reading of the graphs agree on the detection grid."""
+    out, meta, _ = exported
+    config = load_sam3(meta["checkpoint"]).config.vision_config
+    dims = read_graphs_meta(out)
+    assert dims.scale_factors == tuple(config.scale_factors)
+    level = meta["detection_level"]
+    assert (level["index"], level["feat_hw"]) == (dims.detection_level, dims.feat_hw)
+    bb, ed = read_onnx_io(out / "backbone.onnx"), read_onnx_io(out / "enc_dec.onnx")
+    h = dims.feat_hw
+    assert bb.outputs[specs.FPN_FEATURES] == ed.inputs[specs.FPN_FEATURES] == (1, dims.fpn_dim,
+                                                                               h, h)
+    assert graph_dims_from_onnx(bb, ed, dims.max_classes, meta["dims"]) == dims
+    assert graph_dims_from_onnx(None, ed, dims.max_classes, meta["dims"]) == dims
+
+
+def test_graphs_json_without_scales_reads_as_stride_14(tmp_path):
+    """A dart_graphs.json written before the scales were recorded (it had `extra`)."""
+    dims = {"imgsz": 644, "fpn_dim": 256, "text_len": 32, "text_dim": 256, "num_queries": 200,
+            "max_classes": 8, "with_mask_levels": False, "extra": {}}
+    (tmp_path / GRAPHS_JSON).write_text(json.dumps({"dims": dims}))
+    d = read_graphs_meta(tmp_path)
+    assert d.scale_factors == specs.SAM3_SCALE_FACTORS
+    assert (d.feat_hw, d.detection_stride, d.max_classes) == (46, 14, 8)
+
+
+def test_cli_export_detection_level_not_at_stride_14(tiny_checkpoint_c, tmp_path, capsys):
+    """Variant c (scales [4, 2, 1]): detection on the 2x level, one mask level at 4x."""
+    code = cli(["export", "--checkpoint", str(tiny_checkpoint_c), "--output", str(tmp_path),
+                "--max-classes", "2", "--with-mask-levels"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "cosine" in printed and "FAIL" not in printed
+    bb = read_onnx_io(tmp_path / "backbone.onnx")
+    ed = read_onnx_io(tmp_path / "enc_dec.onnx")
+    grid = 126 // 14
+    assert bb.outputs == {specs.FPN_FEATURES: (1, 16, 2 * grid, 2 * grid),
+                          specs.FPN_FEATURES_4X: (1, 16, 4 * grid, 4 * grid)}
+    assert ed.inputs[specs.FPN_FEATURES] == (1, 16, 2 * grid, 2 * grid)
+    dims = read_graphs_meta(tmp_path)
+    assert dims.with_mask_levels and dims.detection_stride == 7
+    for spec, io in ((specs.backbone_spec(dims), bb), (specs.enc_dec_spec(dims), ed)):
+        assert {t.name: t.dims for t in spec.outputs if -1 not in t.dims} == {
+            k: v for k, v in io.outputs.items() if -1 not in v}
+    hint = json.loads((tmp_path / GRAPHS_JSON).read_text())["dims"]
+    assert graph_dims_from_onnx(bb, ed, 2, hint) == dims
+    # without the recorded scales the graphs cannot be read as SAM3's stride-14 layout
+    with pytest.raises(ValueError, match=r"fpn_features is 18x18, but 126 px .* 9x9"):
+        graph_dims_from_onnx(bb, ed, 2)
 
 
 def test_cli_export_bad_checkpoint(tmp_path, capsys):
