@@ -9,6 +9,8 @@ project branches on a backend's name; a new backend is a new entry here.
   onnxruntime -> platform "onnxruntime_onnx" (the NGC image's onnxruntime backend)
   python      -> the python backend running the same ONNX graphs in ONNX Runtime
                  (any Triton, including the python-only one in nvidia-pytriton)
+  torch       -> the python backend running the restructured PyTorch modules from
+                 safetensors (CPU FP32, or GPU FP16 with torch.compile / CUDA graphs)
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dart_triton import specs
-from dart_triton.specs import ModelSpec
+from dart_triton.specs import GraphDims, ModelSpec
 
-from . import pbtxt
+from . import pbtxt, torch_weights
 
 if TYPE_CHECKING:
     from .repository import BuildOptions
@@ -53,6 +55,11 @@ class Backend:
     gpu_only: bool = False
     # Optimisation profiles of enc_dec: one per N bucket (TensorRT); otherwise none.
     profiles_per_bucket: bool = False
+    # What the graph models serve, written from the checkpoint into a scratch directory
+    # (then handed to `write_artifacts`) -> the graph dims. None: the ONNX graphs.
+    export: Callable[[Path, Path, BuildOptions, Callable], GraphDims] | None = None
+    # The build options this backend's graph models take, checked -> RepoOptions.graph_settings.
+    graph_settings: Callable[[BuildOptions], dict[str, str]] = lambda build: {}
 
     def python_models(self) -> dict[str, str]:
         """Every python model of a repository with this backend -> implementing module."""
@@ -160,6 +167,18 @@ BACKENDS: dict[str, Backend] = {
             write_artifacts=_copy_onnx,
             graph_python_models={m: "dart_triton.triton.graph_model"
                                  for m in specs.GRAPH_MODELS},
+        ),
+        Backend(
+            name="torch",
+            help="the restructured PyTorch modules in the python backend, from safetensors "
+                 "(CPU FP32; with --gpu FP16 by default, GPU-resident, optional "
+                 "--compile / --cuda-graphs)",
+            runtime='backend: "python"\n',
+            graph_extras=torch_weights.graph_extras,
+            write_artifacts=torch_weights.copy_weights,
+            graph_python_models={m: torch_weights.MODULE for m in specs.GRAPH_MODELS},
+            export=torch_weights.export_weights,
+            graph_settings=torch_weights.settings,
         ),
     )
 }

@@ -67,9 +67,14 @@ class BuildOptions:
     ort_threads: int = 0
     build_plans: bool = True  # tensorrt: build the plans now (else `build-plans` later)
     plan: PlanBuildOptions = field(default_factory=PlanBuildOptions)
+    # torch: serving precision (None: fp16 on a GPU, fp32 on the CPU), torch.compile mode,
+    # CUDA graphs (one per enc_dec bucket); see export.torch_weights
+    precision: str | None = None
+    compile: str = "none"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        get_backend(self.backend)  # refuses an unknown name
+        get_backend(self.backend).graph_settings(self)  # refuses an unknown name, bad options
         self.buckets = parse_buckets(self.buckets)
         if self.buckets and self.buckets[-1] != self.max_classes:
             raise ValueError(f"the largest bucket ({self.buckets[-1]}) must equal "
@@ -83,7 +88,8 @@ class BuildOptions:
                    buckets=parse_buckets(args.buckets),
                    vocabulary=Path(args.vocabulary) if args.vocabulary else None,
                    ort_threads=args.ort_threads, build_plans=not args.no_plans,
-                   plan=PlanBuildOptions.from_args(args))
+                   plan=PlanBuildOptions.from_args(args), precision=args.precision,
+                   compile=args.compile, cuda_graphs=args.cuda_graphs)
 
     def plan_options(self, max_classes: int) -> PlanBuildOptions:
         return replace(self.plan, max_classes=max_classes, buckets=self.buckets)
@@ -92,7 +98,8 @@ class BuildOptions:
         vocab = self.vocabulary or packaged_vocabulary()
         return RepoOptions(backend=self.backend, dims=dims, instances=dict(self.instances),
                            gpu=self.gpu, enc_dec_buckets=self.buckets,
-                           warm_vocabulary=vocab.name, ort_threads=self.ort_threads)
+                           warm_vocabulary=vocab.name, ort_threads=self.ort_threads,
+                           graph_settings=get_backend(self.backend).graph_settings(self))
 
 
 def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
@@ -124,14 +131,17 @@ def build_repository(checkpoint: str | Path, output: str | Path,
     # Every directory in a repository is a model to Triton: export graphs elsewhere.
     with tempfile.TemporaryDirectory(prefix="dart-graphs-") as scratch:
         graphs = Path(build.onnx_dir) if build.onnx_dir else Path(scratch)
-        if not _graphs_match(graphs, build.imgsz, build.max_classes):
+        if backend.export is not None:  # the backend serves something else (torch: weights)
+            graphs = Path(scratch)
+            dims = backend.export(checkpoint, graphs, build, log)
+        elif not _graphs_match(graphs, build.imgsz, build.max_classes):
             _, agreements = export_graphs(checkpoint, graphs, build.imgsz, build.max_classes,
                                           log=log)
             bad = [a for a in agreements if not a.ok]
             if bad:
                 raise RuntimeError(f"ONNX Runtime disagrees with PyTorch on {bad[0].tensor} "
                                    f"(cosine {bad[0].cosine:.6f})")
-        opts = build.repo_options(read_graphs_meta(graphs))
+        opts = build.repo_options(dims if backend.export else read_graphs_meta(graphs))
         vocab = build.vocabulary or packaged_vocabulary()
         repo.mkdir(parents=True, exist_ok=True)
         write_repository_files(repo, opts)
@@ -173,6 +183,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="tensorrt: write the repository without plans (build them later with "
                         "`dart-triton build-plans` on the GPU that will serve them)")
     add_plan_arguments(p, build_command=True)
+    # --precision is shared with tensorrt (plan precision, default fp16); unset, the torch
+    # backend picks fp16 on a GPU and fp32 on the CPU.
+    p.set_defaults(precision=None)
+    p._option_string_actions["--precision"].help = (
+        "tensorrt: plan precision (default fp16); torch: serving precision (default fp16 "
+        "with --gpu, fp32 on the CPU)")
+    p.add_argument("--compile", choices=("none", "default", "max-autotune"), default="none",
+                   help="torch: torch.compile the graph modules at load, before the models "
+                        "report ready (max-autotune: minutes per model; default %(default)s)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="torch (--gpu): capture one CUDA graph per enc_dec bucket (--buckets, "
+                        "else --max-classes) and one for the backbone at load")
     return p
 
 

@@ -37,6 +37,9 @@ class RepoOptions:
     cuda_graphs: bool = True
     warm_vocabulary: str = "coco80.txt"
     ort_threads: int = 0  # python backend: ONNX Runtime threads per session (0 = all cores)
+    # Graph-model parameters of backends that take any (torch: precision, compile mode,
+    # CUDA graphs), from the build options by the backend's entry (`export.backends`).
+    graph_settings: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.gpus = tuple(self.gpus)

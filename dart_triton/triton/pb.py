@@ -50,8 +50,15 @@ def as_numpy(tensor) -> np.ndarray:
 
 
 def from_torch(name: str, value: torch.Tensor):
+    """A torch tensor as a Triton tensor; GPU tensors stay on the GPU.
+
+    The tensor object itself goes to `from_dlpack`, not a capsule: python_backend then
+    calls its ``__dlpack__(stream=...)`` with its own stream and synchronises on it, so
+    the kernels that produce the tensor have finished before Triton reads it. A capsule
+    from ``to_dlpack`` carries no stream and could be read while still being written.
+    """
     if value.is_cuda:
-        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+        return pb_utils.Tensor.from_dlpack(name, value.contiguous())
     return pb_utils.Tensor(name, np.ascontiguousarray(value.numpy()))
 
 

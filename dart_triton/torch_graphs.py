@@ -1,0 +1,331 @@
+"""backbone and enc_dec as PyTorch modules served from safetensors (the torch backend).
+
+A repository built with ``--backend torch`` holds, in ``<model>/1/weights/``, the SAM3
+config (at the build's image size), every tensor of the restructured module (parameters
+and the precomputed buffers: RoPE tables, position embeddings) as safetensors, and the
+graph dims. Nothing is unpickled: the module is rebuilt from the config with its
+parameters on the meta device (no random initialisation of 840M weights) and then every
+tensor is assigned from the file. backbone is `RestructuredBackbone`, enc_dec is
+`BatchedDetectionHead` with SDPA attention (`Sam3Parts.runtime_head`).
+
+`TorchGraph` runs one such module on a device in a precision, optionally compiled
+(`torch.compile`) and with one CUDA graph per input shape; compilation and capture
+happen in `warm_up`, which the Triton model calls before it reports ready. The same
+class runs in process (`TorchGraphs`), so "served" and "in process" are the same modules.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import specs
+from .specs import GraphDims
+
+WEIGHTS_DIR = "weights"  # inside <model>/1/
+CONFIG_FILE = "sam3_config.json"
+TENSORS_FILE = "model.safetensors"
+META_FILE = "dart_graph.json"
+FORMAT = 1
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+# --compile -> torch.compile mode. CUDA graphs are a separate switch (captured here, per
+# bucket), so inductor's own cudagraphs stay off in every mode.
+COMPILE_MODES = {"none": None, "default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+class TorchGraphError(ValueError):
+    """A weights directory that cannot be loaded (missing, foreign, or incomplete)."""
+
+
+# Settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TorchSettings:
+    """How the graph modules run: precision, torch.compile mode, CUDA graphs."""
+
+    precision: str = "fp32"
+    compile: str = "none"
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, "
+                             f"got {self.compile!r}")
+
+    def check_device(self, device: torch.device | str) -> None:
+        """FP16 and CUDA graphs are GPU features: refuse them for a CPU in one line."""
+        if torch.device(device).type == "cuda":
+            return
+        if self.precision == "fp16":
+            raise ValueError("fp16 needs a GPU (PyTorch's CPU FP16 kernels are slow or "
+                             "missing): use fp32 on the CPU")
+        if self.cuda_graphs:
+            raise ValueError("CUDA graphs need a GPU")
+
+    def params(self) -> dict[str, str]:
+        """As config.pbtxt parameters (string values)."""
+        return {"precision": self.precision, "compile": self.compile,
+                "cuda_graphs": "yes" if self.cuda_graphs else "no"}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> TorchSettings:
+        return cls(precision=params.get("precision", "fp32"),
+                   compile=params.get("compile", "none"),
+                   cuda_graphs=params.get("cuda_graphs", "no") == "yes")
+
+
+# Saving and rebuilding the modules ------------------------------------------------------
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, non-persistent buffers included: the
+    precomputed tables are part of what the module computes, not state to rebuild."""
+    out = {name: p.detach() for name, p in module.named_parameters()}
+    out.update({name: b.detach() for name, b in module.named_buffers()})
+    return out
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, none sharing memory with another (safetensors refuses that)."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[name] = t.clone() if key in seen and t.numel() else t
+        seen.add(key)
+    return out
+
+
+def save_graph_module(out_dir: str | Path, name: str, module: nn.Module, sam3_config,
+                      dims: GraphDims) -> Path:
+    """Write one graph module's weights directory (config, tensors, dims)."""
+    from safetensors.torch import save_file
+
+    if name not in specs.GRAPH_MODELS:
+        raise ValueError(f"not a graph model: {name!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(sam3_config.to_json_string())
+    save_file(_storable(module_tensors(module)), str(out / TENSORS_FILE),
+              metadata={"model": name, "format": str(FORMAT)})
+    meta = {"format": FORMAT, "model": name, "dims": asdict(dims),
+            "attention": "sdpa" if name == specs.ENC_DEC else "explicit"}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _dims_of(recorded: dict) -> GraphDims:
+    names = {f.name for f in fields(GraphDims)}
+    return GraphDims(**{k: v for k, v in recorded.items() if k in names})
+
+
+def skeleton(name: str, sam3_config, dims: GraphDims) -> nn.Module:
+    """The graph module's structure with its parameters on the meta device.
+
+    Built the way `model_parts.load_parts` builds it; the buffers computed here (on the
+    CPU, from shapes) are replaced by the saved ones."""
+    from transformers import Sam3Model
+
+    from .backbone import RestructuredBackbone
+    from .detection_head import BatchedDetectionHead
+
+    with torch.device("meta"):
+        sam3 = Sam3Model(sam3_config)
+        if name == specs.BACKBONE:
+            return RestructuredBackbone(sam3.vision_encoder, dims.imgsz,
+                                        list(dims.backbone_levels))
+        return BatchedDetectionHead(sam3, dims, "sdpa")
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put every saved tensor in place (by name); refuse missing or unexpected ones."""
+    wanted = module_tensors(module)
+    missing, unexpected = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
+    if missing or unexpected:
+        raise TorchGraphError(f"weights do not fit the module: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for full, value in tensors.items():
+        owner_name, _, leaf = full.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if wanted[full].shape != value.shape:
+            raise TorchGraphError(f"{full}: saved shape {tuple(value.shape)}, module "
+                                  f"expects {tuple(wanted[full].shape)}")
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+    left = [n for n, t in module_tensors(module).items() if t.is_meta]
+    if left:
+        raise TorchGraphError(f"tensors left unset: {left[:3]}")
+
+
+def load_graph_module(weights_dir: str | Path, name: str) -> tuple[nn.Module, GraphDims]:
+    """(module on the CPU in FP32 or as saved, graph dims) from a weights directory."""
+    from safetensors.torch import load_file
+    from transformers import Sam3Config
+
+    root = Path(weights_dir)
+    try:
+        meta = json.loads((root / META_FILE).read_text())
+        config = Sam3Config.from_dict(json.loads((root / CONFIG_FILE).read_text()))
+    except (OSError, ValueError) as exc:
+        raise TorchGraphError(f"{root} is not a torch graph weights directory: {exc}") from None
+    if meta.get("format") != FORMAT or meta.get("model") != name:
+        raise TorchGraphError(f"{root / META_FILE} holds {meta.get('model')!r} (format "
+                              f"{meta.get('format')}), expected {name!r} (format {FORMAT})")
+    dims = _dims_of(meta["dims"])
+    module = skeleton(name, config, dims)
+    _assign(module, load_file(str(root / TENSORS_FILE)))
+    return module.eval(), dims
+
+
+# Running them ---------------------------------------------------------------------------
+
+
+def example_inputs(name: str, dims: GraphDims, n: int = 1,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Inputs of the served dtypes and shapes (contents irrelevant: for warm-up/capture)."""
+    spec = specs.backbone_spec(dims) if name == specs.BACKBONE else specs.enc_dec_spec(dims)
+    out = []
+    for t in spec.inputs:
+        shape = tuple(n if d == -1 else d for d in t.dims)
+        dtype = getattr(torch, t.numpy_dtype)
+        out.append(torch.ones(shape, dtype=dtype, device=device) if dtype == torch.int32
+                   else torch.zeros(shape, dtype=dtype, device=device))
+    return tuple(out)
+
+
+def _shape_key(inputs: Sequence[torch.Tensor]) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) for t in inputs)
+
+
+class _CapturedGraph:
+    """One CUDA graph for one set of input shapes: static inputs in, static outputs out."""
+
+    def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor], warmup: int = 3):
+        self.inputs = [t.clone() for t in inputs]
+        # Warm-up on a side stream (as torch.cuda.graphs' docs require): compiles, picks
+        # cuBLAS/cuDNN algorithms and fills the allocator before capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # a private memory pool per graph: never shared
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        for static, value in zip(self.inputs, inputs, strict=True):
+            static.copy_(value, non_blocking=True)
+        self.graph.replay()
+        # The next replay overwrites the static outputs: hand out copies.
+        return tuple(t.clone() for t in self.outputs)
+
+
+class TorchGraph:
+    """One graph module on one device: tensors in (any device, spec dtypes), FP32 out."""
+
+    def __init__(self, name: str, module: nn.Module, dims: GraphDims,
+                 device: torch.device | str = "cpu", settings: TorchSettings | None = None):
+        self.name, self.dims = name, dims
+        self.device = torch.device(device)
+        self.settings = settings or TorchSettings()
+        self.settings.check_device(self.device)
+        self.dtype = PRECISIONS[self.settings.precision]
+        self.module = module.to(device=self.device, dtype=self.dtype).eval()
+        mode = COMPILE_MODES[self.settings.compile]
+        self._fn: Callable = self._forward
+        if mode is not None:
+            # enc_dec's N varies: fixed shapes only where CUDA graphs pin them anyway.
+            dynamic = False if (name == specs.BACKBONE or self.settings.cuda_graphs) else None
+            self._fn = torch.compile(self._forward, mode=mode, dynamic=dynamic)
+        self._graphs: dict[tuple, _CapturedGraph] = {}
+
+    def _forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cast = [t.to(self.dtype) if t.is_floating_point() else t for t in inputs]
+        return tuple(t.float() for t in self.module(*cast))
+
+    def _on_device(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.to(self.device, non_blocking=True) for t in inputs]
+
+    @torch.no_grad()
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = self._on_device(inputs)
+        graph = self._graphs.get(_shape_key(inputs))
+        out = graph(inputs) if graph is not None else self._fn(*inputs)
+        return tuple(t.contiguous() for t in out)
+
+    def warm_shapes(self, buckets: Sequence[int] = ()) -> list[int]:
+        """The prompt counts warmed (and captured) at load: the buckets, else max_classes."""
+        if self.name == specs.BACKBONE:
+            return [1]
+        return sorted(set(buckets)) or [self.dims.max_classes]
+
+    @torch.no_grad()
+    def warm_up(self, buckets: Sequence[int] = ()) -> list[int]:
+        """Compile and (with CUDA graphs) capture for each warm shape; returns them."""
+        shapes = self.warm_shapes(buckets)
+        for n in shapes:
+            inputs = example_inputs(self.name, self.dims, n, self.device)
+            if self.settings.cuda_graphs:
+                self._graphs[_shape_key(inputs)] = _CapturedGraph(self._fn, inputs)
+            else:
+                self._fn(*inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return shapes
+
+    @classmethod
+    def from_weights(cls, weights_dir: str | Path, name: str,
+                     device: torch.device | str = "cpu",
+                     settings: TorchSettings | None = None) -> TorchGraph:
+        module, dims = load_graph_module(weights_dir, name)
+        return cls(name, module, dims, device, settings)
+
+
+def weights_dir(repo: str | Path, name: str, version: int = 1) -> Path:
+    return Path(repo) / name / str(version) / WEIGHTS_DIR
+
+
+class TorchGraphs:
+    """Both modules of a torch repository in this process (`runtime.LocalGraphs`):
+    numpy in and out, for `DartPipeline` — the served modules, without the server."""
+
+    def __init__(self, backbone: TorchGraph, enc_dec: TorchGraph):
+        self._backbone, self._enc_dec = backbone, enc_dec
+
+    @classmethod
+    def from_repository(cls, repo: str | Path, device: torch.device | str = "cpu",
+                        settings: TorchSettings | None = None,
+                        buckets: Sequence[int] = (), warm: bool = True) -> TorchGraphs:
+        graphs = [TorchGraph.from_weights(weights_dir(repo, name), name, device, settings)
+                  for name in specs.GRAPH_MODELS]
+        if warm:
+            for g in graphs:
+                g.warm_up(buckets)
+        return cls(*graphs)
+
+    @property
+    def dims(self) -> GraphDims:
+        return self._enc_dec.dims
+
+    def backbone(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._backbone(torch.from_numpy(pixel_values))[0].cpu().numpy()
+
+    def enc_dec(self, fpn_features, text_features, text_mask):
+        out = self._enc_dec(*(torch.as_tensor(np.asarray(t))
+                              for t in (fpn_features, text_features, text_mask)))
+        return tuple(t.cpu().numpy() for t in out)
