@@ -6,7 +6,7 @@ tensor names and shapes from here. A shape entry of ``-1`` is dynamic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # Triton data types (config.pbtxt spelling) and their numpy spellings.
 NUMPY_DTYPE = {
@@ -113,6 +113,14 @@ class GraphDims:
         object.__setattr__(self, "scale_factors", scales)
         object.__setattr__(self, "with_mask_levels",
                            bool(self.with_mask_levels) and self.detection_level > 0)
+
+    @classmethod
+    def from_dict(cls, recorded: dict) -> GraphDims:
+        """From a recorded ``asdict`` (JSON); unknown keys are ignored. A record written
+        before the scale factors were recorded gets SAM3's default scales: detection at
+        imgsz / 14, as it was then."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in recorded.items() if k in names})
 
     @property
     def detection_level(self) -> int:

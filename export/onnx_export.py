@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -164,16 +164,9 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
     return meta, agreements
 
 
-def graph_dims_of(recorded: dict) -> specs.GraphDims:
-    """GraphDims from a recorded ``dims`` dict. One written before the scale factors were
-    recorded gets SAM3's default scales: the detection level at imgsz / 14, as then."""
-    names = {f.name for f in fields(specs.GraphDims)}
-    return specs.GraphDims(**{k: v for k, v in recorded.items() if k in names})
-
-
 def read_graphs_meta(onnx_dir: str | Path) -> specs.GraphDims:
     meta = json.loads((Path(onnx_dir) / GRAPHS_JSON).read_text())
-    return graph_dims_of(meta["dims"])
+    return specs.GraphDims.from_dict(meta["dims"])
 
 
 def main(argv: list[str] | None = None) -> int:
