@@ -56,6 +56,15 @@ def _say(command: str, message: str) -> None:
     print(f"dart-triton {command}: {_one_line(message)}", file=sys.stderr)
 
 
+def _print(text: str) -> None:
+    """Print to stdout; a reader that went away (``detect ... | head``) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", nargs="+", required=True, metavar="NAME",
                         help="class names to detect, after the input file(s): "
@@ -339,10 +348,10 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
         json_out.write_text(text + "\n")
         for r in records:
             found = ", ".join(f"{d['category_name']} {d['score']:.2f}" for d in r["detections"])
-            print(f"{r['file_name']}: {len(r['detections'])} detections"
-                  + (f" ({found})" if found else ""))
+            _print(f"{r['file_name']}: {len(r['detections'])} detections"
+                   + (f" ({found})" if found else ""))
     else:
-        print(text)
+        _print(text)
     if annotated:
         where = annotated[0] if len(annotated) == 1 else Path(args.annotate)
         print(f"annotated image(s) written to {where}", file=sys.stderr)
