@@ -31,32 +31,51 @@ PLATFORM_BACKENDS: dict[str, str | None] = {
 # Models without a config.pbtxt: Triton picks the backend from the model file.
 _MODEL_FILES = {"model.py": "python", "model.onnx": "onnxruntime", "model.plan": "tensorrt",
                 "model.pt": "pytorch"}
-# `dart-triton build --backend X` -> the Triton backends its repository needs (the
-# pre/post-processing, text encoder and `dart` models are always python models).
-BUILD_BACKENDS = {
-    "python": ("python",),
-    "onnxruntime": ("python", "onnxruntime"),
-    "tensorrt": ("python", "tensorrt"),
-}
 NGC_HINT = ("the onnxruntime and tensorrt backends come with NVIDIA's Triton container "
             "(docker compose -f docker/compose.yaml up, see docker/README.md); "
-            "without it, build with --backend python")
+            "without it, build with --backend python or torch (DART_BACKEND=python for "
+            "scripts/demo.sh)")
+
+
+def config_backend(text: str) -> str | None:
+    """The backend a ``config.pbtxt`` (or a fragment of one) names; None for an ensemble.
+
+    Raises ValueError when the text is not a model configuration.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise ValueError(str(e)) from None
+    if cfg.backend:
+        return cfg.backend
+    return PLATFORM_BACKENDS.get(cfg.platform, cfg.platform or None)
+
+
+def build_backends(build_backend: str) -> set[str] | None:
+    """Triton backends a ``dart-triton build --backend X`` repository needs; None if no such X.
+
+    Its pre/post-processing, text encoder and `dart` models are python models; the graph
+    models use the runtime line of X's entry in the build's backend table.
+    """
+    from dart_triton.export.backends import BACKENDS
+
+    entry = BACKENDS.get(build_backend)
+    if entry is None:
+        return None
+    return {"python"} | {b for b in [config_backend(entry.runtime)] if b}
 
 
 def model_backend(model_dir: Path) -> str | None:
     """The Triton backend ``model_dir`` needs; None for an ensemble or when unknown."""
     config = model_dir / "config.pbtxt"
     if config.is_file():
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-
         try:
-            cfg = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
-        except (text_format.ParseError, UnicodeDecodeError):
+            return config_backend(config.read_text())
+        except (ValueError, UnicodeDecodeError):
             return None  # tritonserver itself will say what is wrong with it
-        if cfg.backend:
-            return cfg.backend
-        return PLATFORM_BACKENDS.get(cfg.platform, cfg.platform or None)
     for name, backend in _MODEL_FILES.items():
         if any(model_dir.glob(f"*/{name}")):
             return backend
@@ -157,12 +176,15 @@ def backend_problem(
 
 def build_backend_problem(build_backend: str, binary: str | Path | None = None) -> str | None:
     """Like `backend_problem`, for a repository ``dart-triton build --backend X`` would write."""
-    if build_backend not in BUILD_BACKENDS:
-        return f"unknown backend {build_backend!r}: choose one of {', '.join(BUILD_BACKENDS)}"
+    needed = build_backends(build_backend)
+    if needed is None:
+        from dart_triton.export.backends import BACKENDS
+
+        return f"unknown backend {build_backend!r}: choose one of {', '.join(BACKENDS)}"
     have = available_backends(binary)
     if have is None:
         return None
-    missing = [b for b in BUILD_BACKENDS[build_backend] if b not in have]
+    missing = sorted(needed - have)
     if not missing:
         return None
     return (f"{describe_server(binary)} has no {', '.join(missing)} backend (only: "
@@ -176,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "which model needs which backend in one line and exit 2.",
     )
     p.add_argument("repositories", nargs="*", metavar="REPO", help="model repository")
-    p.add_argument("--backend", choices=sorted(BUILD_BACKENDS),
+    p.add_argument("--backend", metavar="X",
                    help="check a repository `dart-triton build --backend X` would write")
     p.add_argument("--tritonserver", metavar="BIN",
                    help="binary to check (default: the one `dart-triton serve` runs)")

@@ -11,10 +11,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 BACKEND="${DART_BACKEND:-python}"
-case "$BACKEND" in
-    python|onnxruntime|tensorrt) ;;
-    *) echo "demo.sh: DART_BACKEND=$BACKEND: choose python, onnxruntime or tensorrt" >&2; exit 2 ;;
-esac
 # The tritonserver bundled in nvidia-pytriton has only the python backend: refuse a backend
 # the server that `dart-triton serve` runs cannot load now, not after a build and a crash.
 # Checked before setup when a venv is already there (exit 2 is the check's refusal; other

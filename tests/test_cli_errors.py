@@ -340,7 +340,9 @@ def test_repository_check_names_models_and_missing_backend(python_repository, tm
     binary = ngc / "bin" / "tritonserver"
     assert rc.available_backends(binary) == {"python", "onnxruntime"}
     assert rc.build_backend_problem("onnxruntime", binary) is None
+    assert rc.build_backend_problem("torch", binary) is None  # python models only
     assert "no tensorrt backend" in rc.build_backend_problem("tensorrt", binary)
+    assert rc.build_backends("tensorrt") == {"python", "tensorrt"}
 
 
 def test_repository_check_command_line(python_repository):
@@ -368,7 +370,8 @@ def test_demo_refuses_a_backend_the_local_server_cannot_load():
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], capture_output=True,
                           text=True, timeout=60, env={**env, "DART_BACKEND": "cuda"}, cwd=ROOT)
     assert proc.returncode == 2
-    _one_line(proc.stderr.splitlines(), "DART_BACKEND=cuda", "choose python")
+    _one_line(proc.stderr.splitlines(), "DART_BACKEND=cuda", "unknown backend 'cuda'",
+              "choose one of", "python")
 
 
 # --- README material: the curl request -------------------------------------------------
