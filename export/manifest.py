@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 
 MANIFEST = "dart_repository.json"
 FORMAT = 1
-# Options that do not change what is written (logging only).
-_NOT_SHAPING = {"verbose"}
+# Plan options that do not change what is written (logging), or that the build takes from
+# the repository's own options (BuildOptions.plan_options) and are compared there.
+_PLAN_NOT_COMPARED = {"verbose", "imgsz", "max_classes", "buckets"}
 # A graph model Triton serves from a TensorRT plan (GPU- and TensorRT-version-specific).
 _PLAN_PLATFORM = re.compile(r'^\s*platform:\s*"tensorrt_plan"', re.M)
 
@@ -96,8 +97,7 @@ def options_record(build: BuildOptions, vocabulary: Path) -> dict[str, Any]:
     the resolved dims (None means the checkpoint's), so it is left out here."""
     record = asdict(build)
     record.pop("imgsz")
-    record["plan"] = {k: v for k, v in record["plan"].items()
-                      if k not in _NOT_SHAPING and k != "imgsz"}
+    record["plan"] = {k: v for k, v in record["plan"].items() if k not in _PLAN_NOT_COMPARED}
     record["vocabulary"] = {"name": vocabulary.name, "sha256": _sha256(vocabulary)}
     return _jsonable(record)
 

@@ -1,8 +1,12 @@
 """docker/: hadolint on the Dockerfile, shellcheck on the scripts, compose.yaml checked with
-PyYAML, and the entrypoint's decisions run against stub commands (no Docker, no GPU)."""
+PyYAML, and the entrypoint's decisions run against stub commands (no Docker, no GPU).
+
+The stubs only check which commands the entrypoint runs with which arguments;
+tests/test_container_layout.py runs the real entrypoint with the real commands."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -49,29 +53,77 @@ def test_scripts_parse_and_are_executable(script: Path):
     assert os.access(script, os.X_OK), f"{script} must be executable (git update-index --chmod)"
 
 
+def _stages(text: str) -> list[str]:
+    """The Dockerfile split at each FROM (the text before the first FROM is dropped)."""
+    return ["FROM" + part for part in re.split(r"^FROM", text, flags=re.M)[1:]]
+
+
 def test_dockerfile_pins_tritonserver_and_wires_entrypoint():
     text = (DOCKER / "Dockerfile").read_text()
     tag = re.search(r"^ARG TRITON_TAG=(\d\d\.\d\d)-py3$", text, re.M)
     assert tag, "pin the tritonserver release (yy.mm-py3)"
-    assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}" in text
-    assert "install_tensorrt_python.sh" in text
-    assert 'ENTRYPOINT ["/usr/local/bin/dart-entrypoint"]' in text
-    assert "/v2/health/ready" in text
+    final = _stages(text)[-1]
+    assert final.startswith("FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}\n")
+    assert "install_tensorrt_python.sh" in final
+    assert 'ENTRYPOINT ["/usr/local/bin/dart-entrypoint"]' in final
     assert (DOCKER / "Dockerfile.dockerignore").read_text().count(".venv") == 1
+
+
+def test_dockerfile_installs_the_built_wheel_not_the_source_tree():
+    """Stage 1 builds the wheel; the image installs that wheel and gets no source tree, so
+    nothing (python3 -m, the python backend's stubs) can import the sources instead."""
+    builder, final = _stages((DOCKER / "Dockerfile").read_text())
+    name = re.match(r"FROM \S+ AS (\w+)", builder)
+    assert name, "stage 1 is named (AS wheel)"
+    assert re.search(r"pip wheel --no-deps --wheel-dir /wheels", builder)
+    assert f"COPY --from={name.group(1)} /wheels /tmp/wheels" in final
+    assert re.search(r"pip install [^\n]*--no-deps /tmp/wheels/dart_triton-\*\.whl", final)
+    copies = re.findall(r"^COPY (?!--from)(?:--\S+ )*(\S+)", final, re.M)
+    assert set(copies) <= {"docker/install_tensorrt_python.sh", "pyproject.toml",
+                           "docker/entrypoint.sh"}, copies
+    assert "pip install --no-cache-dir --no-deps ." not in final
+    workdirs = re.findall(r"^WORKDIR (\S+)", final, re.M)
+    assert workdirs and workdirs[-1] == "/workspace"
+
+
+def _seconds(value: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", value)
+    assert m, f"unreadable duration {value!r}"
+    return float(m.group(1)) * {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def test_dockerfile_healthcheck_is_the_deep_check():
+    """`dart-triton health` sends one real inference through `dart` (readiness stays 200
+    with a dead stub); it gives up before Docker kills it, and the first start (which
+    builds the plans) is covered by the start period."""
+    text = (DOCKER / "Dockerfile").read_text()
+    hc = re.search(r"^HEALTHCHECK ((?:--\S+ )+)\\\n\s+CMD (\[.*\])$", text, re.M)
+    assert hc, "HEALTHCHECK [options] CMD [exec form]"
+    options = dict(re.findall(r"--([\w-]+)=(\S+)", hc.group(1)))
+    cmd = json.loads(hc.group(2))
+    assert cmd[:4] == ["dart-triton", "health", "--url", "localhost:8001"]
+    timeout = float(cmd[cmd.index("--timeout") + 1])
+    assert timeout < _seconds(options["timeout"])
+    assert _seconds(options["start-period"]) >= 30 * 60
+    assert int(options["retries"]) >= 2
 
 
 def test_entrypoint_builds_with_the_documented_command():
     text = (DOCKER / "entrypoint.sh").read_text()
-    cmd = re.search(r"dart-triton build (.*?)\n(.*?)\n", text, re.S)
-    assert cmd
-    line = " ".join(cmd.groups())
-    for flag in ('--checkpoint "$CHECKPOINT"', '--output "$MODELS"', "--backend tensorrt",
-                 '--imgsz "$IMGSZ"', '--max-classes "$MAX_CLASSES"'):
-        assert flag in line
+    args = re.search(r"^BUILD_ARGS=\((.*?)\)$", text, re.M | re.S)
+    assert args
+    assert " ".join(args.group(1).split()) == (
+        '--backend tensorrt --imgsz "$IMGSZ" --max-classes "$MAX_CLASSES" '
+        '"${EXTRA_BUILD_ARGS[@]}"')
+    assert ('dart-triton build --checkpoint "$CHECKPOINT" --output "$MODELS" "${BUILD_ARGS[@]}"'
+            in text)
+    assert ('dart-triton check-repository "$MODELS" --checkpoint "$CHECKPOINT" -- '
+            '"${BUILD_ARGS[@]}"' in text)
     assert 'IMGSZ="${DART_IMGSZ:-1008}"' in text
     assert 'MAX_CLASSES="${DART_MAX_CLASSES:-16}"' in text
     assert 'CHECKPOINT="${DART_CHECKPOINT:-/checkpoints/sam3}"' in text
-    assert 'exec tritonserver --model-repository "$MODELS" "$@"' in text
+    assert 'HOST="${DART_HOST:-0.0.0.0}"' in text
+    assert 'exec dart-triton serve --model-repository "$MODELS" --host "$HOST" "$@"' in text
 
 
 # compose.yaml ---------------------------------------------------------------------------
@@ -112,9 +164,9 @@ def test_compose_ports_volumes_env():
 
 def test_compose_healthcheck():
     hc = _service()["healthcheck"]
-    assert hc["test"][0] == "CMD"
-    assert "http://localhost:8000/v2/health/ready" in " ".join(hc["test"])
-    assert hc["start_period"].endswith("m")  # first start builds the plans
+    assert hc["test"][:5] == ["CMD", "dart-triton", "health", "--url", "localhost:8001"]
+    assert float(hc["test"][hc["test"].index("--timeout") + 1]) < _seconds(hc["timeout"])
+    assert _seconds(hc["start_period"]) >= 30 * 60  # first start builds the plans
 
 
 def test_compose_shm_size_fits_python_backend_traffic():
@@ -137,14 +189,16 @@ def _stub(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def _run_entrypoint(tmp_path: Path, args: list[str], plans_current: bool,
-                    checkpoint: bool = True, **env: str) -> tuple[int, str, str]:
+def _run_entrypoint(tmp_path: Path, args: list[str], check_status: int,
+                    checkpoint: bool = True, **env: str) -> tuple[int, list[str], str]:
+    """The entrypoint with a `dart-triton` stub whose check-repository exits check_status."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir(exist_ok=True)
     log.write_text("")
-    _stub(bin_dir, "python3", f'echo "python3 $*" >> "{log}"\nexit {0 if plans_current else 1}\n')
-    _stub(bin_dir, "dart-triton", f'echo "dart-triton $*" >> "{log}"\n')
-    _stub(bin_dir, "tritonserver", f'echo "tritonserver $*" >> "{log}"\n')
+    _stub(bin_dir, "dart-triton", f'''echo "dart-triton $*" >> "{log}"
+[[ "$1" == check-repository ]] && exit {check_status}
+exit 0
+''')
     _stub(bin_dir, "bash-stub", f'echo "bash-stub $*" >> "{log}"\n')
     ckpt = tmp_path / "ckpt"
     if checkpoint:
@@ -153,40 +207,63 @@ def _run_entrypoint(tmp_path: Path, args: list[str], plans_current: bool,
                 "DART_MODEL_REPOSITORY": str(tmp_path / "models"), **env}
     res = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), *args], env=full_env,
                          capture_output=True, text=True)
-    return res.returncode, log.read_text(), res.stderr
+    return res.returncode, log.read_text().splitlines(), res.stderr
 
 
-def test_entrypoint_serves_current_plans(tmp_path: Path):
-    rc, calls, _ = _run_entrypoint(tmp_path, ["--log-verbose=1"], plans_current=True)
-    assert rc == 0
-    lines = calls.splitlines()
-    assert lines[0].startswith("python3 -m dart_triton.export.plan_sidecar check ")
-    assert "--imgsz 1008 --max-classes 16" in lines[0]
-    assert lines[1] == f"tritonserver --model-repository {tmp_path / 'models'} --log-verbose=1"
-    assert not any(line.startswith("dart-triton") for line in lines)
+def test_entrypoint_serves_a_current_repository(tmp_path: Path):
+    rc, calls, err = _run_entrypoint(tmp_path, ["--log-verbose=1"], check_status=0)
+    assert rc == 0, err
+    models, ckpt = tmp_path / "models", tmp_path / "ckpt"
+    assert calls == [
+        f"dart-triton check-repository {models} --checkpoint {ckpt} -- --backend tensorrt "
+        "--imgsz 1008 --max-classes 16",
+        f"dart-triton serve --model-repository {models} --host 0.0.0.0 --log-verbose=1",
+    ]
+    assert "is current: skipping the build" in err
 
 
-def test_entrypoint_builds_when_stale(tmp_path: Path):
-    rc, calls, err = _run_entrypoint(tmp_path, [], plans_current=False, DART_IMGSZ="644",
+def test_entrypoint_builds_when_stale_with_the_checked_arguments(tmp_path: Path):
+    rc, calls, err = _run_entrypoint(tmp_path, [], check_status=1, DART_IMGSZ="644",
                                      DART_MAX_CLASSES="8", DART_BUILD_ARGS="--buckets 1,4,8")
     assert rc == 0, err
-    lines = calls.splitlines()
-    assert lines[1] == (f"dart-triton build --checkpoint {tmp_path / 'ckpt'} --output "
-                        f"{tmp_path / 'models'} --backend tensorrt --imgsz 644 "
-                        "--max-classes 8 --buckets 1,4,8")
-    assert lines[2].startswith("tritonserver --model-repository")
+    models, ckpt = tmp_path / "models", tmp_path / "ckpt"
+    build_args = "--backend tensorrt --imgsz 644 --max-classes 8 --buckets 1,4,8"
+    assert calls == [
+        f"dart-triton check-repository {models} --checkpoint {ckpt} -- {build_args}",
+        f"dart-triton build --checkpoint {ckpt} --output {models} {build_args}",
+        f"dart-triton serve --model-repository {models} --host 0.0.0.0",
+    ]
+
+
+def test_entrypoint_backend_from_build_args(tmp_path: Path):
+    """DART_BUILD_ARGS may switch the backend: its --backend comes last, and wins."""
+    rc, calls, err = _run_entrypoint(tmp_path, [], check_status=1,
+                                     DART_BUILD_ARGS="--backend python", DART_HOST="127.0.0.1")
+    assert rc == 0, err
+    assert calls[1].endswith("--backend tensorrt --imgsz 1008 --max-classes 16 --backend python")
+    assert calls[2].endswith("--host 127.0.0.1")
 
 
 def test_entrypoint_needs_a_checkpoint_to_build(tmp_path: Path):
-    rc, calls, err = _run_entrypoint(tmp_path, [], plans_current=False, checkpoint=False)
-    assert rc == 1 and "no SAM3 checkpoint" in err and "tritonserver" not in calls
+    rc, calls, err = _run_entrypoint(tmp_path, [], check_status=1, checkpoint=False)
+    assert rc == 1 and "no SAM3 checkpoint" in err
+    assert not any(c.startswith(("dart-triton build", "dart-triton serve")) for c in calls)
 
 
-def test_entrypoint_runs_other_commands_and_skip_build(tmp_path: Path):
-    rc, calls, _ = _run_entrypoint(tmp_path, ["bash-stub", "-c", "x"], plans_current=False)
-    assert rc == 0 and calls.splitlines() == ["bash-stub -c x"]
-    rc, calls, _ = _run_entrypoint(tmp_path, [], plans_current=False, DART_SKIP_BUILD="1")
-    assert rc == 0 and calls.splitlines()[0].startswith("tritonserver ")
+def test_entrypoint_stops_on_unusable_build_args(tmp_path: Path):
+    rc, calls, err = _run_entrypoint(tmp_path, [], check_status=2, DART_BUILD_ARGS="--bogus")
+    assert rc == 2 and "DART_BUILD_ARGS" in err
+    assert len(calls) == 1 and calls[0].startswith("dart-triton check-repository")
+
+
+def test_entrypoint_runs_other_commands_skip_build_and_build_only(tmp_path: Path):
+    rc, calls, _ = _run_entrypoint(tmp_path, ["bash-stub", "-c", "x"], check_status=1)
+    assert rc == 0 and calls == ["bash-stub -c x"]
+    rc, calls, _ = _run_entrypoint(tmp_path, [], check_status=1, DART_SKIP_BUILD="1")
+    assert rc == 0 and len(calls) == 1 and calls[0].startswith("dart-triton serve ")
+    rc, calls, err = _run_entrypoint(tmp_path, [], check_status=1, DART_BUILD_ONLY="1")
+    assert rc == 0 and "DART_BUILD_ONLY=1" in err
+    assert [c.split()[1] for c in calls] == ["check-repository", "build"]
 
 
 def _run_install_tensorrt(tmp_path: Path, deb_version: str, pypi_has: str,

@@ -1,0 +1,130 @@
+"""The build manifest (export/manifest.py): what `check-repository` calls stale, and why,
+and `serve`'s refusal of another version's repository. Repositories are laid out by hand
+here (no export): what is checked is the manifest logic itself; a real build, serve and
+rebuild through the container entrypoint are in test_container_layout.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dart_triton import __version__, specs
+from dart_triton.export import manifest, plan_sidecar
+from dart_triton.export.repository import BuildOptions, packaged_vocabulary
+
+DIMS = specs.GraphDims(imgsz=112, max_classes=4)
+
+
+@pytest.fixture()
+def checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+def _repo(tmp_path: Path, checkpoint: Path, build: BuildOptions, plans: str | None = None
+          ) -> Path:
+    """A repository as a build leaves it: model files, then the manifest."""
+    repo = tmp_path / "repo"
+    for name in specs.GRAPH_MODELS:
+        (repo / name / "1").mkdir(parents=True)
+        platform = 'platform: "tensorrt_plan"' if plans else 'backend: "python"'
+        (repo / name / "config.pbtxt").write_text(f'name: "{name}"\n{platform}\n')
+        if plans:
+            plan = plan_sidecar.plan_path(repo, name)
+            plan.write_bytes(b"plan " + name.encode())
+            plan_sidecar.write_sidecar(plan, {
+                "model": name, "imgsz": DIMS.imgsz, "max_classes": DIMS.max_classes,
+                "tensorrt_version": plans, "plan_sha256": plan_sidecar.sha256_files([plan])})
+        else:
+            (repo / name / "1" / "model.onnx").write_bytes(b"graph")
+    manifest.write_manifest(repo, build, checkpoint, packaged_vocabulary(), DIMS)
+    return repo
+
+
+def _stale(repo: Path, checkpoint: Path, build: BuildOptions) -> list[str]:
+    return manifest.stale_reasons(repo, checkpoint, build, packaged_vocabulary())
+
+
+def test_same_request_is_current_and_imgsz_defaults_to_the_checkpoints(tmp_path, checkpoint):
+    build = BuildOptions(backend="python", max_classes=4)
+    repo = _repo(tmp_path, checkpoint, build)
+    assert _stale(repo, checkpoint, build) == []
+    # imgsz None means the checkpoint's (112 for the tiny one); an explicit 112 is the same.
+    assert _stale(repo, checkpoint, BuildOptions(backend="python", max_classes=4, imgsz=112)) == []
+    assert _stale(repo, checkpoint, BuildOptions(backend="python", max_classes=4, imgsz=56)) == [
+        "imgsz: built with 112, now 56"]
+
+
+def test_every_shaping_option_is_compared(tmp_path, checkpoint):
+    repo = _repo(tmp_path, checkpoint, BuildOptions(backend="python", max_classes=4))
+    reasons = _stale(repo, checkpoint, BuildOptions(
+        backend="onnxruntime", max_classes=4, instances={**BuildOptions().instances, "dart": 3},
+        buckets=(1, 4)))
+    assert "backend: built with 'python', now 'onnxruntime'" in reasons
+    assert "instances.dart: built with 2, now 3" in reasons
+    assert "buckets: built with [], now [1, 4]" in reasons
+    vocab = tmp_path / "names.txt"
+    vocab.write_text("cat\ndog\n")
+    reasons = manifest.stale_reasons(repo, checkpoint, BuildOptions(
+        backend="python", max_classes=4, vocabulary=vocab), vocab)
+    assert any(r.startswith("vocabulary.name: built with 'coco80.txt'") for r in reasons)
+
+
+def test_checkpoint_and_files_are_fingerprinted(tmp_path, checkpoint):
+    build = BuildOptions(backend="python", max_classes=4)
+    repo = _repo(tmp_path, checkpoint, build)
+    weights = checkpoint / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    (reason,) = _stale(repo, checkpoint, build)
+    assert reason.startswith("checkpoint.files.model.safetensors: built with [")
+    # Without the checkpoint mounted, a built repository is served as it is.
+    assert _stale(repo, tmp_path / "absent", build) == []
+    (repo / "backbone" / "1" / "model.onnx").unlink()
+    assert "1 file(s) of the build are missing, e.g. backbone/1/model.onnx" in _stale(
+        repo, tmp_path / "absent", build)
+
+
+def test_tensorrt_plans_of_another_tensorrt_are_stale(tmp_path, checkpoint, monkeypatch):
+    build = BuildOptions(backend="tensorrt", max_classes=4)
+    repo = _repo(tmp_path, checkpoint, build, plans="10.9.0.34")
+    monkeypatch.setattr(plan_sidecar, "current_device", lambda: None)
+    monkeypatch.setattr(plan_sidecar, "tensorrt_version", lambda: "10.9.0.34")
+    assert manifest.plan_models(repo) == list(specs.GRAPH_MODELS)
+    assert _stale(repo, checkpoint, build) == []
+    monkeypatch.setattr(plan_sidecar, "tensorrt_version", lambda: "10.11.0.33")
+    assert _stale(repo, checkpoint, build) == [
+        f"{m}: built with TensorRT 10.9.0.34, this is 10.11.0.33" for m in specs.GRAPH_MODELS]
+
+
+def test_unfinished_and_foreign_repositories(tmp_path, checkpoint):
+    build = BuildOptions(backend="python", max_classes=4)
+    repo = _repo(tmp_path, checkpoint, build)
+    assert manifest.version_refusal([repo]) is None
+    data = json.loads((repo / manifest.MANIFEST).read_text())
+    (repo / manifest.MANIFEST).write_text(json.dumps({**data, "dart_triton_version": "0.0.1"}))
+    assert manifest.version_refusal([repo]) == (
+        f"{repo} was built by dart-triton 0.0.1 and this is {__version__}: rebuild it with "
+        "`dart-triton build`")
+    assert f"built by dart-triton 0.0.1, this is {__version__}" in _stale(repo, checkpoint, build)
+    (repo / manifest.MANIFEST).write_text("{not json")
+    assert "is unreadable" in manifest.version_refusal([repo])
+    manifest.invalidate(repo)  # what a build does first
+    assert _stale(repo, checkpoint, build) == [
+        f"no {manifest.MANIFEST} in {repo} (never built, or the build was interrupted)"]
+    assert manifest.version_refusal([repo]) is None  # not a dart-triton build: served as is
+
+
+def test_check_repository_command(tmp_path, checkpoint, capsys):
+    repo = _repo(tmp_path, checkpoint, BuildOptions(backend="python", max_classes=4))
+    args = [str(repo), "--checkpoint", str(checkpoint), "--", "--backend", "python",
+            "--max-classes", "4"]
+    assert manifest.check_main(args) == 0
+    assert capsys.readouterr().out == f"{repo} is current\n"
+    assert manifest.check_main([*args, "--imgsz", "56"]) == 1
+    assert capsys.readouterr().out == "stale: imgsz: built with 112, now 56\n"
+    assert manifest.check_main([*args, "--buckets", "1,3"]) == 2
+    assert "largest bucket (3) must equal --max-classes (4)" in capsys.readouterr().err
