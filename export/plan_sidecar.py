@@ -7,8 +7,11 @@ a plan was built for, so that:
 
 * :func:`check_repository_compatibility` refuses to mix plans built for different image
   sizes or TensorRT versions in one repository;
-* :func:`stale_reasons` (and ``python -m dart_triton.export.plan_sidecar check REPO``,
-  used by the container entrypoint) tells whether the plans must be rebuilt here.
+* :func:`stale_reasons` tells whether the plans must be rebuilt here (this GPU, this
+  TensorRT). ``dart-triton check-repository`` (``export.manifest``, run by the container
+  entrypoint) calls it for the plans of a repository, after comparing the repository's
+  manifest with the build options; ``python -m dart_triton.export.plan_sidecar check
+  REPO`` checks the plans alone.
 """
 
 from __future__ import annotations
