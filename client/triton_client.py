@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from tritonclient.utils import InferenceServerException
@@ -22,6 +23,12 @@ Transport = Literal["grpc", "http"]
 DEFAULT_URLS: dict[str, str] = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 _CONTRACT = specs.dart_spec(specs.GraphDims())
 _OUTPUTS = (specs.BOXES, specs.SCORES, specs.CLASS_IDS)
+# Status of a request that never reached a server: nothing listening, connection reset.
+UNAVAILABLE = "UNAVAILABLE"
+# Statuses worth retrying: the server is (re)starting or gone for now. The gRPC code, HTTP
+# 503, and a connection failure; never INVALID_ARGUMENT (the same request fails again).
+_RETRYABLE = frozenset({"StatusCode.UNAVAILABLE", "503", UNAVAILABLE})
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -37,7 +44,42 @@ def _server_errors(url: str) -> Iterator[None]:
     except TimeoutError as e:  # an OSError too, but not a connection failure
         raise DartClientError(f"no answer from Triton at {url} in time: {e}", "TIMEOUT") from e
     except OSError as e:  # the HTTP client's connection refused / DNS / reset
-        raise DartClientError(f"cannot reach Triton at {url}: {e}") from e
+        raise DartClientError(f"cannot reach Triton at {url}: {e}", UNAVAILABLE) from e
+
+
+def is_unavailable(error: DartClientError) -> bool:
+    """True when ``error`` says the server could not take the request now (worth a retry)."""
+    return error.status in _RETRYABLE
+
+
+def retry_unavailable(
+    call: Callable[[], T],
+    retries: int,
+    backoff: float,
+    *,
+    backoff_max: float = float("inf"),
+    first: int = 0,
+    sleep: Callable[[float], None] = time.sleep,
+    before_retry: Callable[[], None] | None = None,
+) -> T:
+    """``call()``, repeated while it fails with UNAVAILABLE, at most ``retries`` times in all.
+
+    Retry n (1-based) waits ``backoff * 2**(n-1)`` seconds first, at most ``backoff_max``.
+    ``first`` is how many retries were already spent (1 when an asynchronous attempt
+    failed). Any other error, or the last UNAVAILABLE one, is raised.
+    """
+    attempt = first
+    while True:
+        if attempt:
+            sleep(min(backoff * 2 ** (attempt - 1), backoff_max))
+            if before_retry is not None:
+                before_retry()
+        try:
+            return call()
+        except DartClientError as e:
+            if attempt >= retries or not is_unavailable(e):
+                raise
+        attempt += 1
 
 
 def _quiet_gevent() -> None:
@@ -52,15 +94,29 @@ def _quiet_gevent() -> None:
 
 
 class DetectionFuture:
-    """A pending `detect_async` request; ``result()`` blocks until it is answered."""
+    """A pending `detect_async` request; ``result()`` blocks until it is answered.
 
-    def __init__(self, wait: Callable[[float | None], Detections], url: str) -> None:
+    A request that failed with UNAVAILABLE is sent again (synchronously, by ``resend``).
+    """
+
+    def __init__(
+        self,
+        wait: Callable[[float | None], Detections],
+        url: str,
+        resend: Callable[[], Detections] | None = None,
+    ) -> None:
         self._wait = wait
         self._url = url
+        self._resend = resend
 
     def result(self, timeout: float | None = None) -> Detections:
-        with _server_errors(self._url):
-            return self._wait(timeout)
+        try:
+            with _server_errors(self._url):
+                return self._wait(timeout)
+        except DartClientError as e:
+            if self._resend is None or not is_unavailable(e):
+                raise
+            return self._resend()
 
 
 class DartClient:
@@ -69,6 +125,12 @@ class DartClient:
     Not thread-safe, as the underlying tritonclient clients are not: use one
     DartClient per thread. With ``protocol="http"``, ``concurrency`` is the size
     of the connection pool and so caps the requests `detect_async` keeps in flight.
+
+    A detection request that fails with UNAVAILABLE (nothing listening: the server is
+    restarting) is retried up to ``retries`` times, after ``retry_backoff``, then twice,
+    four times that many seconds, ..., at most ``retry_backoff_max`` each (defaults: 3
+    retries, 0.5 + 1 + 2 s). Other failures, INVALID_ARGUMENT above all, are never
+    retried. ``retries=0`` turns it off.
     """
 
     def __init__(
@@ -80,36 +142,61 @@ class DartClient:
         concurrency: int = 4,
         timeout: float | None = 300.0,
         verbose: bool = False,
+        retries: int = 3,
+        retry_backoff: float = 0.5,
+        retry_backoff_max: float = 10.0,
     ) -> None:
         if protocol not in DEFAULT_URLS:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        if min(retries, retry_backoff, retry_backoff_max) < 0:
+            raise ValueError("retries, retry_backoff and retry_backoff_max must be >= 0")
         self.url = url or DEFAULT_URLS[protocol]
         self.protocol = protocol
         self.model = model
         self.timeout = timeout
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+        self._verbose = verbose
+        self._concurrency = max(1, concurrency)
         # Imported here so that importing this module does not pull in both stacks.
         if protocol == "grpc":
             import tritonclient.grpc as tc
 
-            self._client = tc.InferenceServerClient(self.url, verbose=verbose)
             self._outputs = [tc.InferRequestedOutput(n) for n in _OUTPUTS]
         else:
             import tritonclient.http as tc
 
-            self._client = tc.InferenceServerClient(
-                self.url,
-                verbose=verbose,
-                concurrency=max(1, concurrency),
-                # None means "wait as long as it takes", as it does for gRPC.
-                network_timeout=timeout if timeout is not None else 1e9,
-            )
             self._outputs = [tc.InferRequestedOutput(n, binary_data=True) for n in _OUTPUTS]
             _quiet_gevent()
         self._tc = tc
+        self._client = self._connect()
+        self._retired: list[Any] = []
+
+    def _connect(self) -> Any:
+        if self.protocol == "grpc":
+            return self._tc.InferenceServerClient(self.url, verbose=self._verbose)
+        return self._tc.InferenceServerClient(
+            self.url,
+            verbose=self._verbose,
+            concurrency=self._concurrency,
+            # None means "wait as long as it takes", as it does for gRPC.
+            network_timeout=self.timeout if self.timeout is not None else 1e9,
+        )
+
+    def _reconnect(self) -> None:
+        """A fresh gRPC channel before a retry: one that failed to connect waits out its
+        own reconnect backoff (growing to minutes) and fails fast meanwhile."""
+        if self.protocol == "grpc":
+            self._retired.append(self._client)  # pending async requests may still use it
+            self._client = self._connect()
 
     # --- lifecycle --------------------------------------------------------------------
     def close(self) -> None:
-        self._client.close()
+        for client in [*self._retired, self._client]:
+            with contextlib.suppress(Exception):
+                client.close()
+        self._retired.clear()
 
     def __enter__(self) -> DartClient:
         return self
@@ -206,6 +293,19 @@ class DartClient:
         """
         classes = class_list(classes)
         inputs = self._inputs(image, classes, score_threshold, nms_iou, max_detections)
+        return self._retrying(lambda: self._detect_once(inputs, classes))
+
+    def _retrying(self, call: Callable[[], T], first: int = 0) -> T:
+        return retry_unavailable(
+            call,
+            self.retries,
+            self.retry_backoff,
+            backoff_max=self.retry_backoff_max,
+            first=first,
+            before_retry=self._reconnect,
+        )
+
+    def _detect_once(self, inputs: list[Any], classes: list[str]) -> Detections:
         with _server_errors(self.url):
             if self.protocol == "grpc":
                 result = self._client.infer(
@@ -214,6 +314,12 @@ class DartClient:
             else:
                 result = self._client.infer(self.model, inputs, outputs=self._outputs)
             return self._parse(result, classes)
+
+    def _resend(self, inputs: list[Any], classes: list[str]) -> Callable[[], Detections] | None:
+        """For a DetectionFuture: send again, synchronously, once its attempt was UNAVAILABLE."""
+        if self.retries == 0:
+            return None
+        return lambda: self._retrying(lambda: self._detect_once(inputs, classes), first=1)
 
     def detect_async(
         self,
@@ -226,19 +332,32 @@ class DartClient:
         """Send one request without waiting; ``.result()`` on the return value waits."""
         classes = class_list(classes)
         inputs = self._inputs(image, classes, score_threshold, nms_iou, max_detections)
-        with _server_errors(self.url):
-            if self.protocol == "grpc":
-                return self._send_grpc(inputs, classes)
-            request = self._client.async_infer(self.model, inputs, outputs=self._outputs)
+        resend = self._resend(inputs, classes)
+        try:
+            with _server_errors(self.url):
+                if self.protocol == "grpc":
+                    return self._send_grpc(inputs, classes, resend)
+                request = self._client.async_infer(self.model, inputs, outputs=self._outputs)
+        except DartClientError as e:
+            if resend is None or not is_unavailable(e):
+                raise
+            done: Future[Detections] = Future()
+            done.set_result(resend())
+            return DetectionFuture(done.result, self.url)
 
         # HTTP requests run as greenlets that make progress whenever the caller blocks
         # in get_result, so waiting on the oldest also drives the younger ones.
         def wait(timeout: float | None) -> Detections:
             return self._parse(request.get_result(timeout=timeout), classes)
 
-        return DetectionFuture(wait, self.url)
+        return DetectionFuture(wait, self.url, resend)
 
-    def _send_grpc(self, inputs: list[Any], classes: list[str]) -> DetectionFuture:
+    def _send_grpc(
+        self,
+        inputs: list[Any],
+        classes: list[str],
+        resend: Callable[[], Detections] | None,
+    ) -> DetectionFuture:
         fut: Future[Detections] = Future()
 
         def done(result: Any, error: InferenceServerException | None) -> None:
@@ -253,7 +372,7 @@ class DartClient:
         self._client.async_infer(
             self.model, inputs, done, outputs=self._outputs, client_timeout=self.timeout
         )
-        return DetectionFuture(fut.result, self.url)
+        return DetectionFuture(fut.result, self.url, resend)
 
     def detect_stream(
         self,

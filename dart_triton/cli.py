@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "check-repository": ("dart_triton.export.manifest", "check_main",
                          "is a built repository what `build` would write now? (exit 0: yes)"),
     "serve": ("dart_triton.server", "serve_main", "start tritonserver on a repository"),
+    "health": ("dart_triton.health", "main", "deep health check: one tiny real inference"),
     "detect": ("dart_triton.client.cli", "detect_main", "detect objects in images via Triton"),
     "video": ("dart_triton.client.cli", "video_main", "annotate a video via Triton"),
     "coco-eval": ("dart_triton.benchmarks.coco_eval", "main", "COCO box AP through the server"),

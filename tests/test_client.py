@@ -225,7 +225,7 @@ class _Recorder:
         return _fake_model(inputs)
 
 
-def _grpc_server(recorder: _Recorder) -> tuple[object, str]:
+def _grpc_server(recorder: _Recorder, port: int = 0) -> tuple[object, str]:
     import grpc
     from tritonclient.grpc import model_config_pb2 as mc
     from tritonclient.grpc import service_pb2 as pb
@@ -272,12 +272,12 @@ def _grpc_server(recorder: _Recorder) -> tuple[object, str]:
 
     server = grpc.server(ThreadPoolExecutor(8))
     svc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     return server, f"127.0.0.1:{port}"
 
 
-def _http_server(recorder: _Recorder) -> tuple[object, str]:
+def _http_server(recorder: _Recorder, port: int = 0) -> tuple[object, str]:
     from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, triton_to_np_dtype
 
     class Handler(BaseHTTPRequestHandler):
@@ -329,7 +329,7 @@ def _http_server(recorder: _Recorder) -> tuple[object, str]:
             head = json.dumps({"model_name": "dart", "outputs": meta}).encode()
             self._send(200, head + b"".join(v.tobytes() for v in outputs.values()), len(head))
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"127.0.0.1:{server.server_address[1]}"
 
@@ -479,3 +479,92 @@ def test_future_timeout_is_a_client_error():
     never: Future[Detections] = Future()
     with pytest.raises(DartClientError, match="in time"):
         DetectionFuture(never.result, "somewhere:1").result(timeout=0.01)
+
+
+# --- retries: a request the server could not take (UNAVAILABLE) is sent again -----------
+def _failing(statuses: list[str | None]):
+    """A call failing with each of ``statuses`` in turn (None: success), and its log."""
+    calls: list[str | None] = []
+
+    def call() -> str:
+        status = statuses[len(calls)]
+        calls.append(status)
+        if status is not None:
+            raise DartClientError(f"failed with {status}", status)
+        return "answer"
+
+    return call, calls
+
+
+def test_retry_unavailable_backs_off_and_gives_up_after_the_last_retry():
+    from dart_triton.client.triton_client import retry_unavailable
+
+    sleeps: list[float] = []
+    call, calls = _failing(["StatusCode.UNAVAILABLE", "503", "UNAVAILABLE", None])
+    assert retry_unavailable(call, 3, 0.5, sleep=sleeps.append) == "answer"
+    assert sleeps == [0.5, 1.0, 2.0] and len(calls) == 4
+
+    sleeps.clear()
+    call, calls = _failing(["UNAVAILABLE"] * 5)
+    with pytest.raises(DartClientError, match="UNAVAILABLE"):
+        retry_unavailable(call, 4, 1.0, backoff_max=3.0, sleep=sleeps.append)
+    assert sleeps == [1.0, 2.0, 3.0, 3.0] and len(calls) == 5  # capped; 1 + 4 retries
+
+    sleeps.clear()
+    call, calls = _failing(["UNAVAILABLE"] * 3)  # an async attempt already failed once
+    with pytest.raises(DartClientError):
+        retry_unavailable(call, 3, 0.5, first=1, sleep=sleeps.append)
+    assert sleeps == [0.5, 1.0, 2.0] and len(calls) == 3  # the retries that were left
+
+
+@pytest.mark.parametrize("status", ["StatusCode.INVALID_ARGUMENT", "400",
+                                    "StatusCode.DEADLINE_EXCEEDED", "TIMEOUT", None])
+def test_retry_unavailable_never_retries_other_failures(status):
+    from dart_triton.client.triton_client import retry_unavailable
+
+    sleeps: list[float] = []
+    call, calls = _failing([status or "", None])
+    with pytest.raises(DartClientError):
+        retry_unavailable(call, 5, 0.1, sleep=sleeps.append)
+    assert len(calls) == 1 and sleeps == []
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_client_retries_until_a_late_server_answers(protocol):
+    """Nothing listens at first (a restarting server): the request waits for it."""
+    from dart_triton.client.triton_client import DartClient
+    from dart_triton.server import free_port
+
+    port, recorder = free_port(), _Recorder()
+    with DartClient(f"127.0.0.1:{port}", protocol, retries=0) as client:
+        with pytest.raises(DartClientError) as err:
+            client.detect(_frame(1), ["cat"])
+        assert err.value.status in {"StatusCode.UNAVAILABLE", "UNAVAILABLE"}
+
+    started: list[object] = []
+    make = _grpc_server if protocol == "grpc" else _http_server
+    timer = threading.Timer(1.0, lambda: started.append(make(recorder, port)[0]))
+    timer.start()
+    try:
+        with DartClient(f"127.0.0.1:{port}", protocol, retries=8, retry_backoff=0.1,
+                        retry_backoff_max=0.8) as client:
+            future = client.detect_async(_frame(5), ["cat", "dog"])  # sent while down
+            dets = client.detect(_frame(7), ["cat", "dog"])
+            assert dets.boxes[0].tolist() == [7, 0, 17, 20]
+            assert future.result().boxes[0].tolist() == [5, 0, 15, 20]
+            assert len(recorder.requests) == 2  # each answered once, after the server came
+            # INVALID_ARGUMENT is the server's final word: sent once, not retried.
+            with pytest.raises(DartClientError, match="text encoder failed"):
+                client.detect(_frame(1), ["boom"])
+            assert len(recorder.requests) == 3
+    finally:
+        timer.join()
+        for server in started:
+            server.stop(None) if protocol == "grpc" else server.shutdown()
+
+
+def test_client_refuses_negative_retries():
+    from dart_triton.client.triton_client import DartClient
+
+    with pytest.raises(ValueError, match="retries"):
+        DartClient("127.0.0.1:1", retries=-1)

@@ -34,6 +34,8 @@ from dart_triton.server import (
     failure_reasons,
     find_tritonserver,
     free_port,
+    group_members,
+    shm_regions,
     stub_python_bin,
 )
 from dart_triton.server import serve_main as serve
@@ -229,6 +231,34 @@ def test_serve_runs_in_foreground_until_sigint(echo_repo: Path, tmp_path: Path) 
     assert code == 0, text
     assert "successfully loaded 'echo'" in text  # the server log is echoed to stdout
     assert "Signal (2) received" in text  # forwarded to tritonserver, which shut down
+    # No `dart` here: supervised for crashes only; the summary ends the output.
+    assert "no model 'dart' is ready: deep health checks are off" in text
+    assert "exit summary: stopped by SIGINT after" in text and "0 restart(s)" in text
+
+
+@pytest.mark.server
+def test_crash_reason_cleanup_and_restart_on_the_same_ports(echo_repo: Path) -> None:
+    _need(find_tritonserver)
+    with TritonServer(echo_repo, env=OFFLINE, extra_args=["--exit-timeout-secs=5"]) as srv:
+        assert srv.process is not None
+        first, ports = srv.process.pid, dict(srv.ports)
+        group = srv.group_pids()
+        assert first in group and len(group) == 2  # tritonserver and the echo stub
+        assert len(shm_regions(srv.shm_prefix)) == 1  # the stub's region, named by our prefix
+        os.kill(first, signal.SIGSEGV)
+        srv.process.wait(30)
+        assert srv.death_reason() == "tritonserver was killed by SIGSEGV: Signal (11) received."
+        srv.stop()
+        assert group_members(first) == [] and shm_regions(srv.shm_prefix) == []
+
+        srv.start()  # again, on the same ports; the log is appended to
+        assert srv.process.pid != first and srv.ports == ports
+        assert "Signal (11)" not in srv.log_text()  # this run's log only
+        assert "Signal (11) received." in srv.log_path.read_text()
+        with urllib.request.urlopen(f"http://{srv.http_url}/v2/health/ready") as resp:
+            assert resp.status == 200
+        second = srv.process.pid
+    assert group_members(second) == [] and shm_regions(srv.shm_prefix) == []
 
 
 def _real_image() -> np.ndarray:
