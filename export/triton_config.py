@@ -150,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     args = sys.argv[1:] if argv is None else argv
-    repo = Path(args[0] if args else Path(__file__).resolve().parent.parent / "model_repository")
+    checkout = Path(__file__).resolve().parent.parent  # the source tree, when run from one
+    if not args and not (checkout / "pyproject.toml").is_file():
+        print("usage: python -m dart_triton.export.triton_config OUT_DIR (installed: name the "
+              "directory to write)", file=sys.stderr)
+        return 2
+    repo = Path(args[0] if args else checkout / "model_repository")
     write_repository_files(repo, reference_options())
     print(f"wrote reference configs into {repo}")
     return 0
