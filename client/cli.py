@@ -334,6 +334,9 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # an annotated image that could not be saved after all
         _say("detect", f"error: cannot write {e.filename or ''}: {e.strerror or e}")
         status = 1
+    except KeyboardInterrupt:
+        _say("detect", "interrupted; nothing written")
+        return 130
     finally:
         client.close()
     if failed:
@@ -439,6 +442,9 @@ def video_main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # a frame the server's rules refuse, a full disk
         _say("video", f"error: {e}")
         return 1
+    except KeyboardInterrupt:
+        _say("video", f"interrupted; {out} is incomplete")
+        return 130
     finally:
         client.close()
     print(f"{out}: {stats.summary()} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 import time
 import warnings
@@ -105,6 +106,12 @@ def annotate_video(
     import imageio.v2 as iio
     from tqdm import tqdm
 
+    # imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, i.e. fork() and Python code
+    # in the child: with gRPC threads busy (a client sending frames, the writer's ffmpeg
+    # starts at the first frame) the child dies in about 1 start in 15 and the pipe
+    # breaks. Without preexec_fn, subprocess uses vfork+exec. (ffmpeg then shares our
+    # process group and sees Ctrl-C too, which stops it anyway.)
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     try:
         reader = iio.get_reader(str(src), format="FFMPEG")

@@ -300,6 +300,42 @@ def test_video_out_folder(triton_server, clip, tmp_path, capsys):
     assert sum(1 for _ in iio.get_reader(written)) == 3
 
 
+def test_video_ffmpeg_starts_while_grpc_is_busy(clip, tmp_path, monkeypatch):
+    """imageio-ffmpeg starts ffmpeg through fork() and a preexec_fn; with gRPC threads busy
+    in this process the child died in 4 of 60 starts (broken pipe, or "Could not load meta
+    information"). An in-process fake gRPC server keeps them busy."""
+    import threading
+
+    from dart_triton.client import DartClient
+    from dart_triton.client.video import annotate_video
+    from tests.test_client import _grpc_server, _Recorder
+
+    monkeypatch.delenv("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", raising=False)
+    server, url = _grpc_server(_Recorder())
+    stop = threading.Event()
+
+    def hammer() -> None:
+        frame = np.zeros((48, 64, 3), np.uint8)
+        with DartClient(url) as busy:
+            while not stop.is_set():
+                for f in [busy.detect_async(frame, ["cat"]) for _ in range(4)]:
+                    f.result()
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    try:
+        with DartClient(url) as client:
+            for k in range(15):  # a reader and a writer each: 30 ffmpeg starts
+                stats = annotate_video(clip, tmp_path / f"out{k}.mp4",
+                                       lambda f: client.detect_async(f, ["cat"]),
+                                       max_frames=2, progress=False)
+                assert stats.frames == 2
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        server.stop(None)
+
+
 # --- the in-process pipeline ----------------------------------------------------------------
 def test_pipeline_takes_read_only_images_without_warning(tiny_checkpoint, photo):
     from dart_triton.pipelines import DartPipeline
