@@ -52,6 +52,14 @@ def parse_instances(text: str | None) -> dict[str, int]:
     return counts
 
 
+def parse_gpus(text: str | None) -> tuple[int, ...]:
+    """'0,1' -> (0, 1): the GPUs instance groups are placed on."""
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not all(t.isdigit() for t in items) or len(set(items)) != len(items):
+        raise ValueError(f"--gpus takes distinct GPU ids like '0,1', got {text!r}")
+    return tuple(int(t) for t in items)
+
+
 @dataclass
 class BuildOptions:
     """What `dart-triton build` was asked for; built once from the command line."""
@@ -62,6 +70,7 @@ class BuildOptions:
     instances: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_INSTANCES))
     onnx_dir: Path | None = None  # reuse exported graphs
     gpu: bool = False
+    gpus: tuple[int, ...] = ()  # instance groups on these GPUs (implies gpu)
     buckets: tuple[int, ...] = ()
     vocabulary: Path | None = None  # None: the packaged COCO names
     ort_threads: int = 0
@@ -85,6 +94,7 @@ class BuildOptions:
         return cls(backend=args.backend, imgsz=args.imgsz, max_classes=args.max_classes,
                    instances=parse_instances(args.instances),
                    onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None, gpu=args.gpu,
+                   gpus=parse_gpus(args.gpus),
                    buckets=parse_buckets(args.buckets),
                    vocabulary=Path(args.vocabulary) if args.vocabulary else None,
                    ort_threads=args.ort_threads, build_plans=not args.no_plans,
@@ -169,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx-dir", default=None, help="reuse graphs from `dart-triton export`")
     p.add_argument("--gpu", action="store_true",
                    help="run the python models and graphs on the GPU (implied by tensorrt)")
+    p.add_argument("--gpus", default=None,
+                   help="GPU ids, e.g. 0,1: every model gets --instances instances on EACH "
+                        "listed GPU (Triton's instance_group gpus; implies --gpu)")
     p.add_argument("--ort-threads", type=int, default=0,
                    help="python backend: ONNX Runtime threads per graph session (default: "
                         "all cores; with 2 frames in flight, half the cores each)")

@@ -144,3 +144,22 @@ def test_bundled_server_accepts_tensorrt_repository_configs(tiny_checkpoint, tmp
             continue  # never attempted: its steps are unavailable
         reason = entry["reason"].lower()
         assert "no gpus are available" in reason or "backend 'tensorrt'" in reason, (name, reason)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_instances_spread_over_listed_gpus(backend):
+    """--gpus 0,1: every model's --instances count is per listed GPU (Triton's `gpus`)."""
+    from dart_triton.export.repository import parse_gpus, parse_instances
+
+    opts = RepoOptions(backend=backend, dims=DIMS, gpus=parse_gpus("0,1"),
+                       instances=parse_instances("dart=2,backbone=1,enc_dec=3"))
+    cfgs = {k: parse(v) for k, v in all_configs(opts).items() if k != "dart_ensemble"}
+    for name, cfg in cfgs.items():
+        (group,) = cfg.instance_group
+        assert group.kind == mc.ModelInstanceGroup.KIND_GPU, name
+        assert list(group.gpus) == [0, 1], name
+        assert group.count == opts.instances[name], name
+    with pytest.raises(ValueError, match="--gpus"):
+        parse_gpus("0,0")
+    with pytest.raises(ValueError, match="--gpus"):
+        parse_gpus("gpu0")
