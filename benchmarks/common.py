@@ -26,9 +26,13 @@ from typing import Any
 import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-DEFAULT_OUT = BENCH_DIR / "results"
-DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
+# In a source checkout the studies write beside this file (benchmarks/results, RESULTS.md);
+# installed from a wheel (this folder is dart_triton/benchmarks in site-packages) they
+# write under the working directory instead, never into the installed package.
+IN_CHECKOUT = (BENCH_DIR.parent / "pyproject.toml").is_file()
+REPO_ROOT = BENCH_DIR.parent if IN_CHECKOUT else Path.cwd()
+DEFAULT_OUT = BENCH_DIR / "results" if IN_CHECKOUT else Path.cwd() / "benchmarks" / "results"
+DEFAULT_RESULTS = (BENCH_DIR if IN_CHECKOUT else Path.cwd() / "benchmarks") / "RESULTS.md"
 
 def cache_dir() -> Path:
     """Checkpoints, ONNX graphs and repositories built for benchmarks (reused across runs).
