@@ -12,9 +12,9 @@ and the autoscaling rule selects series a real tritonserver exports.
   of the session server's /metrics around a burst of concurrent requests must contain
   the series the rule selects, with its labels, and give a positive queue/compute ratio.
 
-Tools: ``kubectl`` (kustomize built in), ``kubernetes-validate``, ``checkov`` and
-``prometheus-client`` (the ``dev`` extra, checkov possibly in its own environment); a test
-whose tool is missing is skipped, naming it.
+Tools: ``kubectl`` (kustomize built in), ``kubernetes-validate`` and ``prometheus-client``
+(the ``dev`` extra), ``checkov`` (its own environment, see ``_checkov``); a test whose tool
+is missing is skipped, naming it.
 """
 
 from __future__ import annotations
@@ -388,13 +388,14 @@ def test_plan_cache_builds_each_key_once(tiny_checkpoint, tmp_path: Path) -> Non
 
 
 def _checkov() -> str:
-    # The dev extra puts it beside this interpreter; a separate environment on PATH or
-    # named by $CHECKOV also works (its pins clash with this project's).
-    for candidate in (os.environ.get("CHECKOV"), str(Path(sys.executable).parent / "checkov"),
-                      shutil.which("checkov")):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.skip("checkov not installed (pip install checkov, or set $CHECKOV)")
+    # checkov pins old packaging/networkx, so it may live in an environment of its own:
+    # $CHECKOV, .tools/checkov (scripts/setup.sh), beside this interpreter, or on PATH.
+    candidates = (os.environ.get("CHECKOV"), ROOT / ".tools" / "checkov" / "bin" / "checkov",
+                  Path(sys.executable).parent / "checkov", shutil.which("checkov"))
+    for candidate in filter(None, candidates):
+        if Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    pytest.skip("checkov not installed (its own venv at .tools/checkov, or set $CHECKOV)")
 
 
 def _documented_skips() -> dict[str, str]:
