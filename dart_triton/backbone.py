@@ -104,14 +104,19 @@ class ViTBlock(nn.Module):
         return x[:, :h, :w, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A pruned sub-block (`dart_triton.pruning`) is None: its residual branch is skipped.
+        if self.attn is not None:
+            x = x + self.attention_branch(x)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+    def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         y = self.norm1(x)
         if self.window > 0:
-            y = self._unpartition(self.attn(self._partition(y)), b)
-        else:
-            y = self.attn(y.reshape(b, h * w, c)).view(b, h, w, c)
-        x = x + y
-        return x + self.mlp(self.norm2(x))
+            return self._unpartition(self.attn(self._partition(y)), b)
+        return self.attn(y.reshape(b, h * w, c)).view(b, h, w, c)
 
 
 class RestructuredBackbone(nn.Module):

@@ -53,6 +53,18 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "detr": dict(hidden_size=16, num_attention_heads=2, intermediate_size=32),
         "enc_layers": 1, "dec_layers": 2, "queries": 6,
     },
+    # Deep enough for backbone pruning (issue 11): 6 blocks, 2 of them global (the last
+    # block among them, as in SAM3), so sub-block search has windowed candidates on both
+    # sides of a protected block.
+    "d": {
+        "vit": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                    num_attention_heads=2, image_size=84, window_size=3,
+                    global_attn_indexes=[2, 5], pretrain_image_size=42),
+        "fpn": 16, "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2),
+        "detr": dict(hidden_size=16, num_attention_heads=2, intermediate_size=32),
+        "enc_layers": 1, "dec_layers": 1, "queries": 6,
+    },
 }
 
 
@@ -227,7 +239,8 @@ def tiny_checkpoint_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=sorted(TINY_CONFIGS), default="a",
                         help="tiny architecture; the variants differ in widths, windows, "
                              "global blocks, queries and image size; c also has FPN scales "
-                             "[4, 2, 1], so it detects at stride 7, not 14 "
+                             "[4, 2, 1], so it detects at stride 7, not 14; d has 6 blocks, "
+                             "2 global (for pruning) "
                              "(default: %(default)s)")
     args = parser.parse_args(argv)
     out = write_tiny_checkpoint(args.out_dir, seed=args.seed, variant=args.variant)

@@ -139,13 +139,23 @@ def check_graphs(parts: Sam3Parts, out_dir: Path, n: int) -> list[Agreement]:
 
 def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None = None,
                   max_classes: int = specs.DEFAULT_MAX_CLASSES, with_mask_levels: bool = False,
-                  check: bool = True, log=print) -> tuple[dict, list[Agreement]]:
-    """Export both graphs and write `dart_graphs.json` (the dims every later step reads)."""
+                  check: bool = True, log=print,
+                  backbone: str = "vit") -> tuple[dict, list[Agreement]]:
+    """Export both graphs and write `dart_graphs.json` (the dims every later step reads).
+
+    `backbone` picks the module behind the backbone graph (`dart_triton.backbone_choice`)."""
+    from dart_triton.backbone_choice import BackboneChoice, with_backbone
+
+    from .conv_gelu import separate_conv_gelu
+
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(checkpoint, imgsz, max_classes, with_mask_levels)
-    log(f"exporting backbone ({parts.dims.imgsz}px) ...")
+    choice = BackboneChoice.parse(backbone)
+    parts = with_backbone(load_parts(checkpoint, imgsz, max_classes, with_mask_levels), choice)
+    log(f"exporting backbone {choice} ({parts.dims.imgsz}px) ...")
     bb = export_backbone(parts, out)
+    if choice.kind == "student":
+        separate_conv_gelu(bb)  # TensorRT 10 has no FP16 Conv+GELU kernel (export.conv_gelu)
     fused = fused_attention_nodes(bb)
     if fused:
         raise RuntimeError(f"backbone graph contains fused attention nodes: {fused[:3]}")
@@ -157,6 +167,7 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
             "detection_level": {"index": d.detection_level, "scale": d.detection_scale,
                                 "stride": d.detection_stride, "feat_hw": d.feat_hw},
             "checkpoint": str(Path(checkpoint).resolve()), "opset": OPSET,
+            "backbone": choice.describe(),
             "torch": torch.__version__}
     agreements = check_graphs(parts, out, n=min(3, max_classes)) if check else []
     meta["check"] = [asdict(a) for a in agreements]

@@ -42,6 +42,22 @@ def tiny_checkpoint_c(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_c"), seed=2, variant="c")
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint_d(tmp_path_factory):
+    """6 ViT blocks, 2 of them global (2 and 5): deep enough for backbone pruning."""
+    from dart_triton.checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_d"), seed=3, variant="d")
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory):
+    """A handful of real photographs shipped by scikit-image, as PNG files."""
+    from .photos import write_photos
+
+    return write_photos(tmp_path_factory.mktemp("photos"))
+
+
 @pytest.fixture(scope="session", params=["a", "b", "c"])
 def any_tiny_checkpoint(request):
     suffix = "" if request.param == "a" else f"_{request.param}"
