@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .specs import MAX_IMAGE_SIDE, MAX_REQUEST_CLASSES
+from .specs import MAX_CLASS_NAME_BYTES, MAX_IMAGE_SIDE, MAX_REQUEST_CLASSES
 
 MIN_IMAGE_SIDE = 8
 
@@ -35,6 +35,7 @@ def decode_class_names(raw: Sequence[object]) -> list[str]:
     names = []
     for i, item in enumerate(raw):
         if isinstance(item, bytes | np.bytes_):
+            _check_name_bytes(i, len(item))  # before decoding: a huge name is refused at once
             try:
                 item = bytes(item).decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -58,9 +59,18 @@ def check_classes(
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise ValueError(f"CLASSES[{i}] must be a string, got {type(name).__name__}")
+        if 4 * len(name) > MAX_CLASS_NAME_BYTES:  # else short enough in any encoding
+            _check_name_bytes(i, len(name.encode("utf-8", "surrogatepass")))
         if not name.strip():
             raise ValueError(f"CLASSES[{i}] is empty or whitespace only")
     return names
+
+
+def _check_name_bytes(index: int, size: int) -> None:
+    """SAM3 reads 32 tokens of a name; see `specs.MAX_CLASS_NAME_BYTES` for the limit."""
+    if size > MAX_CLASS_NAME_BYTES:
+        raise ValueError(f"CLASSES[{index}] is {size} bytes long; a class name is at most "
+                         f"{MAX_CLASS_NAME_BYTES} bytes of UTF-8 (SAM3 reads only 32 tokens)")
 
 
 def check_options(score_threshold: float, nms_iou: float, max_detections: int) -> None:

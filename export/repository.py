@@ -114,12 +114,14 @@ class BuildOptions:
 
 def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
     """Text weights + tokenizer + a warm cache for the vocabulary; returns names cached."""
+    from dart_triton.text_encoder import CACHE_FILE
+
     version = repo / "text_encoder" / "1"
     encoder = TextEncoder.from_checkpoint(checkpoint)
     encoder.save_pretrained(version / "text_encoder")
     names = read_vocabulary(vocabulary)
     shutil.copy2(vocabulary, version / vocabulary.name)
-    encoder.save_cache(version / "text_cache.npz", names)
+    encoder.save_cache(version / CACHE_FILE, names)  # safetensors + a JSON index: no pickle
     return len(names)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import sys
 
 import numpy as np
@@ -181,3 +182,82 @@ def test_failing_sub_model_is_internal_naming_it(models, photo, monkeypatch):
         assert response.error().code() == getattr(fake_pb_utils.TritonError, code)
         assert f"model '{model}' failed" in response.error().message()
         assert dart.failures[code].value == before + 1
+
+
+# --- input limits: the ensemble's gate, the text cache file -------------------------------
+
+
+def test_preprocess_refuses_more_classes_than_the_ensemble_takes(models, photo):
+    T = fake_pb_utils.Tensor
+    limit = models["preprocess"].max_classes
+    assert limit == models["enc_dec"].max_classes  # the config's max_classes: one pass
+    names = np.array([f"class {i}".encode() for i in range(limit + 5)], dtype=object)
+    message = (rf"^dart_ensemble takes at most {limit} classes per request \(got {limit + 5}\); "
+               r"send larger class lists to the `dart` model, which splits them into passes$")
+    with pytest.raises(ValueError, match=message):
+        _preprocess(models, [T("IMAGE", photo), T("CLASSES", names)])
+    # Before any other work: even a bad image and a bad option get this answer first.
+    with pytest.raises(ValueError, match=message):
+        _preprocess(models, [T("IMAGE", np.zeros((2, 2), np.float32)), T("CLASSES", names),
+                             T("NMS_IOU", np.array([0.0], np.float32))])
+    out = _preprocess(models, [T("IMAGE", photo), T("CLASSES", names[:limit])])
+    assert len(out["checked_classes"].as_numpy()) == limit
+
+
+def _text_encoder_copy(python_repository, tmp_path):
+    """A private copy of the built text_encoder model, to plant cache files in."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(python_repository / "text_encoder", repo / "text_encoder")
+    return repo, repo / "text_encoder" / "1"
+
+
+@pytest.mark.parametrize("case", ["old npz", "pickle as safetensors", "other weights"])
+def test_text_encoder_refuses_a_bad_cache_and_rebuilds(models, python_repository, tmp_path,
+                                                       capfd, case):
+    from dart_triton.text_encoder import CACHE_FILE, cache_index_path
+    from dart_triton.triton import text_encoder_model
+
+    from .test_text_encoder import PickleBomb, write_pickle_npz
+
+    repo, version = _text_encoder_copy(python_repository, tmp_path)
+    cache, marker = version / CACHE_FILE, tmp_path / "pwned"
+    if case == "old npz":  # a build from before safetensors, with a crafted pickle in it
+        cache.unlink()
+        cache_index_path(cache).unlink()
+        write_pickle_npz(version / text_encoder_model.LEGACY_CACHE_FILE, marker)
+    elif case == "pickle as safetensors":
+        cache.write_bytes(pickle.dumps(PickleBomb(marker)))
+    else:
+        index = json.loads(cache_index_path(cache).read_text())
+        cache_index_path(cache).write_text(json.dumps({**index, "fingerprint": "0" * 16}))
+    capfd.readouterr()
+    model = text_encoder_model.TritonPythonModel()
+    model.initialize(_args(repo, "text_encoder",
+                           (repo / "text_encoder" / "config.pbtxt").read_text()))
+    log = capfd.readouterr().err.strip().splitlines()
+    assert not marker.exists()
+    assert len(log) == 1 and log[0].startswith("text_encoder: refused the text cache: ")
+    assert log[0].endswith("; rebuilding it from coco80.txt")
+    # It loaded, warm: the vocabulary's names are hits, and it serves.
+    request = fake_pb_utils.Request([fake_pb_utils.Tensor(
+        "CLASSES", np.array([b"person", b"dog"], dtype=object))])
+    response = model.execute([request])[0]
+    assert not response.has_error()
+    assert (model.hits.value, model.misses.value) == (2, 0)
+
+
+def test_text_encoder_loads_the_built_cache_silently(models, capfd, python_repository):
+    from dart_triton.text_encoder import CACHE_FILE, cache_index_path
+    from dart_triton.triton import text_encoder_model
+
+    version = python_repository / "text_encoder" / "1"
+    assert (version / CACHE_FILE).is_file() and cache_index_path(version / CACHE_FILE).is_file()
+    assert not (version / text_encoder_model.LEGACY_CACHE_FILE).exists()
+    capfd.readouterr()
+    model = text_encoder_model.TritonPythonModel()
+    model.initialize(_args(python_repository, "text_encoder",
+                           (python_repository / "text_encoder" / "config.pbtxt").read_text()))
+    assert "refused" not in capfd.readouterr().err
+    assert model.encoder.stats.size == 80

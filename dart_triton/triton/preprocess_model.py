@@ -2,7 +2,8 @@
 
 In `dart_ensemble` it is also the gate: the request's CLASSES and options are checked
 here, and the names go on to `text_encoder` as checked_classes, so that every bad
-request fails in the first step, before any other step runs.
+request fails in the first step, before any other step runs. The ensemble makes one
+`enc_dec` pass, so more classes than its `max_classes` are refused first of all.
 """
 
 from __future__ import annotations
@@ -18,12 +19,24 @@ from dart_triton.validation import check_image, check_options, decode_class_name
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.imgsz = int(pb.model_params(args)["imgsz"])
+        params = pb.model_params(args)
+        self.imgsz = int(params["imgsz"])
+        # The enc_dec pass size: all `dart_ensemble` can take (`dart` splits larger lists).
+        self.max_classes = int(params.get("max_classes", specs.MAX_REQUEST_CLASSES))
         self.device = pb.device_of(args)
 
+    def _check_count(self, classes: np.ndarray) -> None:
+        if classes.size > self.max_classes:
+            raise ValueError(
+                f"{specs.DART_ENSEMBLE} takes at most {self.max_classes} classes per request "
+                f"(got {classes.size}); send larger class lists to the `{specs.DART}` model, "
+                "which splits them into passes")
+
     def _run(self, request) -> list:
-        image = check_image(pb.as_numpy(pb.required_input(request, specs.IMAGE)))
         classes = pb.optional_input(request, specs.CLASSES)
+        if classes is not None:  # the ensemble's gate: its limit before any other work
+            self._check_count(pb.as_numpy(classes))
+        image = check_image(pb.as_numpy(pb.required_input(request, specs.IMAGE)))
         if classes is not None:
             decode_class_names(pb.as_numpy(classes))
         check_options(**pb.request_options(request))

@@ -2,18 +2,33 @@
 
 One instance holds one cache; its hits and misses are Triton metrics
 (`dart_text_cache_hits_total`, `dart_text_cache_misses_total` on the metrics port).
+The cache starts warm from `text_cache.safetensors` (+ its JSON index). A cache it cannot
+use (an old pickle-capable .npz, other weights, a corrupt or foreign file) costs one log
+line; the cache is then rebuilt from the warm vocabulary and the model loads anyway.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from dart_triton import specs
-from dart_triton.text_encoder import TextEncoder, read_vocabulary
+from dart_triton.text_encoder import CACHE_FILE, TextEncoder, read_vocabulary
 from dart_triton.triton import pb
 from dart_triton.validation import check_classes, decode_class_names
 
-CACHE_FILE = "text_cache.npz"
+LEGACY_CACHE_FILE = "text_cache.npz"  # the pickled format before safetensors: never opened
+
+
+def log_warning(message: str) -> None:
+    """One line in the server log (stderr where Triton's logger is absent, as in tests)."""
+    logger = getattr(pb.pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_warn(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 class TritonPythonModel:
@@ -23,12 +38,7 @@ class TritonPythonModel:
         self.max_classes = int(params.get("max_classes", specs.MAX_REQUEST_CLASSES))
         self.device = pb.device_of(args)
         self.encoder = TextEncoder.from_pretrained(root / "text_encoder", device=self.device)
-        cache = root / CACHE_FILE
-        vocab = root / params.get("warm_vocabulary", "")
-        if cache.is_file():
-            self.encoder.load_cache(cache)
-        elif params.get("warm_vocabulary") and vocab.is_file():
-            self.encoder.encode(read_vocabulary(vocab))
+        self._warm(root, params.get("warm_vocabulary", ""))
         self.encoder.stats.hits = self.encoder.stats.misses = 0  # count requests only
         family = pb.pb_utils.MetricFamily
         # The families must outlive their metrics: keep both on the instance.
@@ -40,6 +50,28 @@ class TritonPythonModel:
                                   kind=family.COUNTER)
         self.hits = self.hit_family.Metric(labels={})
         self.misses = self.miss_family.Metric(labels={})
+
+    def _warm(self, root: Path, vocabulary: str) -> None:
+        """Load the cache file, or else encode the warm vocabulary (if there is one)."""
+        cache, legacy = root / CACHE_FILE, root / LEGACY_CACHE_FILE
+        if cache.is_file():
+            try:
+                self.encoder.load_cache(cache)
+                return
+            except Exception as exc:  # whatever is wrong with the file, rebuilding fixes it
+                problem = "refused the text cache: " + " ".join(str(exc).split())  # one line
+        elif legacy.is_file():
+            problem = (f"refused the text cache: {legacy} is an old .npz cache, not read "
+                       "(unpickling it could run code)")
+        else:
+            problem = None
+        vocab = root / vocabulary if vocabulary else None
+        if problem:
+            log_warning(f"text_encoder: {problem}; " + (
+                f"rebuilding it from {vocab.name}" if vocab and vocab.is_file()
+                else "starting with an empty cache"))
+        if vocab and vocab.is_file():
+            self.encoder.encode(read_vocabulary(vocab))
 
     def _run(self, request) -> list:
         names = decode_class_names(pb.as_numpy(pb.required_input(request, specs.CLASSES)))
