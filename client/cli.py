@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -305,13 +306,22 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
     def readable() -> Iterator[tuple[int, Path, np.ndarray]]:
         # Decoded lazily, so only the in-flight images are held in memory.
         for i, path in enumerate(args.images):
-            try:
-                yield i, path, check_image(load_image(path))
-            except (ImageFileError, ValueError) as e:
+            # Pillow also warns about damaged files (TIFF/EXIF "Truncated File Read"): held
+            # back, so a skipped file gets one line and a readable one at most one more.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    image = check_image(load_image(path))
+                except (ImageFileError, ValueError) as e:
+                    image, reason = None, _image_reason(e)
+            if image is None:
                 failed.append(path)
-                reason = _image_reason(e)
                 _say("detect", f"skipped {path}: {reason}" if str(path) not in reason
                      else f"skipped {reason}")
+                continue
+            if caught:
+                _say("detect", f"warning: {path}: {caught[0].message}")
+            yield i, path, image
 
     client = DartClient(args.url, args.protocol, args.model, concurrency=_DETECT_IN_FLIGHT)
     records: list[dict] = []

@@ -57,13 +57,17 @@ def video(argv, capsys):
 
 @pytest.fixture()
 def images(tmp_path, photo) -> dict[str, Path]:
-    """a.jpg and b.png (real photo crops), corrupt.jpg (a JPEG cut in half), junk.jpg."""
-    paths = {name: tmp_path / name for name in ("a.jpg", "b.png", "corrupt.jpg", "junk.jpg")}
+    """a.jpg and b.png (real photo crops), corrupt.jpg (a JPEG cut in half), junk.jpg, and
+    cut.tif (a TIFF cut after 100 bytes: Pillow also warns "Truncated File Read")."""
+    names = ("a.jpg", "b.png", "corrupt.jpg", "junk.jpg", "cut.tif")
+    paths = {name: tmp_path / name for name in names}
     Image.fromarray(photo[:300, :260]).save(paths["a.jpg"], quality=90)
     Image.fromarray(photo[100:, 150:]).save(paths["b.png"])
     data = paths["a.jpg"].read_bytes()
     paths["corrupt.jpg"].write_bytes(data[: len(data) // 2])
     paths["junk.jpg"].write_bytes(b"these bytes are not an image")
+    Image.fromarray(photo[:64, :64]).save(paths["cut.tif"])
+    paths["cut.tif"].write_bytes(paths["cut.tif"].read_bytes()[:100])
     return paths
 
 
@@ -218,12 +222,14 @@ def test_detect_goes_on_past_a_bad_image(triton_server, images, tmp_path, capsys
 
     out = tmp_path / "results" / "out.json"
     argv = [images["a.jpg"], images["corrupt.jpg"], images["b.png"], images["junk.jpg"],
-            "--classes", "person", "flag", "--url", triton_server.grpc_url, "--json", out]
+            images["cut.tif"], "--classes", "person", "flag", "--url", triton_server.grpc_url,
+            "--json", out]
     code, stdout, err = detect(argv, capsys)
     assert code == 1
-    assert len(err) == 2, err
+    assert len(err) == 3, err
     _one_line(err[:1], "skipped", str(images["corrupt.jpg"]), "truncated")
-    _one_line(err[1:], "skipped", str(images["junk.jpg"]), "not an image file")
+    _one_line(err[1:2], "skipped", str(images["junk.jpg"]), "not an image file")
+    _one_line(err[2:], "skipped", str(images["cut.tif"]))
     records = json.loads(out.read_text())
     assert [(r["file_name"], r["image_id"]) for r in records] == [
         (str(images["a.jpg"]), 0), (str(images["b.png"]), 2)]
@@ -243,6 +249,12 @@ def test_detect_only_a_bad_image_writes_nothing(triton_server, images, tmp_path,
                                 triton_server.grpc_url, "--json", out], capsys)
     assert code == 1 and stdout == "" and not out.exists()
     _one_line(err, "skipped", str(images["corrupt.jpg"]))
+    # As a user runs it (pytest would swallow Pillow's own "Truncated File Read" warnings).
+    proc = subprocess.run([sys.executable, "-m", "dart_triton.cli", "detect", images["cut.tif"],
+                           "--classes", "cat", "--url", triton_server.grpc_url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    _one_line(proc.stderr.splitlines(), "skipped", str(images["cut.tif"]))
 
 
 def test_detect_annotate_new_folder(triton_server, images, tmp_path, capsys):
