@@ -84,3 +84,152 @@ def test_nms_matches_bruteforce():
 def test_bad_options(kw):
     with pytest.raises(ValueError):
         select(*_raw(), (10, 10), **kw)
+
+
+# --- NMS at scale: per-group blocks, candidate caps, bounded memory ----------------------
+
+
+def _greedy_reference(boxes, scores, groups, iou):
+    """Greedy NMS as written in the textbooks: one box at a time, by descending score."""
+    kept: list[int] = []
+    for i in np.lexsort((np.arange(len(scores)), -scores)):
+        if all(groups[j] != groups[i] or box_iou(boxes[[i]], boxes[[j]])[0, 0] <= iou
+               for j in kept):
+            kept.append(int(i))
+    return kept
+
+
+def _random_boxes(rng, n):
+    xy = rng.uniform(0, 50, (n, 2))
+    return np.concatenate([xy, xy + rng.uniform(0, 30, (n, 2))], 1)
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def array_ops(request, monkeypatch):
+    """Each code path: numpy (CPU) and torch (as for GPU tensors, here on the CPU)."""
+    import torch
+
+    from dart_triton import postprocess
+
+    if request.param == "torch":
+        monkeypatch.setattr(postprocess, "_ops_for",
+                            lambda x: postprocess._TorchOps(torch.device("cpu")))
+    return request.param
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blocked_nms_is_greedy_nms(monkeypatch, array_ops, seed):
+    """Groups of unequal sizes, tied scores and tiny blocks (many groups per block, one
+    group per block): the same boxes, in the same order, as the reference."""
+    from dart_triton import postprocess
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 300))
+    boxes, scores = _random_boxes(rng, n), rng.integers(0, 12, n).astype(np.float64)
+    groups = rng.integers(0, int(rng.integers(1, 40)), n)
+    monkeypatch.setattr(postprocess, "NMS_BLOCK_PAIRS", int(rng.integers(1, 3000)))
+    keep = nms(boxes, scores, groups, 0.5, max_candidates=None, max_per_group=None)
+    assert keep.tolist() == _greedy_reference(boxes, scores, groups, 0.5)
+
+
+def test_torch_in_torch_out(array_ops):
+    import torch
+
+    rng = np.random.default_rng(7)
+    boxes, scores, groups = _random_boxes(rng, 80), rng.uniform(0, 1, 80), rng.integers(0, 4, 80)
+    keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(groups), 0.5)
+    assert isinstance(keep, torch.Tensor) and keep.device == torch.device("cpu")
+    assert keep.tolist() == _greedy_reference(boxes, scores, groups, 0.5)
+    raw = _sam3_like_raw(3, 20)
+    from_torch = select(*(torch.from_numpy(a) for a in raw), torch.tensor([48, 64]), 0.2)
+    for a, b in zip(from_torch, select(*raw, (48, 64), 0.2), strict=True):
+        assert isinstance(a, np.ndarray)
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_candidate_caps(array_ops):
+    rng = np.random.default_rng(3)
+    n = 2000
+    boxes, scores, groups = _random_boxes(rng, n), rng.uniform(0, 1, n), rng.integers(0, 5, n)
+    full = nms(boxes, scores, groups, 0.5, max_candidates=None, max_per_group=None)
+    # Overall cap: NMS over the best 300 boxes is exactly the start of uncapped NMS.
+    capped = nms(boxes, scores, groups, 0.5, max_candidates=300, max_per_group=None)
+    assert 0 < len(capped) < len(full) and capped.tolist() == full[: len(capped)].tolist()
+    assert set(capped.tolist()) <= set(np.argsort(-scores)[:300].tolist())
+    # Per-group cap: each group's best 50 boxes take part, and exactly those.
+    per_group = nms(boxes, scores, groups, 0.5, max_candidates=None, max_per_group=50)
+    best = np.concatenate([np.flatnonzero(groups == g)[np.argsort(-scores[groups == g])[:50]]
+                           for g in range(5)])
+    ref = best[nms(boxes[best], scores[best], groups[best], 0.5, max_candidates=None,
+                   max_per_group=None)]
+    assert per_group.tolist() == ref.tolist()
+    # NMS off: every index, sorted; no cap applies.
+    assert len(nms(boxes, scores, groups, 1.0, max_candidates=10)) == n
+
+
+def _sam3_like_raw(n, q=200, seed=0):
+    """Random head outputs shaped like SAM3's: n classes x q queries."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 0.8, (n, q, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0.01, 0.3, (n, q, 2))], -1).astype(np.float32)
+    return (boxes, rng.normal(size=(n, q)).astype(np.float32),
+            rng.normal(size=(n, 1)).astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [80, 1024])
+def test_score_threshold_zero_at_scale(n):
+    """SCORE_THRESHOLD 0 sends every one of n x 200 boxes to NMS; the answer is the start
+    of what NMS over all of them (no overall cap) returns."""
+    from dart_triton import specs
+
+    raw = _sam3_like_raw(n)
+    boxes, scores, ids = select(*raw, (480, 640), score_threshold=0.0)
+    assert len(scores) == specs.DEFAULT_MAX_DETECTIONS and np.all(np.diff(scores) <= 0)
+    logits, presence = raw[1].astype(np.float64), raw[2].astype(np.float64)
+    all_scores = (1 / (1 + np.exp(-logits)) / (1 + np.exp(-presence))).reshape(-1)
+    pixel = (raw[0].reshape(-1, 4).astype(np.float64) * [640, 480, 640, 480]).clip(
+        0, [640, 480, 640, 480])
+    full = nms(pixel, all_scores, np.repeat(np.arange(n), 200), specs.DEFAULT_NMS_IOU,
+               max_candidates=None)[: len(scores)]
+    np.testing.assert_array_equal(ids, full // 200)
+    np.testing.assert_allclose(boxes, pixel[full], rtol=1e-6)
+    np.testing.assert_allclose(scores, all_scores[full], rtol=1e-6)
+
+
+_MEMORY_PROBE = """
+import resource
+import numpy as np
+from dart_triton.postprocess import nms, select
+
+def _sam3_like_raw(n, q=200):
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 0.8, (n, q, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0.01, 0.3, (n, q, 2))], -1)
+    return (boxes.astype(np.float32), rng.normal(size=(n, q)).astype(np.float32),
+            rng.normal(size=(n, 1)).astype(np.float32))
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+raw = _sam3_like_raw(1024)
+select(*_sam3_like_raw(2), (480, 640), score_threshold=0.0)  # load torch's kernels first
+before = peak_mb()
+select(*raw, (480, 640), score_threshold=0.0)
+select(*raw, (480, 640), score_threshold=0.0, max_detections=10**6)
+# No overall cap: all 204,800 boxes go through NMS, a block of groups at a time.
+boxes = raw[0].reshape(-1, 4).astype(np.float64)
+nms(boxes, raw[1].reshape(-1), np.repeat(np.arange(1024), 200), 0.7, max_candidates=None)
+print(peak_mb() - before)
+"""
+
+
+def test_nms_memory_stays_bounded():
+    """Peak RSS growth of SCORE_THRESHOLD 0 over 1024 classes x 200 queries, in a fresh
+    process (numbers from another test's allocations cannot leak in)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True,
+                         timeout=240, check=True)
+    growth_mb = float(out.stdout.strip().splitlines()[-1])
+    assert growth_mb < 500, f"peak memory grew by {growth_mb:.0f} MB"
