@@ -27,4 +27,14 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     echo "$want" > "$STAMP"
 fi
 VENV="$VENV" bash "$ROOT/scripts/install_triton_tools.sh"
+# checkov (the Kubernetes policy scan) in a venv of its own: its pins would downgrade
+# packaging, networkx and python-dateutil in the project venv.
+CHECKOV_VENV="$ROOT/.tools/checkov"
+CHECKOV_VERSION="3.3.30"
+if [[ "$("$CHECKOV_VENV/bin/checkov" --version 2>/dev/null)" != "$CHECKOV_VERSION" ]]; then
+    log "installing checkov $CHECKOV_VERSION into $CHECKOV_VENV"
+    rm -rf "$CHECKOV_VENV"
+    "$PYTHON" -m venv "$CHECKOV_VENV"
+    "$CHECKOV_VENV/bin/python" -m pip install --quiet "checkov==$CHECKOV_VERSION"
+fi
 log "ready: . $VENV/bin/activate"
