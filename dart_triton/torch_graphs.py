@@ -6,7 +6,10 @@ and the precomputed buffers: RoPE tables, position embeddings) as safetensors, a
 graph dims. Nothing is unpickled: the module is rebuilt from the config with its
 parameters on the meta device (no random initialisation of 840M weights) and then every
 tensor is assigned from the file. backbone is `RestructuredBackbone`, enc_dec is
-`BatchedDetectionHead` with SDPA attention (`Sam3Parts.runtime_head`).
+`BatchedDetectionHead` with SDPA attention (`Sam3Parts.runtime_head`). At run time the
+backbone's attention is SDPA too (`SdpaRopeAttention`, same weights and tables): the
+explicit ``softmax(Q·Kᵀ)·V`` exists for TensorRT's FP16 pattern matching, while PyTorch's
+fused kernels keep FP32 accumulation in FP16 and never materialise the score matrix.
 
 `TorchGraph` runs one such module on a device in a precision, optionally compiled
 (`torch.compile`) and with one CUDA graph per input shape; compilation and capture
@@ -21,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -187,7 +189,43 @@ def load_graph_module(weights_dir: str | Path, name: str) -> tuple[nn.Module, Gr
     dims = _dims_of(meta["dims"])
     module = skeleton(name, config, dims)
     _assign(module, load_file(str(root / TENSORS_FILE)))
+    if name == specs.BACKBONE:
+        use_sdpa(module)
     return module.eval(), dims
+
+
+class SdpaRopeAttention(nn.Module):
+    """`backbone.RopeAttention` computed with `scaled_dot_product_attention`: the same
+    submodules and RoPE tables (so the same tensor names), a fused kernel for the rest."""
+
+    def __init__(self, explicit: nn.Module):
+        super().__init__()
+        self.q_proj, self.k_proj = explicit.q_proj, explicit.k_proj
+        self.v_proj, self.o_proj = explicit.v_proj, explicit.o_proj
+        self.num_heads, self.head_dim = explicit.num_heads, explicit.head_dim
+        self.scale = explicit.scale
+        self.register_buffer("cos", explicit.cos, persistent=False)
+        self.register_buffer("sin", explicit.sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .backbone import rotate_pairs
+
+        b, s, c = x.shape
+        shape = (b, s, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)  # [B, H, S, Dh]
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q = q * self.cos + rotate_pairs(q) * self.sin
+        k = k * self.cos + rotate_pairs(k) * self.sin
+        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, c))
+
+
+def use_sdpa(backbone: nn.Module) -> nn.Module:
+    """Swap every block's explicit attention for `SdpaRopeAttention` (in place)."""
+    for block in backbone.blocks:
+        block.attn = SdpaRopeAttention(block.attn)
+    return backbone
 
 
 # Running them ---------------------------------------------------------------------------
@@ -244,6 +282,8 @@ class TorchGraph:
         self.device = torch.device(device)
         self.settings = settings or TorchSettings()
         self.settings.check_device(self.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # streams, graphs and pools follow it
         self.dtype = PRECISIONS[self.settings.precision]
         self.module = module.to(device=self.device, dtype=self.dtype).eval()
         mode = COMPILE_MODES[self.settings.compile]
@@ -322,10 +362,13 @@ class TorchGraphs:
     def dims(self) -> GraphDims:
         return self._enc_dec.dims
 
-    def backbone(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._backbone(torch.from_numpy(pixel_values))[0].cpu().numpy()
+    def backbone(self, pixel_values):
+        """numpy in, numpy out; a torch tensor in (e.g. preprocessed on the GPU), the
+        features stay a tensor on the module's device, as between the served models."""
+        features = self._backbone(torch.as_tensor(pixel_values))[0]
+        return features if isinstance(pixel_values, torch.Tensor) else features.cpu().numpy()
 
     def enc_dec(self, fpn_features, text_features, text_mask):
-        out = self._enc_dec(*(torch.as_tensor(np.asarray(t))
-                              for t in (fpn_features, text_features, text_mask)))
+        out = self._enc_dec(*(torch.as_tensor(t) for t in (fpn_features, text_features,
+                                                            text_mask)))
         return tuple(t.cpu().numpy() for t in out)

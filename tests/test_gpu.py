@@ -49,3 +49,105 @@ def test_batched_head_on_gpu(parts):
         gpu = copy.deepcopy(parts.head).cuda()(feats.cuda(), text.cuda(), mask.cuda())
     for r, g in zip(ref, gpu, strict=True):
         assert (r - g.cpu()).abs().max().item() <= 1e-3
+
+
+# The torch backend on the GPU (tests/test_torch_backend.py covers the CPU) -------------
+
+
+@pytest.fixture(scope="module")
+def torch_gpu_repository(tiny_checkpoint, tmp_path_factory):
+    """--backend torch --gpu in FP32 (parity), CUDA graphs for the buckets 1 and 4."""
+    from dart_triton.export.repository import build_repository
+
+    from .conftest import TEST_MAX_CLASSES
+
+    repo = tmp_path_factory.mktemp("repo_torch_gpu")
+    build_repository(tiny_checkpoint, repo, backend="torch", gpu=True, precision="fp32",
+                     max_classes=TEST_MAX_CLASSES, buckets=(1, TEST_MAX_CLASSES),
+                     cuda_graphs=True, log=lambda *_: None)
+    return repo
+
+
+def test_from_torch_hands_the_cuda_tensor_itself(monkeypatch):
+    """python_backend synchronises its stream with the producer's only when it gets an
+    object with __dlpack__ (it calls it with its stream), not a bare capsule."""
+    import sys
+
+    from . import fake_pb_utils
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils)
+    from dart_triton.triton import pb
+
+    monkeypatch.setattr(pb, "pb_utils", fake_pb_utils)
+    fake_pb_utils.Tensor.dlpack_given.clear()
+    value = torch.arange(12, dtype=torch.float32, device="cuda").reshape(3, 4) * 2
+    pb.from_torch("x", value)
+    (_, given), = fake_pb_utils.Tensor.dlpack_given
+    assert isinstance(given, torch.Tensor) and given.is_cuda
+    assert torch.equal(given, value)
+
+
+def test_torch_graphs_fp16_on_gpu_match_fp32_on_cpu(torch_gpu_repository):
+    from dart_triton.torch_graphs import TorchGraphs, TorchSettings
+
+    cpu = TorchGraphs.from_repository(torch_gpu_repository)
+    gpu = TorchGraphs.from_repository(torch_gpu_repository, "cuda",
+                                      TorchSettings(precision="fp16"))
+    d = cpu.dims
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(-1, 1, (1, 3, d.imgsz, d.imgsz)).astype(np.float32)
+    text = rng.standard_normal((3, d.text_len, d.text_dim)).astype(np.float32)
+    mask = np.ones((3, d.text_len), np.int32)
+    feats_cpu, feats_gpu = cpu.backbone(pixels), gpu.backbone(pixels)
+    assert feats_gpu.dtype == np.float32
+    assert cosine(feats_gpu, feats_cpu) >= 0.999
+    for g, c in zip(gpu.enc_dec(feats_cpu, text, mask), cpu.enc_dec(feats_cpu, text, mask),
+                    strict=True):
+        assert cosine(g, c) >= 0.999
+
+
+def test_cuda_graphs_replay_what_eager_computes(torch_gpu_repository):
+    """Captured buckets (1, 4) and an uncaptured N (3) give eager's outputs."""
+    from dart_triton import specs
+    from dart_triton.torch_graphs import TorchGraph, TorchSettings, weights_dir
+
+    eager = TorchGraph.from_weights(weights_dir(torch_gpu_repository, specs.ENC_DEC),
+                                    specs.ENC_DEC, "cuda")
+    graphed = TorchGraph.from_weights(weights_dir(torch_gpu_repository, specs.ENC_DEC),
+                                      specs.ENC_DEC, "cuda", TorchSettings(cuda_graphs=True))
+    assert graphed.warm_up((1, 4)) == [1, 4]
+    d = eager.dims
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, d.fpn_dim, d.feat_hw, d.feat_hw, generator=gen)
+    for n in (4, 1, 3, 4):
+        text = torch.randn(n, d.text_len, d.text_dim, generator=gen)
+        mask = torch.ones(n, d.text_len, dtype=torch.int32)
+        for e, g in zip(eager(feats, text, mask), graphed(feats, text, mask), strict=True):
+            assert g.is_cuda and g.shape[0] == n
+            assert (e - g).abs().max().item() <= 1e-4
+
+
+@pytest.mark.server
+def test_served_torch_gpu_pipeline_stays_on_the_gpu(torch_gpu_repository, naive, photo):
+    """The bundled tritonserver serves the GPU torch repository; enc_dec receives the
+    backbone's features in GPU memory (DLPack), and detections match the reference."""
+    from dart_triton import specs
+    from dart_triton.client import DartClient
+    from dart_triton.server import TritonServer
+
+    from .test_torch_backend import graph_inputs
+    from .test_triton_server import NAMES
+
+    with TritonServer(torch_gpu_repository, startup_timeout=300,
+                      extra_args=["--exit-timeout-secs=5"]) as server:
+        with DartClient(server.grpc_url) as c:
+            served = c.detect(photo, NAMES[:5])  # a bucket of 4 (graph) + 1 (graph)
+        ref = naive.detect(photo, NAMES[:5])
+        assert graph_inputs(server, specs.ENC_DEC, specs.FPN_FEATURES, "gpu") >= 2
+        assert graph_inputs(server, specs.ENC_DEC, specs.FPN_FEATURES, "cpu") == 0
+        assert graph_inputs(server, specs.BACKBONE, specs.PIXEL_VALUES, "gpu") >= 1
+    # FP32 on the GPU (cuDNN may use TF32 for the patch embedding): close, not equal
+    assert len(served) == len(ref)
+    np.testing.assert_array_equal(served.class_ids, ref.class_ids)
+    np.testing.assert_allclose(served.scores, ref.scores, atol=2e-3)
+    np.testing.assert_allclose(served.boxes, ref.boxes, atol=2e-3 * 512)

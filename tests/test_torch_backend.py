@@ -153,8 +153,9 @@ def test_torch_repository_holds_safetensors_not_pickles(torch_repository):
     assert manifest["backend"] == "torch"
 
 
-def test_torch_modules_load_exactly_as_built(torch_repository, parts):
-    """The weights round-trip bit for bit: same outputs as the modules they came from."""
+def test_torch_modules_compute_what_they_were_built_from(torch_repository, parts):
+    """The weights round-trip: the head's outputs are bit for bit the same; the backbone,
+    whose attention runs as SDPA here, agrees to float rounding."""
     from dart_triton.torch_graphs import TorchGraphs
 
     graphs = TorchGraphs.from_repository(torch_repository)
@@ -167,9 +168,9 @@ def test_torch_modules_load_exactly_as_built(torch_repository, parts):
     with torch.no_grad():
         ref_feats = parts.backbone(torch.from_numpy(pixels))[0]
         ref_head = parts.runtime_head(ref_feats, torch.from_numpy(text), torch.from_numpy(mask))
-    feats = graphs.backbone(pixels)
-    np.testing.assert_array_equal(feats, ref_feats.numpy())
-    for got, ref in zip(graphs.enc_dec(feats, text, mask), ref_head, strict=True):
+    ref = ref_feats.numpy()  # ~300 in magnitude: rounding shows at ~1e-4
+    np.testing.assert_allclose(graphs.backbone(pixels), ref, atol=1e-6 * np.abs(ref).max())
+    for got, ref in zip(graphs.enc_dec(ref_feats.numpy(), text, mask), ref_head, strict=True):
         np.testing.assert_array_equal(got, ref.numpy())
 
 

@@ -1,0 +1,286 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine: the torch backend measured end to end through Triton.
+#
+#   scripts/gpu_check.sh wheels        # HERE (PyPI reachable): fetch what the GPU machine
+#                                      # lacks into artifacts/gpu-wheels/{big,main,tools}
+#   scripts/gpu_check.sh [options]     # THERE: every step below, in order
+#
+# The GPU machine has no internet but has PyTorch + CUDA, timm, transformers, onnxruntime;
+# what it lacks travels as wheels, at most 64 MiB per call, in an ignored folder that stays
+# while the machine is warm: artifacts/gpu-wheels/big (nvidia-pytriton, 53 MiB) in a call of
+# its own (any command, e.g. `true`), then artifacts/gpu-wheels/main and .../tools (56 MiB
+# together) with the next call, which runs `--steps setup,test`; then one call per step or
+# size, e.g. `--steps build,serve --sizes 1008`, `--steps build,serve --sizes 644`,
+# `--steps hierarchy,bundle`.
+#
+# Steps (--steps, comma-separated; default all of them, in this order):
+#   setup      install the carried wheels and this project (offline), then
+#              scripts/install_triton_tools.sh (tritonserver, numpy<2 stub env,
+#              perf_analyzer); report what the bundled tritonserver links (CUDA runtime,
+#              libpython for the python-backend stub)
+#   test       pytest -m gpu (the CUDA and torch-backend GPU tests; TensorRT ones skip)
+#   build      a random-weight checkpoint (full size; --tiny: the test-size one), then one
+#              --backend torch repository per --sizes entry
+#   serve      per size: serve the repository, class scaling with perf_analyzer
+#              (concurrency 1 and 2), served vs in-process timing, goals
+#              (python -m dart_triton.benchmarks.gpu_check)
+#   hierarchy  the optimisation hierarchy on this device (python -m ...benchmarks.hierarchy)
+#   bundle     results, CSVs, plots and logs as one tarball (--bundle; $OUT when set)
+#
+# Options:
+#   --device cuda|cpu   cuda (default): GPU repositories (--gpu, FP16, --compile, CUDA graphs)
+#                       and results into benchmarks/; cpu: CPU FP32 repositories, results
+#                       into --out only (what CI runs: `--device cpu --tiny`)
+#   --tiny              the tiny random SAM3 (seconds per step, numbers meaningless)
+#   --sizes "1008 644"  image sizes (default: 1008 644; --tiny: the checkpoint's)
+#   --compile MODE      none|default|max-autotune for the GPU repositories (default: default)
+#   --steps LIST        e.g. setup or build,serve (default: all)
+#   --out DIR           logs, repositories and (cpu) results (default: artifacts/gpu_check)
+#   --bundle FILE       tarball the bundle step writes (default: $OUT/gpu_check.tgz when $OUT
+#                       is set, else DIR/gpu_check.tgz)
+#
+# Each step fits one 10-minute device command: run them as separate calls when needed
+# (files under artifacts/ stay while the machine is warm). Back here, merge the GPU
+# sections into RESULTS.md with:
+#   tar xzf gpu_check.tgz -C /tmp && cp /tmp/gpu_check/results/* benchmarks/results/ &&
+#   python -m dart_triton.benchmarks.common merge /tmp/gpu_check/RESULTS.md benchmarks/RESULTS.md
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+
+WHEELS="$ROOT/artifacts/gpu-wheels"
+log() { printf '[gpu_check %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+die() { printf '[gpu_check] error: %s\n' "$*" >&2; exit 2; }
+
+# Wheels, fetched here ----------------------------------------------------------------------
+# GPU image: Python 3.12. Versions: the ones this project is tested with here.
+PY_TAG=3.12
+BIG=("nvidia-pytriton==0.7.0")
+MAIN=("transformers==5.24.0" "tritonclient==2.73.0" "python-rapidjson" "geventhttpclient"
+      "gevent" "greenlet" "zope.event" "zope.interface" "brotli" "open_clip_torch==3.3.0"
+      "setuptools>=77")
+TOOLS=("numpy==1.26.4" "tritonclient==2.49.0" "nvidia-cuda-runtime-cu12==12.9.79")
+
+fetch_wheels() {
+    local py="${PYTHON:-python3}" group dest
+    [[ -x .venv/bin/python ]] && py=.venv/bin/python
+    for group in big main tools; do
+        dest="$WHEELS/$group"
+        mkdir -p "$dest"
+        local pkgs=()
+        case "$group" in
+            big) pkgs=("${BIG[@]}") ;;
+            main) pkgs=("${MAIN[@]}") ;;
+            tools) pkgs=("${TOOLS[@]}") ;;
+        esac
+        log "downloading ${pkgs[*]} -> $dest"
+        # --no-deps: the machine has the rest; binary wheels for its Python and glibc.
+        "$py" -m pip download --quiet --no-deps --only-binary=:all: --dest "$dest" \
+            --python-version "$PY_TAG" --implementation cp \
+            --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 \
+            --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+            --platform manylinux_2_27_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform manylinux1_x86_64 --platform any "${pkgs[@]}"
+    done
+    du -sh "$WHEELS"/* | sed 's/^/[gpu_check] /'
+    log "carry artifacts/gpu-wheels/big with '--steps setup', then artifacts/gpu-wheels/main"
+    log "and artifacts/gpu-wheels/tools with the next call (each under 64 MiB)"
+}
+
+if [[ "${1:-}" == wheels ]]; then
+    fetch_wheels
+    exit 0
+fi
+
+# Options -----------------------------------------------------------------------------------
+DEVICE=cuda TINY=0 SIZES="" COMPILE=default STEPS="setup,test,build,serve,hierarchy,bundle"
+OUT_DIR="$ROOT/artifacts/gpu_check" BUNDLE=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --device) DEVICE="${2:?--device needs cuda or cpu}"; shift 2 ;;
+        --tiny) TINY=1; shift ;;
+        --sizes) SIZES="${2:?--sizes needs a list}"; shift 2 ;;
+        --compile) COMPILE="${2:?--compile needs a mode}"; shift 2 ;;
+        --steps) STEPS="${2:?--steps needs a list}"; shift 2 ;;
+        --out) OUT_DIR="${2:?--out needs a directory}"; shift 2 ;;
+        --bundle) BUNDLE="${2:?--bundle needs a file}"; shift 2 ;;
+        -h|--help) sed -n "2,/^set -euo/p" "${BASH_SOURCE[0]}" | sed "\$d" | cut -c3-; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+[[ "$DEVICE" == cuda || "$DEVICE" == cpu ]] || die "--device must be cuda or cpu, got $DEVICE"
+[[ "$COMPILE" =~ ^(none|default|max-autotune)$ ]] || die "--compile must be none, default or max-autotune"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+CONFIG=full
+[[ $TINY == 1 ]] && CONFIG=tiny
+if [[ "$DEVICE" == cuda ]]; then
+    RESULTS="$ROOT/benchmarks/RESULTS.md" FIGURES="$ROOT/benchmarks/results"
+else  # CPU/CI runs never touch the committed results
+    RESULTS="$OUT_DIR/RESULTS.md" FIGURES="$OUT_DIR/results"
+fi
+BUNDLE="${BUNDLE:-${OUT:-$OUT_DIR}/gpu_check.tgz}"
+export DART_BENCH_CACHE="${DART_BENCH_CACHE:-$ROOT/artifacts/bench}"
+
+# The Python that has PyTorch: this checkout's venv when there is one (here), else python3.
+PY=python3
+[[ -x "$ROOT/.venv/bin/python" ]] && PY="$ROOT/.venv/bin/python"
+BIN="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")"
+export PATH="$BIN:$PATH"
+
+has_step() { [[ ",$STEPS," == *",$1,"* ]]; }
+STATUS=()
+run_step() {  # run_step NAME FUNCTION: a failed step is reported, the next ones still run
+    local name="$1" rc=0
+    has_step "$name" || return 0
+    log "=== $name"
+    "$2" > >(tee -a "$OUT_DIR/$name.log") 2>&1 || rc=$?
+    STATUS+=("$name=$([[ $rc == 0 ]] && echo ok || echo "FAILED($rc)")")
+    log "=== $name: $([[ $rc == 0 ]] && echo ok || echo "failed ($rc), see $OUT_DIR/$name.log")"
+}
+
+# Steps -------------------------------------------------------------------------------------
+step_setup() {
+    if [[ "$DEVICE" == cuda ]]; then
+        "$PY" -c 'import torch; assert torch.cuda.is_available(), "PyTorch sees no GPU"; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
+        command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    fi
+    local links=() d
+    for d in "$WHEELS"/*/; do [[ -d "$d" ]] && links+=("$d"); done
+    if [[ ${#links[@]} -gt 0 ]]; then
+        # Offline: every requirement comes from the carried wheels (PIP_* reach the pip
+        # that install_triton_tools.sh runs too).
+        export PIP_NO_INDEX=1 PIP_FIND_LINKS="${links[*]}"
+        local main=()
+        for d in "$WHEELS"/big/*.whl "$WHEELS"/main/*.whl; do [[ -f "$d" ]] && main+=("$d"); done
+        if [[ ${#main[@]} -gt 0 ]]; then
+            log "installing ${#main[@]} carried wheel(s)"
+            "$PY" -m pip install --quiet --no-deps --no-compile "${main[@]}"
+        fi
+    fi
+    if ! "$PY" -c 'import dart_triton.export' 2>/dev/null; then
+        log "installing this project (editable, no dependencies)"
+        "$PY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
+    fi
+    if [[ "$DEVICE" == cuda ]]; then  # on the CPU, scripts/setup.sh has done this already
+        VENV="$("$PY" -c 'import sys; print(sys.prefix)')" bash scripts/install_triton_tools.sh
+    fi
+    "$PY" - <<'EOF'
+# What the bundled tritonserver needs on this machine (README notes for GPU serving).
+import subprocess, sys, sysconfig
+from dart_triton import server
+root = server.bundled_tritonserver_dir()
+if root is None:
+    sys.exit("nvidia-pytriton is not installed (carry artifacts/gpu-wheels/big)")
+ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+env = server.server_env(root / "bin" / "tritonserver")
+for path in (root / "bin" / "tritonserver", root / "backends" / "python" / "libtriton_python.so",
+             root / "python_backend_stubs" / ver / "triton_python_backend_stub"):
+    out = subprocess.run(["ldd", str(path)], capture_output=True, text=True, env=env).stdout
+    missing = [l.split()[0] for l in out.splitlines() if "not found" in l]
+    cuda = [l.split("=>")[0].strip() for l in out.splitlines() if "cudart" in l or "libcuda" in l]
+    print(f"{path.name}: links {', '.join(cuda) or 'no CUDA runtime'}; "
+          f"{'missing ' + ', '.join(missing) if missing else 'all libraries found'}")
+print("stub python:", server.stub_python_bin(root / "bin" / "tritonserver"),
+      "| libpython dir:", sysconfig.get_config_var("LIBDIR"))
+EOF
+}
+
+step_test() {
+    if [[ "$DEVICE" != cuda ]]; then
+        log "pytest -m gpu needs a GPU: skipped on --device cpu"
+        return 0
+    fi
+    # Every test module is imported to find the gpu ones: one that needs a package this
+    # machine lacks must not stop the others.
+    "$PY" -m pytest -q -m gpu -rs --continue-on-collection-errors tests/ \
+        --junitxml="$OUT_DIR/pytest-gpu.xml"
+}
+
+checkpoint() {
+    "$PY" -c 'import sys; from dart_triton.benchmarks.common import random_checkpoint; print(random_checkpoint(sys.argv[1]))' "$CONFIG" | tail -n1
+}
+
+default_sizes() {
+    if [[ -n "$SIZES" ]]; then echo "$SIZES"
+    elif [[ $TINY == 1 ]]; then echo "ckpt"
+    else echo "1008 644"; fi
+}
+
+repo_dir() { echo "$OUT_DIR/repo-torch-$DEVICE-$CONFIG-$1"; }
+
+step_build() {
+    local ckpt size args
+    ckpt="$(checkpoint)"
+    log "checkpoint: $ckpt"
+    for size in $(default_sizes); do
+        args=(--checkpoint "$ckpt" --output "$(repo_dir "$size")" --backend torch)
+        [[ "$size" != ckpt ]] && args+=(--imgsz "$size")
+        if [[ $TINY == 1 ]]; then  # a smoke run: fewer python stubs to start
+            args+=(--max-classes 4 --instances "dart=1,preprocess=1,postprocess=1")
+        else
+            args+=(--max-classes 16 --buckets "1,4,16")
+        fi
+        if [[ "$DEVICE" == cuda ]]; then
+            args+=(--gpu --compile "$COMPILE" --cuda-graphs)
+            [[ $TINY == 1 ]] && args+=(--buckets "1,4")
+        fi
+        log "dart-triton build ${args[*]}"
+        "$PY" -m dart_triton.cli build "${args[@]}"
+    done
+}
+
+step_serve() {
+    local size scaling=(1 2 4 8 16 80) iters=20 extra=()
+    # tiny: one pass and two passes (max 4); any perf_analyzer window is accepted
+    if [[ $TINY == 1 ]]; then scaling=(1 8); iters=3; extra=(--stability 100000); fi
+    for size in $(default_sizes); do
+        [[ -f "$(repo_dir "$size")/dart_repository.json" ]] \
+            || die "no repository for $size: run the build step first"
+        "$PY" -m dart_triton.benchmarks.gpu_check --repo "$(repo_dir "$size")" \
+            --stem "gpu_check_${DEVICE}_${CONFIG}_${size}" --iters "$iters" \
+            --scaling "${scaling[@]}" --out "$FIGURES" --results "$RESULTS" \
+            --config "$CONFIG" --log-dir "$OUT_DIR" "${extra[@]}"
+    done
+}
+
+step_hierarchy() {
+    local args=(--config "$CONFIG" --device "$DEVICE" --out "$FIGURES" --results "$RESULTS"
+                --stem "hierarchy_${DEVICE}_${CONFIG}_torch_backend" --attn sdpa)
+    if [[ $TINY == 1 ]]; then
+        args+=(--classes 3 --iters 1 --warmup 0 --max-classes 4 --no-engine)
+    elif [[ "$DEVICE" == cuda ]]; then
+        args+=(--sizes 1008 644 --dtypes fp16 --classes 4 80 --iters 5 --naive-max 4)
+    else
+        args+=(--classes 3 --iters 1)
+    fi
+    "$PY" -m dart_triton.benchmarks.hierarchy "${args[@]}"
+}
+
+step_bundle() {
+    # gpu_check/{RESULTS.md,results/,logs/}: results, figures and every step's log (not
+    # the repositories: gigabytes).
+    local stage
+    stage="$(mktemp -d)"
+    mkdir -p "$stage/gpu_check/logs"
+    [[ -f "$RESULTS" ]] && cp "$RESULTS" "$stage/gpu_check/RESULTS.md"
+    [[ -d "$FIGURES" ]] && cp -r "$FIGURES" "$stage/gpu_check/results"
+    find "$OUT_DIR" -maxdepth 1 -type f \( -name '*.log' -o -name '*.xml' \) \
+        -exec cp {} "$stage/gpu_check/logs/" \;
+    mkdir -p "$(dirname "$BUNDLE")"
+    tar czf "$BUNDLE" -C "$stage" gpu_check
+    rm -rf "$stage"
+    log "bundle: $BUNDLE ($(du -h "$BUNDLE" | cut -f1))"
+}
+
+log "device $DEVICE, $CONFIG model, steps $STEPS, out $OUT_DIR"
+run_step setup step_setup
+run_step test step_test
+run_step build step_build
+run_step serve step_serve
+run_step hierarchy step_hierarchy
+run_step bundle step_bundle
+log "summary: ${STATUS[*]:-no steps run}"
+[[ "${STATUS[*]:-}" != *FAILED* ]]
