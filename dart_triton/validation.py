@@ -54,8 +54,8 @@ def check_classes(
     names = list(classes)
     if not names:
         raise ValueError("CLASSES is empty: give at least one class name")
-    if max_classes is not None and len(names) > max_classes:
-        raise ValueError(f"CLASSES has {len(names)} names; at most {max_classes} per request")
+    if max_classes is not None:
+        check_class_count(len(names), max_classes)
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise ValueError(f"CLASSES[{i}] must be a string, got {type(name).__name__}")
@@ -64,6 +64,11 @@ def check_classes(
         if not name.strip():
             raise ValueError(f"CLASSES[{i}] is empty or whitespace only")
     return names
+
+
+def check_class_count(count: int, max_classes: int = MAX_REQUEST_CLASSES) -> None:
+    if count > max_classes:
+        raise ValueError(f"CLASSES has {count} names; at most {max_classes} per request")
 
 
 def _check_name_bytes(index: int, size: int) -> None:

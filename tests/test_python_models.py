@@ -202,6 +202,10 @@ def test_preprocess_refuses_more_classes_than_the_ensemble_takes(models, photo):
                              T("NMS_IOU", np.array([0.0], np.float32))])
     out = _preprocess(models, [T("IMAGE", photo), T("CLASSES", names[:limit])])
     assert len(out["checked_classes"].as_numpy()) == limit
+    # Over the request limit of every model, the answer says so (`dart` would not help).
+    too_many = np.array([b"x"] * 1025, dtype=object)
+    with pytest.raises(ValueError, match=r"^CLASSES has 1025 names; at most 1024 per request$"):
+        _preprocess(models, [T("IMAGE", photo), T("CLASSES", too_many)])
 
 
 def _text_encoder_copy(python_repository, tmp_path):

@@ -14,7 +14,12 @@ import torch
 from dart_triton import specs
 from dart_triton.preprocess import preprocess_tensor
 from dart_triton.triton import pb
-from dart_triton.validation import check_image, check_options, decode_class_names
+from dart_triton.validation import (
+    check_class_count,
+    check_image,
+    check_options,
+    decode_class_names,
+)
 
 
 class TritonPythonModel:
@@ -26,6 +31,7 @@ class TritonPythonModel:
         self.device = pb.device_of(args)
 
     def _check_count(self, classes: np.ndarray) -> None:
+        check_class_count(classes.size)  # over any model's limit: `dart` would not help
         if classes.size > self.max_classes:
             raise ValueError(
                 f"{specs.DART_ENSEMBLE} takes at most {self.max_classes} classes per request "
