@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                          "is a built repository what `build` would write now? (exit 0: yes)"),
     "prune": ("dart_triton.pruning", "main",
               "greedy sub-block/block pruning search of the ViT backbone -> PLAN.json"),
+    "distill": ("dart_triton.distill", "main",
+                "distil a student backbone (timm + adapter, or pruned ViT) from the teacher"),
     "serve": ("dart_triton.server", "serve_main", "start tritonserver on a repository"),
     "health": ("dart_triton.health", "main", "deep health check: one tiny real inference"),
     "detect": ("dart_triton.client.cli", "detect_main", "detect objects in images via Triton"),

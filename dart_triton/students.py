@@ -151,14 +151,13 @@ class TimmStudent(nn.Module):
 # Pruned ViT students --------------------------------------------------------------------
 
 
-def pruned_student(parts, removed: list[tuple[int, str]]) -> nn.Module:
+def pruned_student(vision_model, dims: GraphDims, removed: list[tuple[int, str]]) -> nn.Module:
     """The teacher's restructured backbone with these branches removed, returning every
     teacher level (fine -> coarse) for distillation."""
     from .backbone import RestructuredBackbone
     from .pruning import prune
 
-    full = RestructuredBackbone(parts.model.vision_encoder, parts.dims.imgsz,
-                                teacher_levels(parts.dims))
+    full = RestructuredBackbone(vision_model, dims.imgsz, teacher_levels(dims))
     return prune(full, removed).eval()
 
 
