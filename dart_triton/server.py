@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -493,6 +495,9 @@ class TritonServer:
                 # Its own process group, which its stubs inherit: one killpg ends them all,
                 # and a Ctrl-C meant for a parent does not reach the stubs directly.
                 start_new_session=True,
+                # Out of the parent's group, it no longer goes down with it (`timeout`
+                # signals the group): ask the kernel for a SIGTERM when the parent dies.
+                preexec_fn=_terminate_with_parent(),
             )
         except OSError:
             log.close()
@@ -573,6 +578,31 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not glibc Linux: no parent-death signal
+        return None
+
+
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn: SIGTERM to the child when the thread that started it exits
+    (PR_SET_PDEATHSIG; so start servers from a thread that outlives them, e.g. the main one).
+
+    prctl is looked up here, before the fork: the child only calls it.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    pr_set_pdeathsig = 1
+
+    def child() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+    return child
 
 
 def _exit_headline(code: int) -> str:
