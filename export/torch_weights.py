@@ -32,6 +32,10 @@ def settings(build: BuildOptions) -> dict[str, str]:
     FP32 on the CPU unless ``--precision`` says otherwise."""
     from dart_triton.torch_graphs import TorchSettings
 
+    backbone = str(getattr(build, "backbone", "vit") or "vit")
+    if backbone != "vit":
+        raise ValueError(f"--backend torch serves SAM3's ViT backbone only, not {backbone!r}: "
+                         "use an ONNX backend for pruned or student backbones")
     gpu = build.gpu or bool(build.gpus)
     precision = build.precision or ("fp16" if gpu else "fp32")
     chosen = TorchSettings(precision=precision, compile=build.compile,
@@ -57,15 +61,19 @@ def graph_extras(spec: ModelSpec, opts: RepoOptions) -> str:
 
 def export_weights(checkpoint: Path, out: Path, build: BuildOptions, log: Callable) -> GraphDims:
     """Both graph modules' weights directories under `out/<model>/`; returns the dims."""
+    from dart_triton.backbone_choice import with_backbone
     from dart_triton.model_parts import load_parts
+    from dart_triton.students import served_record
     from dart_triton.torch_graphs import save_graph_module
 
     settings(build)  # a bad combination fails before minutes of loading
-    parts = load_parts(checkpoint, build.imgsz, build.max_classes)
+    parts = with_backbone(load_parts(checkpoint, build.imgsz, build.max_classes),
+                          build.backbone)
     modules = {specs.BACKBONE: parts.backbone, specs.ENC_DEC: parts.runtime_head}
     for name, module in modules.items():
         log(f"torch: saving {name} ({parts.dims.imgsz}px) as safetensors ...")
-        save_graph_module(out / name, name, module, parts.model.config, parts.dims)
+        record = served_record(module) if name == specs.BACKBONE else None
+        save_graph_module(out / name, name, module, parts.model.config, parts.dims, record)
     return parts.dims
 
 
