@@ -993,22 +993,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_check(server: TritonServer, model: str, timeout: float) -> Callable[[], str | None]:
+def _check_url(server: TritonServer, passthrough: Sequence[str]) -> tuple[str, str]:
+    """(url, protocol) for the checks: gRPC, unless tritonserver was told not to serve it."""
+    if re.search(r"--allow-grpc[= ](false|0)\b", " ".join(passthrough)):
+        return server.http_url, "http"
+    return server.grpc_url, "grpc"
+
+
+def _model_check(url: str, protocol: str, model: str, timeout: float) -> Callable[[], str | None]:
     from dart_triton import health  # tritonclient: only when checks are on
 
     def check() -> str | None:
-        return health.check(server.grpc_url, "grpc", model, timeout)
+        return health.check(url, protocol, model, timeout)
 
     return check
 
 
-def _has_model(server: TritonServer, model: str) -> bool:
-    url = f"http://{server.http_url}/v2/models/{model}/ready"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+def _has_model(url: str, protocol: str, model: str) -> bool:
+    from dart_triton.client.triton_client import DartClient
+
+    with DartClient(url, protocol, model, timeout=10, retries=0) as client:
+        return client.is_ready()
 
 
 def serve_main(argv: list[str]) -> int:
@@ -1057,8 +1062,9 @@ def serve_main(argv: list[str]) -> int:
             f"(Ctrl-C to stop)"
         )
         if checks and supervisor.check is None:
-            if _has_model(srv, args.check_model):
-                supervisor.check = _model_check(srv, args.check_model, args.check_timeout)
+            url, protocol = _check_url(srv, passthrough)
+            if _has_model(url, protocol, args.check_model):
+                supervisor.check = _model_check(url, protocol, args.check_model, args.check_timeout)
                 _say(
                     f"deep health check: one request to {args.check_model!r} every "
                     f"{args.check_interval:g} s (timeout {args.check_timeout:g} s, restart "
