@@ -100,16 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=common.DEFAULT_RESULTS,
                    help="markdown file whose section for this study is rewritten")
     args = p.parse_args(argv)
-    import torch
-
     from dart_triton import specs
 
     rows = measure(args.classes, args.queries, args.iters, args.warmup)
     command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
-    notes = (f"`postprocess.select` in process, CPU, torch {torch.get_num_threads()} threads; "
-             f"caps: {specs.PRE_NMS_TOPK} candidates overall, {specs.PRE_NMS_TOPK_PER_GROUP} "
-             f"per class; NMS IoU {specs.DEFAULT_NMS_IOU}, MAX_DETECTIONS "
-             f"{specs.DEFAULT_MAX_DETECTIONS}. {verdict(rows)}")
+    notes = (f"`postprocess.select` in process on numpy inputs (the CPU path: numpy, one "
+             f"thread); caps: {specs.PRE_NMS_TOPK} candidates overall, "
+             f"{specs.PRE_NMS_TOPK_PER_GROUP} per class; NMS IoU {specs.DEFAULT_NMS_IOU}, "
+             f"MAX_DETECTIONS {specs.DEFAULT_MAX_DETECTIONS}. {verdict(rows)}")
     head = common.section_header("NMS at scale (SCORE_THRESHOLD 0)", command,
                                  f"random SAM3-shaped head outputs, {args.queries} queries",
                                  notes)
