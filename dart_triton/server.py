@@ -1027,6 +1027,18 @@ def serve_main(argv: list[str]) -> int:
     if refusal := version_refusal(args.model_repository):  # built by another dart-triton
         print(f"dart-triton serve: {refusal}", file=sys.stderr)
         return 2
+    # A model whose backend this tritonserver lacks would fail at load (the bundled 2.51
+    # even segfaults on it): say so before anything starts.
+    from .repository_check import backend_problem
+
+    try:
+        problem = backend_problem(args.model_repository, binary=None, extra_args=passthrough)
+    except FileNotFoundError as err:
+        print(f"dart-triton serve: {err}", file=sys.stderr)
+        return 2
+    if problem:
+        print(f"dart-triton serve: {problem}", file=sys.stderr)
+        return 2
     for flag in ("check_interval", "restart_backoff", "restart_backoff_max"):
         if getattr(args, flag) < 0:
             option = "--" + flag.replace("_", "-")

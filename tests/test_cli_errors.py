@@ -117,6 +117,20 @@ def test_serve_help_loads_every_model_in_explicit_mode(capsys):
     assert "--load-model=dart," not in text  # loads `dart` alone: ready, yet every request fails
 
 
+
+def test_serve_refuses_a_backend_the_server_lacks(tmp_path, capsys):
+    """The committed reference repository is TensorRT; the bundled server has only the
+    python backend: one line, exit 2, before anything starts (2.51 segfaults otherwise)."""
+    from dart_triton.server import bundled_tritonserver_dir, find_tritonserver, serve_main
+
+    if bundled_tritonserver_dir() is None or find_tritonserver().parent.parent != \
+            bundled_tritonserver_dir():
+        pytest.skip("needs the tritonserver bundled in nvidia-pytriton (python backend only)")
+    reference = Path(__file__).resolve().parents[1] / "model_repository"
+    code, _, err = _run(serve_main, ["--model-repository", reference], capsys)
+    assert code == 2
+    _one_line(err, "backbone, enc_dec need the tensorrt backend", "python")
+
 # --- detect: usage errors, before any request ----------------------------------------------
 def test_detect_json_pointing_at_a_folder(images, tmp_path, capsys):
     for target in (tmp_path, f"{tmp_path}/new/"):
