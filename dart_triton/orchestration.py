@@ -18,28 +18,36 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
+import torch
 
 from .buckets import pad_to_bucket, unpad
 from .buckets import plan_passes as bucket_passes
 
 T = TypeVar("T")
+Array = np.ndarray | torch.Tensor
 
 
 class HeadOutputs(NamedTuple):
     """What the detection head returns for N prompts (enc_dec's outputs, in spec order)."""
 
-    boxes: np.ndarray  # [N, Q, 4] xyxy, normalised to [0, 1]
-    logits: np.ndarray  # [N, Q] per-query class logits
-    presence_logits: np.ndarray  # [N, 1] is the class in the image at all
+    boxes: Array  # [N, Q, 4] xyxy, normalised to [0, 1]
+    logits: Array  # [N, Q] per-query class logits
+    presence_logits: Array  # [N, 1] is the class in the image at all
 
     @classmethod
     def concat(cls, chunks: Sequence[HeadOutputs]) -> HeadOutputs:
-        """Passes side by side along the prompt axis, in the order given."""
-        return cls(*(np.concatenate(parts, axis=0) for parts in zip(*chunks, strict=True)))
+        """Passes side by side along the prompt axis, in the order given. numpy arrays,
+        or torch tensors (which stay on their device: NMS then runs there too)."""
+        def cat(parts):
+            if isinstance(parts[0], torch.Tensor):
+                return torch.cat(parts, dim=0)
+            return np.concatenate(parts, axis=0)
+
+        return cls(*(cat(parts) for parts in zip(*chunks, strict=True)))
 
     def rows(self, n: int) -> HeadOutputs:
         """The first n prompts (drops the rows a pass was padded with)."""
-        return HeadOutputs(*(unpad(np.asarray(t), n) for t in self))
+        return HeadOutputs(*(unpad(t, n) for t in self))
 
 
 class ModelCallError(RuntimeError):

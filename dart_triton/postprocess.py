@@ -234,7 +234,3 @@ def postprocess(boxes, logits, presence_logits, original_size, class_names: list
     return Detections(*select(boxes, logits, presence_logits, original_size, score_threshold,
                               nms_iou, max_detections, class_agnostic_nms), tuple(class_names))
 
-
-def merge_chunks(chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
-    """Concatenate per-chunk (boxes, logits, presence) along the prompt axis."""
-    return tuple(np.concatenate(parts, axis=0) for parts in zip(*chunks, strict=True))

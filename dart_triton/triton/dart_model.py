@@ -81,7 +81,9 @@ class BlsRunner:
             pb.from_torch(specs.TEXT_FEATURES, text_features),
             pb.from_torch(specs.TEXT_MASK, text_mask),
         ], specs.HEAD_OUTPUTS)
-        return HeadOutputs(*(pb.as_numpy(t) for t in outs))
+        # Zero-copy torch views: GPU outputs (the torch backend) stay on the GPU, and
+        # `select` runs NMS there; CPU outputs are numpy underneath.
+        return HeadOutputs(*(pb.as_torch(t) for t in outs))
 
 
 class TritonPythonModel:
