@@ -82,6 +82,25 @@ def model_backend(model_dir: Path) -> str | None:
     return None
 
 
+def gpu_ids(repositories: Iterable[str | Path]) -> set[int]:
+    """The GPUs the repositories' KIND_GPU instance groups use (GPU 0 where a group lists
+    none: Triton then uses every visible GPU, and 0 is always one of them)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
+    ids: set[int] = set()
+    for config in (c for r in repositories for c in Path(r).glob("*/config.pbtxt")):
+        try:
+            cfg = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+        except (text_format.ParseError, UnicodeDecodeError):
+            continue  # tritonserver itself will say what is wrong with it
+        for group in cfg.instance_group:
+            if group.kind == gpu:
+                ids |= set(group.gpus) or {0}
+    return ids
+
+
 def required_backends(
     repositories: Iterable[str | Path], models: Iterable[str] | None = None
 ) -> dict[str, list[str]]:

@@ -53,6 +53,7 @@ from typing import IO
 from dart_triton.export.manifest import version_refusal
 
 DEFAULT_HOST = "127.0.0.1"
+GPU_MEMORY_POOL_BYTES = 1 << 30  # --cuda-memory-pool-byte-size per GPU (see serve_main)
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 INSTALL_HINT = "run scripts/install_triton_tools.sh (or pip install 'dart-triton[serve]')"
 
@@ -1029,7 +1030,7 @@ def serve_main(argv: list[str]) -> int:
         return 2
     # A model whose backend this tritonserver lacks would fail at load (the bundled 2.51
     # even segfaults on it): say so before anything starts.
-    from .repository_check import backend_problem
+    from .repository_check import backend_problem, gpu_ids
 
     try:
         problem = backend_problem(args.model_repository, binary=None, extra_args=passthrough)
@@ -1039,6 +1040,11 @@ def serve_main(argv: list[str]) -> int:
     if problem:
         print(f"dart-triton serve: {problem}", file=sys.stderr)
         return 2
+    if not any(a.startswith("--cuda-memory-pool-byte-size") for a in passthrough):
+        # GPU tensors between python models go through Triton's CUDA memory pool (64 MB by
+        # default): at 1008 px one frame's pixels and features are ~17 MB, two in flight.
+        passthrough += [f"--cuda-memory-pool-byte-size={gpu}:{GPU_MEMORY_POOL_BYTES}"
+                        for gpu in sorted(gpu_ids(args.model_repository))]
     for flag in ("check_interval", "restart_backoff", "restart_backoff_max"):
         if getattr(args, flag) < 0:
             option = "--" + flag.replace("_", "-")

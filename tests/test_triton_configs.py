@@ -163,3 +163,16 @@ def test_instances_spread_over_listed_gpus(backend):
         parse_gpus("0,0")
     with pytest.raises(ValueError, match="--gpus"):
         parse_gpus("gpu0")
+
+
+def test_serve_sizes_the_cuda_pool_for_the_gpus_a_repository_uses(tmp_path):
+    """serve passes --cuda-memory-pool-byte-size for every GPU the configs place models on."""
+    from dart_triton.export.triton_config import write_repository_files
+    from dart_triton.repository_check import gpu_ids
+
+    write_repository_files(tmp_path / "cpu", RepoOptions("python", DIMS))
+    write_repository_files(tmp_path / "two", RepoOptions("python", DIMS, gpus=(0, 1)))
+    write_repository_files(tmp_path / "trt", RepoOptions("tensorrt", DIMS))
+    assert gpu_ids([tmp_path / "cpu"]) == set()
+    assert gpu_ids([tmp_path / "two"]) == {0, 1}
+    assert gpu_ids([tmp_path / "trt"]) == {0}
