@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a module is built: parsing stays fast
+    from torch import nn
 
 KINDS = ("vit", "pruned", "student")
 

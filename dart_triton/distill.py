@@ -383,7 +383,7 @@ def run_distill(args: argparse.Namespace, log=print) -> Path:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                last_loss = float(loss)
+                last_loss = float(loss.detach())
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 step += 1

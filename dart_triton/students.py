@@ -196,6 +196,23 @@ def select_levels(module: nn.Module, levels: list[int] | tuple[int, ...]) -> nn.
     return module
 
 
+def served_record(module: nn.Module) -> dict | None:
+    """How to rebuild a served backbone module (torch backend): None for SAM3's ViT as it
+    is, the removed branches for a pruned ViT, the timm model for an adapter student."""
+    from .pruning import removed_parts
+
+    if isinstance(module, TimmStudent):
+        return module.record()
+    removed = removed_parts(module)
+    return {"kind": "pruned", "removed": [list(r) for r in removed]} if removed else None
+
+
+def served_skeleton(record: dict, dims: GraphDims) -> nn.Module:
+    """An adapter student returning `dims.backbone_levels` (tensors loaded afterwards)."""
+    module = TimmStudent(record["timm"], dims, tuple(record["out_indices"]), pretrained="none")
+    return select_levels(module, dims.backbone_levels)
+
+
 # The directory --------------------------------------------------------------------------
 
 

@@ -110,7 +110,7 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_graph_module(out_dir: str | Path, name: str, module: nn.Module, sam3_config,
-                      dims: GraphDims) -> Path:
+                      dims: GraphDims, backbone: dict | None = None) -> Path:
     """Write one graph module's weights directory (config, tensors, dims)."""
     from safetensors.torch import save_file
 
@@ -123,6 +123,8 @@ def save_graph_module(out_dir: str | Path, name: str, module: nn.Module, sam3_co
               metadata={"model": name, "format": str(FORMAT)})
     meta = {"format": FORMAT, "model": name, "dims": asdict(dims),
             "attention": "sdpa" if name == specs.ENC_DEC else "explicit"}
+    if backbone:  # not SAM3's ViT: a pruned ViT or a student (`students.served_record`)
+        meta["backbone"] = backbone
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -132,7 +134,7 @@ def _dims_of(recorded: dict) -> GraphDims:
     return GraphDims(**{k: v for k, v in recorded.items() if k in names})
 
 
-def skeleton(name: str, sam3_config, dims: GraphDims) -> nn.Module:
+def skeleton(name: str, sam3_config, dims: GraphDims, backbone: dict | None = None) -> nn.Module:
     """The graph module's structure with its parameters on the meta device.
 
     Built the way `model_parts.load_parts` builds it; the buffers computed here (on the
@@ -142,11 +144,20 @@ def skeleton(name: str, sam3_config, dims: GraphDims) -> nn.Module:
     from .backbone import RestructuredBackbone
     from .detection_head import BatchedDetectionHead
 
+    if name == specs.BACKBONE and backbone and backbone.get("kind") == "timm":
+        from .students import served_skeleton  # a timm student: no SAM3 modules
+
+        return served_skeleton(backbone, dims)
     with torch.device("meta"):
         sam3 = Sam3Model(sam3_config)
         if name == specs.BACKBONE:
-            return RestructuredBackbone(sam3.vision_encoder, dims.imgsz,
-                                        list(dims.backbone_levels))
+            module = RestructuredBackbone(sam3.vision_encoder, dims.imgsz,
+                                          list(dims.backbone_levels))
+            if backbone:  # a pruned ViT (training-free, or distilled)
+                from .pruning import prune
+
+                module = prune(module, [(int(b), p) for b, p in backbone["removed"]])
+            return module
         return BatchedDetectionHead(sam3, dims, "sdpa")
 
 
@@ -187,9 +198,9 @@ def load_graph_module(weights_dir: str | Path, name: str) -> tuple[nn.Module, Gr
         raise TorchGraphError(f"{root / META_FILE} holds {meta.get('model')!r} (format "
                               f"{meta.get('format')}), expected {name!r} (format {FORMAT})")
     dims = _dims_of(meta["dims"])
-    module = skeleton(name, config, dims)
+    module = skeleton(name, config, dims, meta.get("backbone"))
     _assign(module, load_file(str(root / TENSORS_FILE)))
-    if name == specs.BACKBONE:
+    if name == specs.BACKBONE and hasattr(module, "blocks"):  # a ViT (students have none)
         use_sdpa(module)
     return module.eval(), dims
 
@@ -224,7 +235,8 @@ class SdpaRopeAttention(nn.Module):
 def use_sdpa(backbone: nn.Module) -> nn.Module:
     """Swap every block's explicit attention for `SdpaRopeAttention` (in place)."""
     for block in backbone.blocks:
-        block.attn = SdpaRopeAttention(block.attn)
+        if block.attn is not None:  # None: pruned away
+            block.attn = SdpaRopeAttention(block.attn)
     return backbone
 
 

@@ -191,10 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--with-mask-levels", action="store_true",
                    help="backbone also returns the two finer FPN levels (for a masks path)")
     p.add_argument("--skip-check", action="store_true", help="do not compare with PyTorch")
+    p.add_argument("--backbone", default="vit", metavar="{vit|pruned:PLAN.json:K|student:DIR}",
+                   help="the module behind backbone.onnx (default: SAM3's ViT)")
     args = p.parse_args(argv)
     try:
         _, agreements = export_graphs(args.checkpoint, args.output, args.imgsz, args.max_classes,
-                                      args.with_mask_levels, check=not args.skip_check)
+                                      args.with_mask_levels, check=not args.skip_check,
+                                      backbone=args.backbone)
     except (CheckpointError, ValueError) as exc:
         print(f"dart-triton export: error: {exc}", file=sys.stderr)
         return 2

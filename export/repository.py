@@ -13,6 +13,7 @@ repository so it is self-contained, and writes what the backend serves the graph
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from dart_triton import specs
+from dart_triton.backbone_choice import BackboneChoice
 from dart_triton.buckets import parse_buckets
 from dart_triton.checkpoint import CheckpointError
 from dart_triton.text_encoder import TextEncoder, read_vocabulary
@@ -81,9 +83,12 @@ class BuildOptions:
     precision: str | None = None
     compile: str = "none"
     cuda_graphs: bool = False
+    # What serves `backbone`: vit | pruned:PLAN.json:K | student:DIR (backbone_choice)
+    backbone: str = "vit"
 
     def __post_init__(self) -> None:
         get_backend(self.backend).graph_settings(self)  # refuses an unknown name, bad options
+        self.backbone = str(BackboneChoice.parse(self.backbone))
         self.buckets = parse_buckets(self.buckets)
         if self.buckets and self.buckets[-1] != self.max_classes:
             raise ValueError(f"the largest bucket ({self.buckets[-1]}) must equal "
@@ -99,7 +104,8 @@ class BuildOptions:
                    vocabulary=Path(args.vocabulary) if args.vocabulary else None,
                    ort_threads=args.ort_threads, build_plans=not args.no_plans,
                    plan=PlanBuildOptions.from_args(args), precision=args.precision,
-                   compile=args.compile, cuda_graphs=args.cuda_graphs)
+                   compile=args.compile, cuda_graphs=args.cuda_graphs,
+                   backbone=args.backbone)
 
     def plan_options(self, max_classes: int) -> PlanBuildOptions:
         return replace(self.plan, max_classes=max_classes, buckets=self.buckets)
@@ -109,7 +115,8 @@ class BuildOptions:
         return RepoOptions(backend=self.backend, dims=dims, instances=dict(self.instances),
                            gpu=self.gpu, enc_dec_buckets=self.buckets,
                            warm_vocabulary=vocab.name, ort_threads=self.ort_threads,
-                           graph_settings=get_backend(self.backend).graph_settings(self))
+                           graph_settings=get_backend(self.backend).graph_settings(self),
+                           backbone=BackboneChoice.parse(self.backbone).describe())
 
 
 def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
@@ -125,11 +132,14 @@ def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
     return len(names)
 
 
-def _graphs_match(onnx_dir: Path, imgsz: int | None, max_classes: int) -> bool:
+def _graphs_match(onnx_dir: Path, imgsz: int | None, max_classes: int,
+                  backbone: str = "vit") -> bool:
     if not (onnx_dir / GRAPHS_JSON).is_file():
         return False
     dims = read_graphs_meta(onnx_dir)
-    return (imgsz in (None, dims.imgsz)) and dims.max_classes == max_classes
+    recorded = json.loads((onnx_dir / GRAPHS_JSON).read_text()).get("backbone", "vit")
+    return ((imgsz in (None, dims.imgsz)) and dims.max_classes == max_classes
+            and recorded == BackboneChoice.parse(backbone).describe())
 
 
 def build_repository(checkpoint: str | Path, output: str | Path,
@@ -146,9 +156,9 @@ def build_repository(checkpoint: str | Path, output: str | Path,
         if backend.export is not None:  # the backend serves something else (torch: weights)
             graphs = Path(scratch)
             dims = backend.export(checkpoint, graphs, build, log)
-        elif not _graphs_match(graphs, build.imgsz, build.max_classes):
+        elif not _graphs_match(graphs, build.imgsz, build.max_classes, build.backbone):
             _, agreements = export_graphs(checkpoint, graphs, build.imgsz, build.max_classes,
-                                          log=log)
+                                          log=log, backbone=build.backbone)
             bad = [a for a in agreements if not a.ok]
             if bad:
                 raise RuntimeError(f"ONNX Runtime disagrees with PyTorch on {bad[0].tensor} "
@@ -207,6 +217,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=("none", "default", "max-autotune"), default="none",
                    help="torch: torch.compile the graph modules at load, before the models "
                         "report ready (max-autotune: minutes per model; default %(default)s)")
+    p.add_argument("--backbone", default="vit",
+                   metavar="{vit|pruned:PLAN.json:K|student:DIR}",
+                   help="what serves `backbone`: SAM3's ViT (default), the ViT without the "
+                        "first K units of a `dart-triton prune` plan, or a `dart-triton "
+                        "distill` student directory; same contract, same enc_dec")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch (--gpu): capture one CUDA graph per enc_dec bucket (--buckets, "
                         "else --max-classes) and one for the backbone at load")

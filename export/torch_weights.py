@@ -32,10 +32,6 @@ def settings(build: BuildOptions) -> dict[str, str]:
     FP32 on the CPU unless ``--precision`` says otherwise."""
     from dart_triton.torch_graphs import TorchSettings
 
-    backbone = str(getattr(build, "backbone", "vit") or "vit")
-    if backbone != "vit":
-        raise ValueError(f"--backend torch serves SAM3's ViT backbone only, not {backbone!r}: "
-                         "use an ONNX backend for pruned or student backbones")
     gpu = build.gpu or bool(build.gpus)
     precision = build.precision or ("fp16" if gpu else "fp32")
     chosen = TorchSettings(precision=precision, compile=build.compile,

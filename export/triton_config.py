@@ -40,6 +40,8 @@ class RepoOptions:
     # Graph-model parameters of backends that take any (torch: precision, compile mode,
     # CUDA graphs), from the build options by the backend's entry (`export.backends`).
     graph_settings: dict[str, str] = field(default_factory=dict)
+    # What serves `backbone` (`BackboneChoice.describe`), said in dart's parameters.
+    backbone: str = "vit"
 
     def __post_init__(self) -> None:
         self.gpus = tuple(self.gpus)
@@ -106,7 +108,8 @@ def all_configs(opts: RepoOptions) -> dict[str, str]:
         specs.POSTPROCESS: python_model_config(s[specs.POSTPROCESS], opts, {}),
         specs.DART: python_model_config(
             s[specs.DART], opts, {**common,
-                                  "enc_dec_buckets": ",".join(map(str, opts.enc_dec_buckets))}),
+                                  "enc_dec_buckets": ",".join(map(str, opts.enc_dec_buckets)),
+                                  "backbone": opts.backbone}),
         specs.DART_ENSEMBLE: ensemble_config(opts),
     }
 

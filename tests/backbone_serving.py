@@ -1,0 +1,71 @@
+"""Shared checks for repositories built with `--backbone` (pruned:, student:).
+
+A repository's backbone is served by tritonserver (python backend: ONNX Runtime), and
+the in-process reference is `DartPipeline` over the same checkpoint with the same
+backbone module in PyTorch. The torch backend is checked in process: its modules,
+rebuilt from the repository's safetensors, against the same reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from dart_triton import specs
+from dart_triton.client import DartClient
+
+from .test_detection_level import EVERY_QUERY, assert_served_same
+from .test_triton_server import NAMES
+
+MAX_CLASSES = 4
+
+
+def reference_pipeline(checkpoint, backbone: str):
+    from dart_triton.backbone_choice import with_backbone
+    from dart_triton.model_parts import load_parts
+    from dart_triton.pipelines import DartPipeline
+
+    parts = with_backbone(load_parts(checkpoint, max_classes=MAX_CLASSES), backbone)
+    return DartPipeline.from_parts(parts), parts
+
+
+def build(checkpoint, repo, backbone: str, backend: str = "python"):
+    from dart_triton.export.repository import build_repository
+
+    return build_repository(checkpoint, repo, backend=backend, max_classes=MAX_CLASSES,
+                            backbone=backbone, log=lambda *_: None)
+
+
+def check_served_detections(server, pipeline, photo, model: str, n: int) -> None:
+    with DartClient(server.grpc_url, model=model) as c:
+        served = c.detect(photo, NAMES[:n])
+        every = c.detect(photo, NAMES[:n], **EVERY_QUERY)
+    assert_served_same(served, pipeline.detect(photo, NAMES[:n]))
+    ref_every = pipeline.detect(photo, NAMES[:n], **EVERY_QUERY)
+    assert len(every) == len(ref_every) > 0
+    assert_served_same(every, ref_every)
+
+
+def served_features(server, pixels: np.ndarray) -> np.ndarray:
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        inp = grpcclient.InferInput(specs.PIXEL_VALUES, list(pixels.shape), "FP32")
+        inp.set_data_from_numpy(pixels)
+        return c.infer(specs.BACKBONE, [inp]).as_numpy(specs.FPN_FEATURES)
+
+
+def dart_backbone_parameter(server) -> str:
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        config = c.get_model_config(specs.DART, as_json=True)["config"]
+    return config["parameters"]["backbone"]["string_value"]
+
+
+def torch_backend_detections(repo, parts, photo, n: int):
+    """The torch backend's modules from `repo`, in process, through DartPipeline."""
+    from dart_triton.pipelines import DartPipeline
+    from dart_triton.text_encoder import TextEncoder
+    from dart_triton.torch_graphs import TorchGraphs
+
+    graphs = TorchGraphs.from_repository(repo)
+    pipeline = DartPipeline(graphs, TextEncoder.from_sam3(parts.model, parts.tokenizer),
+                            parts.dims.imgsz, MAX_CLASSES)
+    return pipeline.detect(photo, NAMES[:n], **EVERY_QUERY)
