@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install everything the demo and the tests need (idempotent).
-#   * torch 2.13.0 (the CPU build where this machine has it on disk),
+#   * torch and torchvision as a matching pair (timm, for the student backbones, needs
+#     torchvision; the CPU torch 2.13.0 on this machine's disk has no torchvision that
+#     imports beside it): 2.14.1 / 0.29.1 on x86_64 (PyPI's default CUDA build, which runs
+#     on a CPU; pip takes both from this machine's disk where they lie there), 2.9.1 /
+#     0.24.1 (CPU builds) on aarch64,
 #   * the project, editable, with its extras,
 #   * the CLIP BPE vocabulary (open_clip_torch, --no-deps: only its vocab file is used),
 #   * tritonserver + python backend, perf_analyzer, libb64 (scripts/install_triton_tools.sh).
@@ -21,8 +25,15 @@ want="$(sha256sum "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | 
 if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     log "installing python packages into $VENV (first run: a few minutes)"
     "$PY" -m pip install --quiet --upgrade pip
-    "$PY" -c 'import torch' 2>/dev/null || "$PY" -m pip install --quiet "torch==2.13.0"
-    "$PY" -m pip install --quiet -e "${ROOT}[video,draw,eval,bench,dev]"
+    if [[ "$(uname -m)" == aarch64 ]]; then torch_pair=("torch==2.9.1" "torchvision==0.24.1")
+    else torch_pair=("torch==2.14.1" "torchvision==0.29.1"); fi
+    "$PY" - "${torch_pair[@]}" <<'PYCHECK' 2>/dev/null || "$PY" -m pip install --quiet "${torch_pair[@]}"
+import sys, torch, torchvision  # the pinned pair, and torchvision's ops load beside torch
+from torchvision.ops import nms  # noqa: F401
+want = [a.split("==")[1] for a in sys.argv[1:]]
+sys.exit([torch.__version__.split("+")[0], torchvision.__version__.split("+")[0]] != want)
+PYCHECK
+    "$PY" -m pip install --quiet -e "${ROOT}[video,draw,eval,bench,dev,students]"
     "$PY" -m pip install --quiet --no-deps "open_clip_torch==3.3.0"
     echo "$want" > "$STAMP"
 fi
