@@ -5,6 +5,8 @@ map back to COCO category ids. Each image's detections are appended to a JSONL
 file as they arrive, so an interrupted run (Ctrl-C, server restart) resumes
 where it stopped. The detect step is a plain ``image -> Detections`` callable,
 so mapping, writing, resuming and scoring run the same with or without a server.
+With ``--url`` repeated, the images are spread over several servers; one that fails
+is set aside and its images go to the others (`dart_triton.client.endpoints`).
 """
 
 from __future__ import annotations
@@ -260,7 +262,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"where {JSONL_NAME}, {RESULTS_NAME} and {METRICS_NAME} go "
                         "(default runs/coco-eval/MODEL)")
     p.add_argument("--model", default="dart", help="dart or dart_ensemble (default: dart)")
-    p.add_argument("--url", help="Triton address (default grpc 127.0.0.1:8001, http :8000)")
+    p.add_argument("--url", action="append", metavar="HOST:PORT",
+                   help="Triton address (default grpc 127.0.0.1:8001, http :8000); repeat it "
+                        "to spread the images over several servers (one that fails is set "
+                        "aside and its requests go to the others)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     p.add_argument("--concurrency", "--in-flight", type=int, default=8, metavar="K",
                    help="images in flight (default: 8)")
@@ -308,11 +313,15 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
     if detect is None:
         from dart_triton.client.triton_client import ThreadLocalDetector
 
-        detector = detect = ThreadLocalDetector(
-            classes, args.url, args.protocol, args.model,
-            score_threshold=args.score_threshold, nms_iou=args.nms_iou,
-            max_detections=args.max_detections,
-        )
+        try:
+            detector = detect = ThreadLocalDetector(
+                classes, args.url, args.protocol, args.model,
+                score_threshold=args.score_threshold, nms_iou=args.nms_iou,
+                max_detections=args.max_detections,
+            )
+        except ValueError as e:  # an empty --url, or one given twice
+            print(f"coco-eval: --url: {e}", file=sys.stderr)
+            return 2
         client = detector.client()
         try:  # fail fast, before any image is read, when the model is not there
             client.model_config()

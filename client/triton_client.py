@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -15,9 +17,10 @@ from tritonclient.utils import InferenceServerException
 from dart_triton import specs
 
 from .detections import Detections
+from .endpoints import Endpoints, call_spread
 from .errors import DartClientError
 from .inputs import check_image, class_list, encode_classes, option_arrays
-from .pipeline import in_order
+from .pipeline import completed, in_order
 
 Transport = Literal["grpc", "http"]
 DEFAULT_URLS: dict[str, str] = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
@@ -28,6 +31,8 @@ UNAVAILABLE = "UNAVAILABLE"
 # Statuses worth retrying: the server is (re)starting or gone for now. The gRPC code, HTTP
 # 503, and a connection failure; never INVALID_ARGUMENT (the same request fails again).
 _RETRYABLE = frozenset({"StatusCode.UNAVAILABLE", "503", UNAVAILABLE})
+# Statuses of a server that has not got the model (for now): gRPC code, HTTP 404.
+_NO_MODEL = frozenset({"StatusCode.NOT_FOUND", "404"})
 T = TypeVar("T")
 
 
@@ -45,6 +50,11 @@ def _server_errors(url: str) -> Iterator[None]:
         raise DartClientError(f"no answer from Triton at {url} in time: {e}", "TIMEOUT") from e
     except OSError as e:  # the HTTP client's connection refused / DNS / reset
         raise DartClientError(f"cannot reach Triton at {url}: {e}", UNAVAILABLE) from e
+    except http.client.HTTPException as e:
+        # geventhttpclient's HTTPConnectionClosed: the server went away before answering.
+        closed = type(e).__name__ == "HTTPConnectionClosed"
+        raise DartClientError(f"bad HTTP answer from Triton at {url}: {e!r}",
+                              UNAVAILABLE if closed else None) from e
 
 
 def is_unavailable(error: DartClientError) -> bool:
@@ -96,14 +106,15 @@ def _quiet_gevent() -> None:
 class DetectionFuture:
     """A pending `detect_async` request; ``result()`` blocks until it is answered.
 
-    A request that failed with UNAVAILABLE is sent again (synchronously, by ``resend``).
+    A request whose server could not take it is handed to ``resend`` with the failure,
+    which sends it again (synchronously) or raises.
     """
 
     def __init__(
         self,
         wait: Callable[[float | None], Detections],
         url: str,
-        resend: Callable[[], Detections] | None = None,
+        resend: Callable[[DartClientError], Detections] | None = None,
     ) -> None:
         self._wait = wait
         self._url = url
@@ -114,28 +125,46 @@ class DetectionFuture:
             with _server_errors(self._url):
                 return self._wait(timeout)
         except DartClientError as e:
-            if self._resend is None or not is_unavailable(e):
+            if self._resend is None:
                 raise
-            return self._resend()
+            return self._resend(e)
+
+
+@dataclass
+class _Connection:
+    """This client's tritonclient client for one server; ``generation``: the server's
+    failure count when it was made (a later failure makes it stale)."""
+
+    client: Any
+    generation: int
 
 
 class DartClient:
     """Client of the `dart` model (or `dart_ensemble`, same contract).
 
+    ``url`` is one Triton address or several: requests then go round robin over them
+    (``in_flight`` of `detect_stream` still counts them all). A server that fails a
+    request (unreachable, restarting, or without the model just now) is set aside for a
+    while and the request goes to the next server at once; see `Endpoints`.
+    ``endpoints`` shares that rotation and health with other clients of the same servers
+    (`ThreadLocalDetector` makes one per thread).
+
     Not thread-safe, as the underlying tritonclient clients are not: use one
     DartClient per thread. With ``protocol="http"``, ``concurrency`` is the size
-    of the connection pool and so caps the requests `detect_async` keeps in flight.
+    of each server's connection pool and so caps the requests `detect_async` keeps in
+    flight there.
 
-    A detection request that fails with UNAVAILABLE (nothing listening: the server is
-    restarting) is retried up to ``retries`` times, after ``retry_backoff``, then twice,
-    four times that many seconds, ..., at most ``retry_backoff_max`` each (defaults: 3
-    retries, 0.5 + 1 + 2 s). Other failures, INVALID_ARGUMENT above all, are never
-    retried. ``retries=0`` turns it off.
+    A detection request that fails with UNAVAILABLE on every server (nothing listening:
+    the servers are restarting) is retried up to ``retries`` times, after
+    ``retry_backoff``, then twice, four times that many seconds, ..., at most
+    ``retry_backoff_max`` each (defaults: 3 retries, 0.5 + 1 + 2 s). Other failures,
+    INVALID_ARGUMENT above all, are never retried. ``retries=0`` turns waiting off (a
+    request still moves on to another server at once).
     """
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         protocol: Transport = "grpc",
         model: str = "dart",
         *,
@@ -145,18 +174,26 @@ class DartClient:
         retries: int = 3,
         retry_backoff: float = 0.5,
         retry_backoff_max: float = 10.0,
+        endpoints: Endpoints | None = None,
     ) -> None:
         if protocol not in DEFAULT_URLS:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         if min(retries, retry_backoff, retry_backoff_max) < 0:
             raise ValueError("retries, retry_backoff and retry_backoff_max must be >= 0")
-        self.url = url or DEFAULT_URLS[protocol]
+        urls = _urls(url) or (endpoints.urls if endpoints else (DEFAULT_URLS[protocol],))
+        if endpoints is None:
+            endpoints = Endpoints(urls, retry_backoff, retry_backoff_max)
+        elif endpoints.urls != urls:
+            raise ValueError(f"endpoints are {endpoints.urls}, not the URLs given {urls}")
+        self.urls = urls
+        self.url = ",".join(urls)  # for messages: the one address, or all of them
         self.protocol = protocol
         self.model = model
         self.timeout = timeout
         self.retries = retries
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = retry_backoff_max
+        self._endpoints = endpoints
         self._verbose = verbose
         self._concurrency = max(1, concurrency)
         # Imported here so that importing this module does not pull in both stacks.
@@ -170,14 +207,16 @@ class DartClient:
             self._outputs = [tc.InferRequestedOutput(n, binary_data=True) for n in _OUTPUTS]
             _quiet_gevent()
         self._tc = tc
-        self._client = self._connect()
+        self._connections = [
+            _Connection(self._connect(u), endpoints.generation(i)) for i, u in enumerate(urls)
+        ]
         self._retired: list[Any] = []
 
-    def _connect(self) -> Any:
+    def _connect(self, url: str) -> Any:
         if self.protocol == "grpc":
-            return self._tc.InferenceServerClient(self.url, verbose=self._verbose)
+            return self._tc.InferenceServerClient(url, verbose=self._verbose)
         return self._tc.InferenceServerClient(
-            self.url,
+            url,
             verbose=self._verbose,
             concurrency=self._concurrency,
             # None means "wait as long as it takes", as it does for gRPC.
@@ -185,15 +224,64 @@ class DartClient:
         )
 
     def _reconnect(self) -> None:
-        """A fresh gRPC channel before a retry: one that failed to connect waits out its
-        own reconnect backoff (growing to minutes) and fails fast meanwhile."""
-        if self.protocol == "grpc":
-            self._retired.append(self._client)  # pending async requests may still use it
-            self._client = self._connect()
+        """Fresh gRPC channels to the servers that failed since theirs were made: a channel
+        that failed to connect waits out its own reconnect backoff (growing to minutes)
+        and fails fast meanwhile. Called before each retry on such a server."""
+        for i, conn in enumerate(self._connections):
+            generation = self._endpoints.generation(i)
+            if conn.generation == generation:
+                continue
+            if self.protocol == "grpc":
+                self._retired.append(conn.client)  # pending async requests may still use it
+                conn.client = self._connect(self.urls[i])
+            conn.generation = generation
+
+    def _client(self, i: int) -> Any:
+        """This client's connection to server ``i``, fresh if the server failed since."""
+        if self._connections[i].generation != self._endpoints.generation(i):
+            self._reconnect()
+        return self._connections[i].client
+
+    def _is_gone(self, error: DartClientError) -> bool:
+        """Whether a detection request should leave the server that failed it.
+
+        Besides UNAVAILABLE: with several servers, one that has not got the model (a
+        draining Triton unloads it while still answering: NOT_FOUND for seconds) sends the
+        request to another. With one there is nowhere else to go: that error is final.
+        """
+        return is_unavailable(error) or (len(self.urls) > 1 and error.status in _NO_MODEL)
+
+    def _spread(
+        self,
+        call: Callable[[int], T],
+        *,
+        retries: int | None = None,
+        is_gone: Callable[[DartClientError], bool] | None = None,
+        tried: Sequence[int] = (),
+        last: DartClientError | None = None,
+    ) -> T:
+        return call_spread(
+            self._endpoints,
+            call,
+            retries=self.retries if retries is None else retries,
+            backoff=self.retry_backoff,
+            backoff_max=self.retry_backoff_max,
+            is_gone=is_gone or self._is_gone,
+            is_transient=is_unavailable,
+            tried=tried,
+            last=last,
+        )
+
+    def _report(self, i: int, generation: int, error: DartClientError | None) -> None:
+        """Tell the shared health what an asynchronous request to server ``i`` found."""
+        if error is not None and self._is_gone(error):
+            self._endpoints.failed(i, generation)
+        else:
+            self._endpoints.succeeded(i, generation)
 
     # --- lifecycle --------------------------------------------------------------------
     def close(self) -> None:
-        for client in [*self._retired, self._client]:
+        for client in [*self._retired, *(c.client for c in self._connections)]:
             with contextlib.suppress(Exception):
                 client.close()
         self._retired.clear()
@@ -206,31 +294,55 @@ class DartClient:
 
     # --- server info ------------------------------------------------------------------
     def is_ready(self) -> bool:
-        """True when the server is live and the model is loaded; False when unreachable."""
-        try:
-            with _server_errors(self.url):
-                return bool(
-                    self._client.is_server_live() and self._client.is_model_ready(self.model)
-                )
-        except DartClientError:
-            return False
+        """True when a server is live with the model loaded; False when none is.
+
+        Every server is asked: those that are not ready are set aside for a while.
+        """
+        ready = False
+        for i, url in enumerate(self.urls):
+            generation = self._endpoints.generation(i)
+            client = self._client(i)
+            try:
+                with _server_errors(url):
+                    ok = bool(client.is_server_live() and client.is_model_ready(self.model))
+            except DartClientError:
+                ok = False
+            if ok:
+                self._endpoints.succeeded(i, generation)
+            elif len(self.urls) > 1:
+                self._endpoints.failed(i, generation)
+            ready |= ok
+        return ready
+
+    def _ask(self, question: Callable[[Any], T]) -> T:
+        """``question(client)`` answered by the first server that can be reached (no wait).
+
+        Only an unreachable server is passed over: the model a question is about may
+        rightly be missing everywhere (`imgsz` asks about `preprocess`).
+        """
+
+        def call(i: int) -> T:
+            with _server_errors(self.urls[i]):
+                return question(self._client(i))
+
+        return self._spread(call, retries=0, is_gone=is_unavailable)
 
     def model_metadata(self, model: str | None = None) -> dict[str, Any]:
         """Metadata of ``model`` (default: this client's model), as a dict."""
-        with _server_errors(self.url):
-            if self.protocol == "grpc":
-                return self._client.get_model_metadata(model or self.model, as_json=True)
-            return self._client.get_model_metadata(model or self.model)
+        if self.protocol == "grpc":
+            return self._ask(lambda c: c.get_model_metadata(model or self.model, as_json=True))
+        return self._ask(lambda c: c.get_model_metadata(model or self.model))
 
     def model_config(self, model: str | None = None) -> dict[str, Any]:
         """Config of ``model`` (default: this client's model) as a dict.
 
         gRPC's ``{"config": ...}`` wrapper is removed so both protocols look alike.
         """
-        with _server_errors(self.url):
-            if self.protocol == "grpc":
-                return self._client.get_model_config(model or self.model, as_json=True)["config"]
-            return self._client.get_model_config(model or self.model)
+        if self.protocol == "grpc":
+            return self._ask(
+                lambda c: c.get_model_config(model or self.model, as_json=True)["config"]
+            )
+        return self._ask(lambda c: c.get_model_config(model or self.model))
 
     def imgsz(self) -> int | None:
         """The resolution the server runs at, from a ``parameters { key: "imgsz" }`` entry.
@@ -293,33 +405,33 @@ class DartClient:
         """
         classes = class_list(classes)
         inputs = self._inputs(image, classes, score_threshold, nms_iou, max_detections)
-        return self._retrying(lambda: self._detect_once(inputs, classes))
+        return self._spread(lambda i: self._detect_once(i, inputs, classes))
 
-    def _retrying(self, call: Callable[[], T], first: int = 0) -> T:
-        return retry_unavailable(
-            call,
-            self.retries,
-            self.retry_backoff,
-            backoff_max=self.retry_backoff_max,
-            first=first,
-            before_retry=self._reconnect,
-        )
-
-    def _detect_once(self, inputs: list[Any], classes: list[str]) -> Detections:
-        with _server_errors(self.url):
+    def _detect_once(self, i: int, inputs: list[Any], classes: list[str]) -> Detections:
+        client = self._client(i)
+        with _server_errors(self.urls[i]):
             if self.protocol == "grpc":
-                result = self._client.infer(
+                result = client.infer(
                     self.model, inputs, outputs=self._outputs, client_timeout=self.timeout
                 )
             else:
-                result = self._client.infer(self.model, inputs, outputs=self._outputs)
+                result = client.infer(self.model, inputs, outputs=self._outputs)
             return self._parse(result, classes)
 
-    def _resend(self, inputs: list[Any], classes: list[str]) -> Callable[[], Detections] | None:
-        """For a DetectionFuture: send again, synchronously, once its attempt was UNAVAILABLE."""
-        if self.retries == 0:
-            return None
-        return lambda: self._retrying(lambda: self._detect_once(inputs, classes), first=1)
+    def _resend(
+        self, i: int, inputs: list[Any], classes: list[str]
+    ) -> Callable[[DartClientError], Detections]:
+        """For a DetectionFuture: once its attempt on server ``i`` failed with ``error``,
+        send it again (synchronously) to the next server, or raise ``error``."""
+
+        def resend(error: DartClientError) -> Detections:
+            if not self._is_gone(error):
+                raise error
+            return self._spread(
+                lambda j: self._detect_once(j, inputs, classes), tried=[i], last=error
+            )
+
+        return resend
 
     def detect_async(
         self,
@@ -332,47 +444,65 @@ class DartClient:
         """Send one request without waiting; ``.result()`` on the return value waits."""
         classes = class_list(classes)
         inputs = self._inputs(image, classes, score_threshold, nms_iou, max_detections)
-        resend = self._resend(inputs, classes)
+        i = self._endpoints.pick()
+        assert i is not None  # nothing is excluded
+        generation, url = self._endpoints.generation(i), self.urls[i]
+        resend = self._resend(i, inputs, classes)
         try:
-            with _server_errors(self.url):
+            with _server_errors(url):
                 if self.protocol == "grpc":
-                    return self._send_grpc(inputs, classes, resend)
-                request = self._client.async_infer(self.model, inputs, outputs=self._outputs)
+                    return self._send_grpc(i, generation, inputs, classes, resend)
+                request = self._client(i).async_infer(self.model, inputs, outputs=self._outputs)
         except DartClientError as e:
-            if resend is None or not is_unavailable(e):
-                raise
-            done: Future[Detections] = Future()
-            done.set_result(resend())
-            return DetectionFuture(done.result, self.url)
+            self._report(i, generation, e)
+            return DetectionFuture(completed(resend(e)).result, url)
 
         # HTTP requests run as greenlets that make progress whenever the caller blocks
         # in get_result, so waiting on the oldest also drives the younger ones.
         def wait(timeout: float | None) -> Detections:
-            return self._parse(request.get_result(timeout=timeout), classes)
+            try:
+                with _server_errors(url):
+                    answer = request.get_result(timeout=timeout)
+            except DartClientError as e:
+                if e.status != "TIMEOUT":  # a slow answer says nothing of the server
+                    self._report(i, generation, e)
+                raise
+            self._report(i, generation, None)
+            return self._parse(answer, classes)
 
-        return DetectionFuture(wait, self.url, resend)
+        return DetectionFuture(wait, url, resend)
 
     def _send_grpc(
         self,
+        i: int,
+        generation: int,
         inputs: list[Any],
         classes: list[str],
-        resend: Callable[[], Detections] | None,
+        resend: Callable[[DartClientError], Detections],
     ) -> DetectionFuture:
         fut: Future[Detections] = Future()
+        url = self.urls[i]
 
         def done(result: Any, error: InferenceServerException | None) -> None:
-            # Runs on a gRPC thread: hand everything, errors included, to the future.
+            # Runs on a gRPC thread: hand everything, errors included, to the future,
+            # and tell the shared health at once, so that new requests avoid a dead server.
             try:
-                if error is not None:
-                    raise error
+                with _server_errors(url):
+                    if error is not None:
+                        raise error
+                self._report(i, generation, None)
                 fut.set_result(self._parse(result, classes))
+            except DartClientError as e:
+                if e.status != "StatusCode.DEADLINE_EXCEEDED":
+                    self._report(i, generation, e)
+                fut.set_exception(e)
             except Exception as e:
                 fut.set_exception(e)
 
-        self._client.async_infer(
+        self._client(i).async_infer(
             self.model, inputs, done, outputs=self._outputs, client_timeout=self.timeout
         )
-        return DetectionFuture(fut.result, self.url, resend)
+        return DetectionFuture(fut.result, url, resend)
 
     def detect_stream(
         self,
@@ -383,7 +513,8 @@ class DartClient:
         nms_iou: float | None = None,
         max_detections: int | None = None,
     ) -> Iterator[Detections]:
-        """Detections of each frame, in input order, with ``in_flight`` requests pending."""
+        """Detections of each frame, in input order, with ``in_flight`` requests pending
+        (over all servers together)."""
         classes = class_list(classes)
 
         def submit(frame: np.ndarray) -> DetectionFuture:
@@ -391,6 +522,17 @@ class DartClient:
 
         for _, detections in in_order(frames, submit, in_flight):
             yield detections
+
+
+def _urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``url`` as a tuple of addresses; a comma-separated string counts as several."""
+    if not url:
+        return ()
+    items = [url] if isinstance(url, str) else list(url)
+    urls = tuple(u.strip() for item in items for u in item.split(","))
+    if not all(urls):
+        raise ValueError(f"an empty Triton address in {url!r}")
+    return urls
 
 
 def config_parameter(config: dict[str, Any], key: str) -> str | None:
@@ -406,18 +548,31 @@ class ThreadLocalDetector:
 
     Each thread gets its own DartClient, since tritonclient clients are not
     thread-safe; the thread pool's size is then the number of requests in flight.
+    With several URLs the clients share one rotation and one view of which servers
+    are set aside, so the threads together spread requests evenly and all avoid a
+    server as soon as one of them finds it gone.
     """
 
     def __init__(
         self,
         classes: Sequence[str],
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         protocol: Transport = "grpc",
         model: str = "dart",
+        *,
+        retries: int = 3,
+        retry_backoff: float = 0.5,
+        retry_backoff_max: float = 10.0,
         **options: Any,
     ) -> None:
         self.classes = class_list(classes)
-        self._client_args = {"url": url, "protocol": protocol, "model": model}
+        urls = _urls(url) or (DEFAULT_URLS.get(protocol, ""),)
+        self.endpoints = Endpoints(urls, retry_backoff, retry_backoff_max)
+        self._client_args = {
+            "url": urls, "protocol": protocol, "model": model, "retries": retries,
+            "retry_backoff": retry_backoff, "retry_backoff_max": retry_backoff_max,
+            "endpoints": self.endpoints,
+        }  # fmt: skip
         self._options = options
         self._local = threading.local()
         self._clients: list[DartClient] = []

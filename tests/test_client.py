@@ -6,7 +6,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -568,3 +568,139 @@ def test_client_refuses_negative_retries():
 
     with pytest.raises(ValueError, match="retries"):
         DartClient("127.0.0.1:1", retries=-1)
+
+
+# --- several servers: round robin, a failing one set aside (issue 14) ------------------------
+class _Live(_Recorder):
+    """A fake server's recorder that counts the requests in flight over all servers sharing
+    ``live``; once ``dead`` it drops every connection (HTTP) without an answer."""
+
+    def __init__(self, live: list[int], lock: threading.Lock) -> None:
+        super().__init__()
+        self.live, self.lock, self.dead, self.refused = live, lock, False, 0
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.dead:
+            self.refused += 1
+            raise ConnectionAbortedError("fake server crashed")  # HTTP: connection closed
+        with self.lock:
+            self.live[0] += 1
+            self.live[1] = max(self.live[1], self.live[0])
+        try:
+            return super().run(inputs)
+        finally:
+            with self.lock:
+                self.live[0] -= 1
+
+
+@pytest.fixture(params=["grpc", "http"])
+def two_fakes(request) -> Iterator[tuple[str, list[str], list[_Live], list[int], Callable]]:
+    """(protocol, urls, recorders, [in flight now, peak], kill(i)) of two fake Tritons."""
+    live, lock = [0, 0], threading.Lock()
+    recorders = [_Live(live, lock), _Live(live, lock)]
+    make = _grpc_server if request.param == "grpc" else _http_server
+    servers, urls = zip(*(make(r) for r in recorders), strict=True)
+    stopped: set[int] = set()
+
+    def kill(i: int) -> None:
+        recorders[i].dead = True
+        stopped.add(i)
+        if request.param == "grpc":
+            servers[i].stop(None)  # in-flight calls fail UNAVAILABLE, new ones are refused
+        else:
+            servers[i].shutdown()
+            servers[i].server_close()
+
+    yield request.param, list(urls), recorders, live, kill
+    for i, server in enumerate(servers):
+        if i not in stopped:
+            server.stop(None) if request.param == "grpc" else server.shutdown()
+
+
+def test_two_servers_share_a_stream_in_order_under_one_in_flight_limit(two_fakes):
+    from dart_triton.client.triton_client import DartClient
+
+    protocol, urls, recorders, live, _ = two_fakes
+    values = list(range(0, 240, 6))
+    with DartClient(urls, protocol, concurrency=4) as client:
+        assert client.urls == tuple(urls) and client.url == ",".join(urls)
+        assert client.is_ready() and client.imgsz() == 644
+        results = list(client.detect_stream((_frame(v) for v in values), ["a"], in_flight=3))
+    assert [int(d.boxes[0, 0]) for d in results] == values
+    assert [len(r.requests) for r in recorders] == [20, 20]  # round robin
+    assert live[1] <= 3  # in flight over both servers together
+    with DartClient(",".join(urls), protocol) as client:  # one string, comma-separated
+        assert client.urls == tuple(urls)
+
+
+def test_a_dead_server_is_set_aside_and_its_requests_go_to_the_other(two_fakes):
+    from dart_triton.client.triton_client import DartClient
+
+    protocol, urls, recorders, _, kill = two_fakes
+    values = list(range(0, 250, 5))
+
+    def frames() -> Iterator[np.ndarray]:
+        for n, v in enumerate(values):
+            if n == 20:
+                kill(0)  # with requests to it in flight
+            yield _frame(v)
+
+    # Set aside for 60 s: after the crash no new request is sent to server 0.
+    with DartClient(urls, protocol, concurrency=4, retry_backoff=60.0,
+                    retry_backoff_max=60.0) as client:
+        results = list(client.detect_stream(frames(), ["a"], in_flight=4))
+        assert [int(d.boxes[0, 0]) for d in results] == values  # nothing lost, in order
+        # Server 0 had 10 answered and at most 4 in flight (received, never answered).
+        before = [len(r.requests) for r in recorders]
+        assert before[0] + recorders[0].refused <= 14 and before[1] >= len(values) - 10
+        assert [int(client.detect(_frame(v), ["a"]).boxes[0, 0]) for v in (1, 2, 3)] == [1, 2, 3]
+        assert len(recorders[0].requests) == before[0]  # still set aside
+
+        # Both gone, retries off: the request fails after trying each server once.
+        kill(1)
+        with pytest.raises(DartClientError) as err:
+            DartClient(urls, protocol, retries=0).detect(_frame(1), ["a"])
+        assert err.value.status in {"StatusCode.UNAVAILABLE", "UNAVAILABLE"}
+
+
+def _grpc_draining() -> tuple[object, str, list[str]]:
+    """A fake gRPC Triton answering every inference as a draining one does: NOT_FOUND."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc as svc
+
+    asked: list[str] = []
+
+    class Servicer(svc.GRPCInferenceServiceServicer):
+        def ModelInfer(self, request, context):
+            asked.append(request.model_name)
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: "
+                          f"'{request.model_name}' has no available versions")
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    svc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}", asked
+
+
+def test_a_server_without_the_model_passes_its_requests_on_only_when_there_are_others():
+    """A draining Triton answers NOT_FOUND for seconds: with several servers its requests
+    go elsewhere; with one that is the server's final word, as before (sent once)."""
+    from dart_triton.client.triton_client import DartClient
+
+    draining, draining_url, asked = _grpc_draining()
+    recorder = _Recorder()
+    good, good_url = _grpc_server(recorder)
+    try:
+        with DartClient(draining_url, retry_backoff=0.01) as client:
+            with pytest.raises(DartClientError, match="unknown model") as err:
+                client.detect(_frame(1), ["a"])
+            assert err.value.status == "StatusCode.NOT_FOUND" and asked == ["dart"]
+        with DartClient([draining_url, good_url], retry_backoff=60.0) as client:
+            got = [client.detect(_frame(v), ["a"]).boxes[0, 0] for v in (3, 4)]
+            got += [f.result().boxes[0, 0] for f in [client.detect_async(_frame(5), ["a"])]]
+        assert got == [3, 4, 5] and len(recorder.requests) == 3
+        assert asked == ["dart", "dart"]  # tried once, then set aside
+    finally:
+        draining.stop(None)
+        good.stop(None)
