@@ -90,3 +90,28 @@ def test_torch_backend_serves_the_pruned_backbone(tiny_checkpoint_d, spec, refer
         removed_parts(module)) == K
     got = torch_backend_detections(tmp_path, parts, photo, 3)
     assert_served_same(got, pipeline.detect(photo, NAMES[:3], **EVERY_QUERY))
+
+
+@pytest.mark.parametrize("backbone, message", [
+    ("resnet", "--backbone must be vit, pruned:PLAN.json:K or student:DIR"),
+    ("pruned:plan.json", "--backbone pruned:PLAN.json:K takes a plan file and a count"),
+    ("pruned:/nonexistent/plan.json:3", "pruning plan not found"),
+    ("student:/nonexistent", "is not a student directory"),
+])
+def test_build_refuses_a_bad_backbone_in_one_line(tiny_checkpoint_d, tmp_path, capsys,
+                                                  backbone, message):
+    from dart_triton.cli import main as cli
+
+    assert cli(["build", "--checkpoint", str(tiny_checkpoint_d), "--output",
+                str(tmp_path / "repo"), "--backbone", backbone]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_build_refuses_k_beyond_the_plan(tiny_checkpoint_d, plan, tmp_path, capsys):
+    from dart_triton.cli import main as cli
+
+    assert cli(["build", "--checkpoint", str(tiny_checkpoint_d), "--output",
+                str(tmp_path / "repo"), "--backbone", f"pruned:{plan}:{K + 1}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"at most {K} sub-blocks" in err[0], err

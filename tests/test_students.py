@@ -267,3 +267,23 @@ def test_distill_cli_errors_in_one_line(tiny_checkpoint_d, photo_dir, tmp_path, 
     assert cli(["distill", *base]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_backbones_benchmark_smoke(tmp_path):
+    """`benchmarks.backbones` end to end at the tiny size: every row timed, a section written."""
+    from dart_triton.benchmarks import backbones, common
+
+    results = tmp_path / "RESULTS.md"
+    assert backbones.main(["--config", "tiny", "--iters", "1", "--warmup", "0", "--students",
+                           SMALL, "--out", str(tmp_path), "--results", str(results)]) == 0
+    rows = common.read_csv(tmp_path / "backbones.csv")
+    labels = [r["backbone"] for r in rows]
+    assert labels[:6] == ["ViT-H (vit)", "SBP-8", "SBP-16", "block-pruned-8",
+                          "block-pruned-16", f"{SMALL} + adapter"]
+    assert all(r["torch_ms"] > 0 for r in rows)
+    assert all(r["ort_ms"] > 0 for r in rows[:6])
+    # removals drop their weights (tiny d: SBP-8 and block-pruned-8 both empty its 4 windowed
+    # blocks)
+    assert rows[3]["params_m"] <= rows[1]["params_m"] < rows[0]["params_m"]
+    assert "<!-- BEGIN backbones -->" in results.read_text()
+    assert (tmp_path / "backbones.png").stat().st_size > 0
