@@ -1,4 +1,4 @@
-"""Boxes and "name score" labels drawn onto an image, with supervision."""
+"""Boxes and "name score" (or, tracked, "name #id score") labels drawn with supervision."""
 
 from __future__ import annotations
 
@@ -29,8 +29,13 @@ def _annotators(width: int, height: int) -> tuple[Any, Any]:
     return boxes, labels
 
 
-def annotate(image: np.ndarray, detections: Detections) -> np.ndarray:
-    """A copy of ``image`` (RGB uint8) with the detections drawn on it."""
+def annotate(image: np.ndarray, detections: Detections,
+             track_ids: np.ndarray | None = None) -> np.ndarray:
+    """A copy of ``image`` (RGB uint8) with the detections drawn on it.
+
+    With ``track_ids`` (one per detection) labels read ``name #id score`` and each
+    track keeps its colour from frame to frame; otherwise colours follow the class.
+    """
     import supervision as sv
 
     if not len(detections):
@@ -40,9 +45,19 @@ def annotate(image: np.ndarray, detections: Detections) -> np.ndarray:
         confidence=detections.scores,
         class_id=detections.class_ids.astype(np.int64),
     )
+    labels = detections.labels()
+    colours = None
+    if track_ids is not None:
+        ids = np.asarray(track_ids, dtype=np.int64).reshape(-1)
+        if len(ids) != len(detections):
+            raise ValueError(f"{len(ids)} track ids for {len(detections)} detections")
+        labels = [f"{n} #{i} {s:.2f}"
+                  for n, i, s in zip(detections.names, ids.tolist(), detections.scores,
+                                     strict=True)]
+        colours = ids
     box_annotator, label_annotator = _annotators(image.shape[1], image.shape[0])
     # supervision draws numpy images as OpenCV BGR: flip so palette colours come out right.
     out = np.ascontiguousarray(image[..., ::-1])
-    out = box_annotator.annotate(out, sv_dets)
-    out = label_annotator.annotate(out, sv_dets, labels=detections.labels())
+    out = box_annotator.annotate(out, sv_dets, custom_color_lookup=colours)
+    out = label_annotator.annotate(out, sv_dets, labels=labels, custom_color_lookup=colours)
     return np.ascontiguousarray(out[..., ::-1])

@@ -1,13 +1,19 @@
-"""Annotate a video: decode, keep K requests in flight, draw, encode in input order."""
+"""Annotate a video: read frames, keep K requests in flight, track, draw, write in order.
+
+Sources and sinks are in `streams` (a file, a folder of frames or a URL in; an MP4 or a
+folder of frames out), tracking in `tracking`. Ctrl-C is held back while a frame and its
+MOT lines are being written, and the outputs are closed on the way out: the MP4 stays
+playable and the MOT file holds whole frames.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import math
-import os
-import re
+import signal
+import sys
+import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,74 +23,105 @@ import numpy as np
 from .detections import Detections
 from .draw import annotate
 from .pipeline import SupportsResult, in_order
+from .streams import (
+    VIDEO_SUFFIXES,
+    WRITABLE_SUFFIXES,
+    Frame,
+    VideoError,
+    closing_all,
+    open_sink,
+    open_source,
+)
+from .tracking import MotWriter, MultiClassTracker
 
-# Containers that hold the H.264 stream `annotate_video` writes.
-WRITABLE_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi")
-
-
-class VideoError(RuntimeError):
-    """A video that cannot be read or written; ``str(err)`` is one line naming the file."""
+__all__ = ["WRITABLE_SUFFIXES", "VideoError", "VideoInterrupted", "VideoStats",
+           "annotate_video", "readable_suffixes"]
 
 
 def readable_suffixes() -> tuple[str, ...]:
-    """Extensions imageio's FFMPEG reader accepts (it picks the reader by extension)."""
-    import imageio.v2 as iio
-
-    with warnings.catch_warnings():  # imageio deprecates its format table, not the reader
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return tuple(iio.formats["FFMPEG"].extensions)
-
-
-def _ffmpeg_reason(err: BaseException) -> str:
-    """One line out of imageio's error, which appends ffmpeg's whole stderr."""
-    text = str(err)
-    head, _, stderr = text.partition("=== stderr ===")
-    # ffmpeg's own verdict on the input, e.g. "[in#0 @ 0x..] moov atom not found".
-    verdicts = [m.group(1) for m in re.finditer(r"^\[in#\d+ @ [^]]+\] (.+)$", stderr, re.M)]
-    if verdicts:
-        return verdicts[-1]
-    if "does not contain any stream" in stderr:
-        return "no video stream found"
-    return head.strip().splitlines()[0] if head.strip() else type(err).__name__
-
-
-def _frames_checked(frames: Iterator[np.ndarray], src: str | Path) -> Iterator[np.ndarray]:
-    try:
-        yield from frames
-    except (OSError, RuntimeError, ValueError) as e:  # a stream that breaks mid-way
-        raise VideoError(f"{src}: cannot decode the video: {_ffmpeg_reason(e)}") from None
+    """Extensions taken for video files (FFmpeg probes the content, whatever the name)."""
+    return VIDEO_SUFFIXES
 
 
 @dataclass(frozen=True)
 class VideoStats:
-    frames: int
+    frames: int  # frames written (annotated)
     seconds: float
+    dropped: int = 0  # live: frames that arrived while K requests were in flight
+    reopened: int = 0  # live: times a lost stream was reopened
+    tracks: int = 0  # --track: IDs handed out
+    tracked_boxes: int = 0  # --track: boxes with an ID (the MOT file's lines)
+    live: bool = False
 
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return f"{self.frames} frames in {self.seconds:.2f} s: {self.fps:.1f} FPS"
+        text = f"{self.frames} frames in {self.seconds:.2f} s: {self.fps:.1f} FPS"
+        if self.tracks or self.tracked_boxes:
+            text += f"; {self.tracks} tracks, {self.tracked_boxes} tracked boxes"
+        if self.live:
+            text += f"; live: {self.dropped} frames dropped, reopened {self.reopened} times"
+        return text
 
 
-def _frames(reader: object) -> Iterator[np.ndarray]:
-    for frame in reader:  # type: ignore[attr-defined]
-        # imageio yields an ndarray subclass; rgb24 already, but grey/alpha sources exist.
-        frame = np.asarray(frame)
-        if frame.ndim == 2:
-            frame = np.repeat(frame[..., None], 3, axis=2)
-        yield np.ascontiguousarray(frame[..., :3])
+class VideoInterrupted(KeyboardInterrupt):
+    """Ctrl-C; the outputs were closed and hold ``stats.frames`` whole frames."""
+
+    def __init__(self, stats: VideoStats) -> None:
+        super().__init__(f"interrupted after {stats.frames} frames")
+        self.stats = stats
 
 
-def _expected_frames(meta: dict, max_frames: int | None) -> int | None:
-    n = meta.get("nframes")
-    if not isinstance(n, int | float) or not math.isfinite(n):
-        duration, fps = meta.get("duration"), meta.get("fps")
-        n = round(duration * fps) if duration and fps else None
-    if max_frames is not None:
-        n = max_frames if n is None else min(int(n), max_frames)
-    return None if n is None else int(n)
+class _HeldInterrupts:
+    """SIGINT raises KeyboardInterrupt, except inside `held()`, where it waits for the end.
+
+    A frame half muxed into the MP4, or half of a frame's MOT lines, would break the
+    promise that an interrupted run leaves complete files. Only the main thread can set
+    signal handlers; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._pending = False
+        self._previous: object = None
+        self._installed = False
+
+    def __enter__(self) -> _HeldInterrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self._depth:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def hold_from_now(self) -> None:
+        """Hold every SIGINT from here to the end (closing the outputs)."""
+        self._depth += 1
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._pending and sys.exc_info()[0] is None:
+                self._pending = False
+                raise KeyboardInterrupt
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def annotate_video(
@@ -95,59 +132,82 @@ def annotate_video(
     in_flight: int = 4,
     max_frames: int | None = None,
     progress: bool = True,
+    fps: float | None = None,
+    live: bool | None = None,
+    reconnect: int = 10,
+    tracker: MultiClassTracker | Callable[[float], MultiClassTracker] | None = None,
+    tracks: str | Path | None = None,
+    warn: Callable[[str], None] = _stderr,
 ) -> VideoStats:
-    """Write ``dst`` (MP4, H.264) with every frame of ``src`` annotated.
+    """Write ``dst`` (an MP4, or a folder of frames) with every frame of ``src`` annotated.
 
-    ``submit(frame)`` starts detection of one frame and returns something with a
-    blocking ``result()`` (e.g. ``DartClient.detect_async`` with the classes bound);
-    up to ``in_flight`` frames wait on it at a time. Timing covers decode,
-    inference and encode: the throughput a user of the whole pipeline sees.
+    ``src`` is a video file, a folder of frames (sorted by name, ``fps`` apart, default
+    30) or a URL FFmpeg opens. ``submit(frame)`` starts detection of one frame and returns
+    something with a blocking ``result()`` (e.g. ``DartClient.detect_async`` with the
+    classes bound); up to ``in_flight`` frames wait on it at a time, and results are used
+    in frame order. With ``tracker`` (or a function of the source's frame rate that makes
+    one), boxes are drawn with their track IDs and, with ``tracks``, written as
+    MOTChallenge lines.
+
+    Raises VideoError (outputs complete up to the frames in ``err.stats``) when the
+    source cannot be opened or stops early, and VideoInterrupted on Ctrl-C. Timing covers
+    decode, inference and encode: the throughput a user of the whole pipeline sees.
     """
-    import imageio.v2 as iio
     from tqdm import tqdm
 
-    # imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, i.e. fork() and Python code
-    # in the child: with gRPC threads busy (a client sending frames, the writer's ffmpeg
-    # starts at the first frame) the child dies in about 1 start in 15 and the pipe
-    # breaks. Without preexec_fn, subprocess uses vfork+exec. (ffmpeg then shares our
-    # process group and sees Ctrl-C too, which stops it anyway.)
-    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    if tracks is not None and tracker is None:
+        raise ValueError("tracks (a MOT file) needs a tracker")
+    source = open_source(src, fps=fps, live=live, reconnect=reconnect)
     try:
-        reader = iio.get_reader(str(src), format="FFMPEG")
-        meta = reader.get_meta_data()
-    except (OSError, RuntimeError, ValueError) as e:
-        raise VideoError(f"{src}: cannot read as a video: {_ffmpeg_reason(e)}") from None
+        if tracker is not None and not isinstance(tracker, MultiClassTracker):
+            tracker = tracker(source.fps)
+        sink = open_sink(dst, source.fps, vfr=source.live, warn=warn)
+        mot = MotWriter(tracks) if tracks is not None else None
+    except BaseException:
+        source.close()
+        raise
+    count = boxes = 0
+    start = time.perf_counter()
+
+    def stats() -> VideoStats:
+        return VideoStats(count, time.perf_counter() - start, source.stats.dropped,
+                          source.stats.reopened, tracker.tracks_seen if tracker else 0,
+                          boxes, source.live)
+
+    def submit_frame(frame: Frame) -> SupportsResult[Detections]:
+        return submit(frame.image)
+
+    total = source.expected if max_frames is None or source.expected is None else min(
+        source.expected, max_frames)
+    guard = _HeldInterrupts()
     try:
-        try:
-            # macro_block_size=2: H.264/yuv420p needs even sides; 16 would rescale most sizes.
-            writer = iio.get_writer(
-                str(dst),
-                format="FFMPEG",
-                fps=meta.get("fps") or 30.0,
-                codec="libx264",
-                quality=8,
-                macro_block_size=2,
-            )
-        except (OSError, RuntimeError, ValueError) as e:
-            raise VideoError(f"{dst}: cannot write a video there: {_ffmpeg_reason(e)}") from None
-        try:
-            frames = itertools.islice(_frames_checked(_frames(reader), src), max_frames)
-            bar = tqdm(
-                total=_expected_frames(meta, max_frames), unit="frame", disable=not progress
-            )
-            count = 0
-            start = time.perf_counter()
-            with bar:
-                for frame, detections in in_order(frames, submit, in_flight):
-                    writer.append_data(annotate(frame, detections))
-                    count += 1
+        with guard, closing_all(source, *([mot] if mot else []), sink), tqdm(
+            total=total, unit="frame", disable=not progress
+        ) as bar:
+            frames = itertools.islice(source, max_frames)
+            try:
+                for frame, detections in in_order(frames, submit_frame, in_flight):
+                    if tracker is not None:
+                        tracked = tracker.update(
+                            detections, timestamp=frame.time if source.live else None)
+                        image = annotate(frame.image, tracked.detections, tracked.ids)
+                    else:
+                        image = annotate(frame.image, detections)
+                    with guard.held():
+                        sink.write(image, frame.time)
+                        count += 1
+                        if tracker is not None:
+                            boxes += len(tracked)
+                        if mot is not None:
+                            mot.write(count, tracked)
                     bar.update()
-            seconds = time.perf_counter() - start
-        finally:
-            writer.close()
-    finally:
-        reader.close()
-    if count == 0:
-        raise VideoError(f"{src}: no frame could be decoded")
-    return VideoStats(count, seconds)
+            finally:
+                guard.hold_from_now()  # closing the outputs is not cut short by Ctrl-C
+    except KeyboardInterrupt:
+        raise VideoInterrupted(stats()) from None
+    result = stats()
+    if source.stats.error or count == 0:
+        err = VideoError(source.stats.error or f"{src}: no frame could be decoded")
+        err.stats = result
+        raise err
+    return result

@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("dart_triton.server", "serve_main", "start tritonserver on a repository"),
     "health": ("dart_triton.health", "main", "deep health check: one tiny real inference"),
     "detect": ("dart_triton.client.cli", "detect_main", "detect objects in images via Triton"),
-    "video": ("dart_triton.client.cli", "video_main", "annotate a video via Triton"),
+    "video": ("dart_triton.client.cli", "video_main",
+              "annotate (and track) a video, frames folder or stream via Triton"),
+    "label": ("dart_triton.client.label", "label_main",
+              "auto-label an image folder into a COCO or YOLO dataset via Triton"),
     "coco-eval": ("dart_triton.benchmarks.coco_eval", "main", "COCO box AP through the server"),
 }
 
