@@ -10,17 +10,31 @@ and SIGKILL of one launcher's process group mid-run loses nothing.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import psutil
 import pytest
+from PIL import Image
 
+from dart_triton.benchmarks.coco_eval import main as coco_eval
 from dart_triton.client.endpoints import Endpoints, call_spread
 from dart_triton.client.errors import DartClientError
 from dart_triton.client.triton_client import is_unavailable, retry_unavailable
+from dart_triton.server import free_port, kill_group, remove_shm_regions
 
 GONE = DartClientError("connection refused", "UNAVAILABLE")
 NO_MODEL = DartClientError("Request for unknown model: 'dart' has no available versions",
@@ -203,3 +217,208 @@ def test_concurrent_requests_lose_nothing_when_a_server_dies():
     assert sum(served.values()) == 300  # each request answered by exactly one server
     assert Counter(results) == served and served[1] == 10 and 1 <= len(after_death) <= 8
     assert served[0] + served[2] == 290 and abs(served[0] - served[2]) <= 10
+
+
+# --- the load test: two real supervised servers on loopback ------------------------------------
+CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
+N_IMAGES = 32
+DART_SUCCESS = re.compile(r'^nv_inference_request_success\{model="dart",version="1"\} (\d+)$',
+                          re.M)
+
+
+@dataclass
+class Serve:
+    """One `dart-triton serve` launcher, the leader of its own process group."""
+
+    proc: subprocess.Popen[bytes]
+    err: Path
+    ports: dict[str, int]
+
+    def url(self, protocol: str = "grpc") -> str:
+        return f"127.0.0.1:{self.ports[protocol]}"
+
+    def dart_requests(self) -> int:
+        url = f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        match = DART_SUCCESS.search(text)
+        return int(match.group(1)) if match else 0
+
+    def tritonserver(self) -> int:
+        kids = [p for p in psutil.Process(self.proc.pid).children()
+                if Path(p.cmdline()[0]).name == "tritonserver"]
+        assert len(kids) == 1, kids
+        return kids[0].pid
+
+
+def _start_serve(repository: Path, tmp: Path) -> Serve:
+    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
+    cmd = [
+        sys.executable, "-m", "dart_triton.cli", "serve", "--model-repository", str(repository),
+        *(f"--{name}-port={port}" for name, port in ports.items()),
+        # No deep checks: the servers' request counts are then the test's requests alone.
+        "--check-interval=0", "--stop-timeout=10",
+        "--exit-timeout-secs=5",  # tritonserver's: a drain does not wait on keep-alives
+    ]  # fmt: skip
+    err = tmp / "serve.err"
+    with (tmp / "serve.out").open("wb") as out, err.open("wb") as errf:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=errf, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # its own process group
+    return Serve(proc, err, ports)
+
+
+def _wait_ready(serve: Serve, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while "ready  http=" not in serve.err.read_text(errors="replace"):
+        assert serve.proc.poll() is None, serve.err.read_text(errors="replace")
+        assert time.monotonic() < deadline, f"serve not ready in {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+def _stop(serve: Serve, tritonserver: int | None) -> None:
+    """SIGTERM the launcher (it stops its server); after a SIGKILL, clean up for it."""
+    if serve.proc.poll() is None:
+        serve.proc.send_signal(signal.SIGTERM)
+        try:
+            serve.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.proc.pid, signal.SIGKILL)
+            serve.proc.wait()
+    if tritonserver is not None:  # the server of a killed launcher
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(tritonserver).wait(30)
+        kill_group(tritonserver)
+    remove_shm_regions(f"dart_triton_{serve.proc.pid}_")
+
+
+@pytest.fixture(scope="module")
+def servers(python_repository: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[list[Serve]]:
+    """Two launchers on one repository, started together."""
+    launched: list[Serve] = []
+    tritonservers: dict[int, int] = {}
+    try:
+        for name in ("a", "b"):
+            launched.append(_start_serve(python_repository, tmp_path_factory.mktemp(name)))
+        for serve in launched:
+            _wait_ready(serve)
+            tritonservers[serve.proc.pid] = serve.tritonserver()
+        yield launched
+    finally:
+        for serve in launched:
+            _stop(serve, tritonservers.get(serve.proc.pid))
+
+
+@pytest.fixture(scope="module")
+def coco_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """N_IMAGES small noise images of several sizes and their (arbitrary) boxes."""
+    pytest.importorskip("faster_coco_eval", reason="the eval extra is not installed")
+    root = tmp_path_factory.mktemp("coco_scale_out")
+    rng = np.random.default_rng(14)
+    images, annotations = [], []
+    for image_id in range(1, N_IMAGES + 1):
+        w, h = (int(v) for v in rng.integers(48, 160, size=2))
+        name = f"{image_id:012d}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+        x, y = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        annotations.append({"id": image_id, "image_id": image_id, "iscrowd": 0,
+                            "category_id": CATEGORIES[image_id % 3]["id"],
+                            "bbox": [x, y, w // 3, h // 3], "area": (w // 3) * (h // 3)})
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": CATEGORIES}))
+    return root, path
+
+
+def _coco_eval(coco_set: tuple[Path, Path], out: Path, urls: list[str],
+               protocol: str = "grpc") -> int:
+    images, annotations = coco_set
+    args = ["--images", str(images), "--annotations", str(annotations), "--output", str(out),
+            "--concurrency", "4", "--score-threshold", "0.0", "--protocol", protocol,
+            "--no-progress"]
+    return coco_eval([*args, *(a for url in urls for a in ("--url", url))])
+
+
+def _journal(out: Path) -> dict[int, list[dict]]:
+    """Detections by image id; every image must be in the journal exactly once."""
+    records = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    counts = Counter(r["image_id"] for r in records)
+    assert counts == Counter(range(1, N_IMAGES + 1)), counts
+    return {r["image_id"]: r["detections"] for r in records}
+
+
+def _assert_same(got: dict[int, list[dict]], want: dict[int, list[dict]]) -> None:
+    assert got.keys() == want.keys()
+    assert sum(map(len, want.values())) > 0  # two empty answers would prove little
+    for image_id, dets in want.items():
+        other = got[image_id]
+        assert [d["category_id"] for d in other] == [d["category_id"] for d in dets]
+        np.testing.assert_allclose([d["bbox"] for d in other], [d["bbox"] for d in dets],
+                                   rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose([d["score"] for d in other], [d["score"] for d in dets],
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_url(servers: list[Serve], coco_set: tuple[Path, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
+    """The reference: coco-eval over server a alone."""
+    out = tmp_path_factory.mktemp("one_url")
+    before = servers[0].dart_requests()
+    assert _coco_eval(coco_set, out, [servers[0].url()]) == 0
+    assert servers[0].dart_requests() - before == N_IMAGES
+    return _journal(out)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_coco_eval_over_two_servers_gives_what_one_gives(
+    servers: list[Serve], coco_set: tuple[Path, Path], one_url: dict[int, list[dict]],
+    tmp_path: Path, protocol: str,
+) -> None:
+    before = [s.dart_requests() for s in servers]
+    urls = [s.url(protocol) for s in servers]
+    assert _coco_eval(coco_set, tmp_path, urls, protocol) == 0
+    _assert_same(_journal(tmp_path), one_url)
+    served = [s.dart_requests() - b for s, b in zip(servers, before, strict=True)]
+    assert served == [N_IMAGES // 2] * 2  # round robin, each image sent once
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["url"] == ",".join(urls)
+
+
+@pytest.mark.server
+def test_sigkill_of_one_serve_group_mid_run_loses_nothing(
+    servers: list[Serve], coco_set: tuple[Path, Path], one_url: dict[int, list[dict]],
+    tmp_path: Path,
+) -> None:
+    victim, survivor = servers
+    tritonserver = victim.tritonserver()
+    before = survivor.dart_requests()
+    journal = tmp_path / "detections.jsonl"
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(_coco_eval, coco_set, tmp_path, [s.url() for s in servers])
+        deadline = time.monotonic() + 120
+        while not journal.exists() or len(journal.read_bytes().splitlines()) < 4:
+            assert not run.done(), run.result()
+            assert time.monotonic() < deadline, "coco-eval made no progress"
+            time.sleep(0.05)
+        os.killpg(victim.proc.pid, signal.SIGKILL)  # the launcher's whole process group
+        done_at_kill = len(journal.read_bytes().splitlines())
+        assert run.result(timeout=180) == 0
+    assert victim.proc.wait(10) == -signal.SIGKILL and done_at_kill < N_IMAGES
+    _assert_same(_journal(tmp_path), one_url)
+    # The survivor took over: it answered far more than its half.
+    assert survivor.dart_requests() - before > N_IMAGES // 2 + 2
+    # Its tritonserver, unsupervised, went down too (SIGTERM from the kernel when its
+    # parent died): the victim's share really had to go elsewhere.
+    gone = time.monotonic() + 60
+    while _alive(tritonserver):
+        assert time.monotonic() < gone, "the killed launcher's tritonserver lives on"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
