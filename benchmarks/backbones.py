@@ -78,6 +78,16 @@ def _best(timing) -> tuple[float, float]:
     return min(timing.samples_ms), timing.median_ms
 
 
+def gflops(module, pixels: torch.Tensor) -> float:
+    """FLOPs of one forward (matmuls and convolutions, counted by PyTorch): independent of
+    how busy the machine is."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(pixels)
+    return counter.get_total_flops() / 1e9
+
+
 def time_torch(module, pixels: torch.Tensor, args) -> tuple[float, float]:
     with torch.inference_mode():
         return _best(common.time_call(lambda: module(pixels), args.iters, args.warmup))
@@ -146,7 +156,7 @@ def measure(args, imgsz: int) -> list[dict]:
             module = factory()
             row = {"backbone": label, "flag": flag, "params_m": params_m(module),
                    "served_params_m": served_params_m(module),
-                   }
+                   "gflops": gflops(module, pixels)}
             row["torch_ms"], row["torch_median_ms"] = time_torch(module, pixels, args)
             row["ort_ms"], row["ort_median_ms"] = ((np.nan, np.nan) if args.no_ort else
                                                    time_ort(module, pixels, args, Path(tmp)))
@@ -155,6 +165,7 @@ def measure(args, imgsz: int) -> list[dict]:
             print(f"  {row}", flush=True)
     base_t, base_o = rows[0]["torch_ms"], rows[0]["ort_ms"]
     for r in rows:
+        r["flops_ratio"] = rows[0]["gflops"] / r["gflops"]
         r["torch_speedup"] = base_t / r["torch_ms"]
         r["ort_speedup"] = base_o / r["ort_ms"] if r["ort_ms"] == r["ort_ms"] else np.nan
     return rows + sub_block_costs(vit, pixels, args)
@@ -183,7 +194,7 @@ def measure_served(args, imgsz: int) -> list[dict]:
         PruningPlan([Removal(b, p, 0.0) for b, p in removed], unit, sorted(protected),
                     len(parts.backbone.blocks),
                     {"path": str(checkpoint), "weights_sha256": fingerprint}).save(plan)
-        choices[f"{name}-{k}"] = f"pruned:{plan}:{k}"
+        choices[f"{name}-{k}"] = f"pruned:{plan}:{len(removed) // (2 if unit == 'block' else 1)}"
     for student in args.students:
         out = cache / f"student-{student}-{imgsz}"
         if not (out / "config.json").is_file():
@@ -256,10 +267,11 @@ def report(rows, args, imgsz: int, command: str) -> str:
                "use stand-in plans (latency depends only on how many attention/MLP "
                "sub-blocks go: see the module docstring). Students are served as built: "
                "the trunk through stage 2 plus the coarsest adapter level only."))
-    cols = ["backbone", "flag", "params_m", "served_params_m", "torch_ms", "torch_speedup",
-            "ort_ms", "ort_speedup"]
-    heads = ["backbone", "--backbone", "params (M)", "served params (M)", "PyTorch ms",
-             "vs ViT-H", "ORT ms", "vs ViT-H"]
+    cols = ["backbone", "flag", "params_m", "served_params_m", "gflops", "flops_ratio",
+            "torch_ms",
+            "torch_speedup", "ort_ms", "ort_speedup"]
+    heads = ["backbone", "--backbone", "params (M)", "served params (M)", "GFLOPs",
+             "ViT-H / FLOPs", "PyTorch ms", "vs ViT-H", "ORT ms", "vs ViT-H"]
     table = common.markdown_table(rows, cols, heads, digits=1)
     return f"{header}\n{table}\n\n{common.image_link(args, STUDY, 'backbones')}\n"
 
