@@ -77,18 +77,32 @@ class Backend:
 # Graph model extras -------------------------------------------------------------------
 
 
-def _tensorrt_extras(spec: ModelSpec, opts: RepoOptions) -> str:
-    """CUDA graphs: one per concrete input shape (with max_batch_size 0, batch_size 0).
+def tensorrt_graph_shapes(spec: ModelSpec, opts: RepoOptions) -> list[int | None]:
+    """The N of every CUDA graph a TensorRT graph model captures (None: a static model).
 
-    enc_dec's N is dynamic, so its graphs exist only with buckets (one per bucket)."""
+    Only shapes every optimisation profile of the model accepts. tensorrt_backend captures
+    each `graph_spec` on the execution context of every profile (InitializeCudaGraph loops
+    specs x contexts; a GraphSpec has no profile field), and a shape outside a profile
+    fails `setInputShape` with two ERROR lines at every load of every instance. With
+    buckets 1,4,16 (disjoint profiles) no N fits all three, so the multi-bucket enc_dec
+    has no CUDA graphs: the ERROR lines would teach operators to ignore real errors,
+    while TensorRT's few fused kernels per enc_dec pass leave little launch overhead for
+    a graph to save. The backbone (static, one profile) and a one-bucket enc_dec (one
+    profile ending at its bucket) keep theirs."""
     if not opts.cuda_graphs:
+        return []
+    if spec.name != specs.ENC_DEC:
+        return [None]
+    buckets = sorted(set(opts.enc_dec_buckets))
+    return buckets if len(buckets) == 1 else []
+
+
+def _tensorrt_extras(spec: ModelSpec, opts: RepoOptions) -> str:
+    """CUDA graphs: one per concrete input shape (with max_batch_size 0, batch_size 0), for
+    the shapes of `tensorrt_graph_shapes`."""
+    shapes = tensorrt_graph_shapes(spec, opts)
+    if not shapes:
         return ""
-    if spec.name == specs.ENC_DEC:
-        if not opts.enc_dec_buckets:
-            return ""
-        shapes: list[int | None] = sorted(set(opts.enc_dec_buckets))
-    else:
-        shapes = [None]
     specs_txt = []
     for n in shapes:
         entries = []

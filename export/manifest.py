@@ -220,12 +220,16 @@ def stale_reasons(repo: str | Path, checkpoint: str | Path, build: BuildOptions,
     if missing:
         reasons.append(f"{len(missing)} file(s) of the build are missing, e.g. {missing[0]}")
     elif check_plans and (models := plan_models(repo)):
-        from .plan_sidecar import current_device, tensorrt_version
+        from .plan_sidecar import current_device
         from .plan_sidecar import stale_reasons as plan_stale
+        from .tensorrt_build import installed_path, wanted_plan_fields
 
-        reasons += plan_stale(repo, models, imgsz=dims.get("imgsz"),
-                              max_classes=dims.get("max_classes"), device=current_device(),
-                              trt_version=tensorrt_version())
+        # Everything that shapes a plan, as this build would record it (this TensorRT's
+        # version and typing when it is installed here).
+        want = wanted_plan_fields(build.plan_options(dims.get("max_classes")),
+                                  dims.get("imgsz"), dims.get("max_classes"), build.backbone,
+                                  installed_path())
+        reasons += plan_stale(repo, models, device=current_device(), want=want)
     return reasons
 
 

@@ -63,12 +63,32 @@ GRAPHS_JSON = "dart_graphs.json"
 INPUT_DIMS = ("imgsz", "fpn_dim", "text_len", "text_dim")
 
 
-def read_graphs_hint(onnx_dir: str | Path) -> dict:
-    """The exporter's recorded GraphDims (``{}`` when the folder has no dart_graphs.json)."""
+def read_graphs_json(onnx_dir: str | Path) -> dict:
+    """Everything the exporter recorded beside the graphs (``{}`` without the file)."""
     path = Path(onnx_dir) / GRAPHS_JSON
     if not path.is_file():
         return {}
-    return dict(json.loads(path.read_text()).get("dims", {}))
+    return dict(json.loads(path.read_text()))
+
+
+def read_graphs_hint(onnx_dir: str | Path) -> dict:
+    """The exporter's recorded GraphDims (``{}`` when the folder has no dart_graphs.json)."""
+    return dict(read_graphs_json(onnx_dir).get("dims", {}))
+
+
+def backbone_spec(described: str | None) -> str:
+    """The ``--backbone`` value behind the exporter's description of it: ``vit``,
+    ``pruned:/abs/plan.json:K (unit)`` -> ``pruned:/abs/plan.json:K``; None -> ``vit``
+    (exports from before backbone choices)."""
+    text = (described or "vit").strip()
+    if text.endswith(")") and " (" in text:
+        text = text[:text.rindex(" (")]
+    return text
+
+
+def backbone_kind(spec: str | None) -> str:
+    """``vit``, ``pruned`` or ``student`` of a ``--backbone`` value (or its description)."""
+    return backbone_spec(spec).partition(":")[0]
 
 
 def _imgsz_for_features(h: int, scales: specs.GraphDims, backbone: tuple[int, int]) -> int:
@@ -212,19 +232,26 @@ def trtexec_command(
     workspace_gb: float | None = None,
     opt_level: int | None = None,
     only_inputs: Sequence[str] | None = None,
+    strongly_typed: bool = False,
 ) -> str:
     """The ``trtexec`` line that builds the same plan (for reproducing a build by hand).
 
-    With several profiles each min/opt/max group follows its own ``--profile=i``: that is
-    how trtexec (TensorRT 10) builds multiple optimisation profiles.
+    Weakly typed (TensorRT 10): ``--fp16`` lets the builder pick FP16 kernels. Strongly
+    typed (TensorRT 11, which has no ``--fp16``): the precision is the graph's, so
+    ``onnx_path`` is the FP16 graph (``export.fp16``) and ``--stronglyTyped`` is given (a
+    no-op on 11, where strong typing is always on; required on 10). ``--noTF32`` makes an
+    fp32 plan IEEE FP32 either way. With several profiles each min/opt/max group follows
+    its own ``--profile=i``: that is how trtexec builds multiple optimisation profiles.
     """
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}"]
-    if precision == "fp16":
-        args.append("--fp16")
-    elif precision == "fp32":
-        args.append("--noTF32")
-    else:
+    if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}"]
+    if strongly_typed:
+        args.append("--stronglyTyped")
+    elif precision == "fp16":
+        args.append("--fp16")
+    if precision == "fp32":
+        args.append("--noTF32")
     if workspace_gb is not None:
         args.append(f"--memPoolSize=workspace:{round(workspace_gb * 1024)}")  # MiB
     if opt_level is not None:

@@ -7,11 +7,15 @@ a plan was built for, so that:
 
 * :func:`check_repository_compatibility` refuses to mix plans built for different image
   sizes or TensorRT versions in one repository;
-* :func:`stale_reasons` tells whether the plans must be rebuilt here (this GPU, this
-  TensorRT). ``dart-triton check-repository`` (``export.manifest``, run by the container
-  entrypoint) calls it for the plans of a repository, after comparing the repository's
-  manifest with the build options; ``python -m dart_triton.export.plan_sidecar check
-  REPO`` checks the plans alone.
+* :func:`stale_reasons` tells whether the plans must be rebuilt: for this GPU and this
+  TensorRT, and for the build options. Everything that shapes a plan is recorded
+  (:data:`PLAN_FIELDS`: precision, network typing and FP16 graph pass, builder
+  optimisation level, workspace, image size, backbone kind, and for enc_dec the buckets,
+  max classes and profiles), and a difference in any field is a reason to rebuild.
+  ``dart-triton check-repository`` (``export.manifest``, run by the container entrypoint)
+  calls it with what the build options want, after comparing the repository's manifest;
+  ``python -m dart_triton.export.plan_sidecar check REPO [--precision ...]`` checks the
+  plans alone.
 """
 
 from __future__ import annotations
@@ -33,6 +37,28 @@ PLAN_NAME = "model.plan"
 PLAN_MODELS = specs.GRAPH_MODELS
 # Fields two plans of one repository must share, with what to say when they do not.
 SHARED_FIELDS = {"imgsz": "image size", "tensorrt_version": "TensorRT version"}
+# Everything besides the GPU that shapes a plan, as recorded in its sidecar and named in a
+# stale reason. A sidecar without a field (an older build) differs from any wanted value.
+PLAN_FIELDS = {
+    "precision": "precision",
+    "typing": "network typing",
+    "fp16_graph": "FP16 graph pass",
+    "opt_level": "builder optimisation level",
+    "workspace_gb": "workspace (GiB)",
+    "tensorrt_version": "TensorRT",
+    "imgsz": "imgsz",
+    "backbone": "backbone",
+    "backbone_kind": "backbone kind",
+    "buckets": "buckets",
+    "max_classes": "max_classes",
+    "profiles": "optimisation profiles",
+}
+# Fields that belong to one of the two plans (enc_dec's class-count axis, the backbone's
+# module); the other plan records them as None.
+FIELD_MODEL = {"buckets": specs.ENC_DEC, "max_classes": specs.ENC_DEC,
+               "profiles": specs.ENC_DEC, "backbone": specs.BACKBONE,
+               "backbone_kind": specs.BACKBONE}
+GPU_FIELDS = ("gpu_name", "compute_capability")
 
 
 class PlanCompatibilityError(RuntimeError):
@@ -160,6 +186,15 @@ def check_repository_compatibility(
                 )
 
 
+def _json(value):
+    """A value as it reads back from a sidecar (tuples as lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def stale_reasons(
     repo_dir: str | Path,
     models: Iterable[str] = PLAN_MODELS,
@@ -168,8 +203,22 @@ def stale_reasons(
     device: Mapping | None = None,
     trt_version: str | None = None,
     verify_hash: bool = True,
+    want: Mapping[str, object] | None = None,
 ) -> list[str]:
-    """Why the plans in ``repo_dir`` cannot be served here as they are (empty: they can)."""
+    """Why the plans in ``repo_dir`` cannot be served here as they are (empty: they can).
+
+    ``want`` maps :data:`PLAN_FIELDS` to the values the build would record now; only the
+    fields given are compared (``imgsz``, ``max_classes`` and ``trt_version`` are
+    shorthands for three of them), ``device`` is this GPU.
+    """
+    wanted = dict(want or {})
+    for key, value in (("imgsz", imgsz), ("max_classes", max_classes),
+                       ("tensorrt_version", trt_version)):
+        if value is not None:
+            wanted[key] = value
+    unknown = set(wanted) - set(PLAN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown plan fields {sorted(unknown)}")
     reasons = []
     for model in models:
         plan = plan_path(repo_dir, model)
@@ -180,20 +229,17 @@ def stale_reasons(
         if info is None:
             reasons.append(f"{model}: plan has no sidecar {sidecar_path(plan).name}")
             continue
-        if trt_version and info.get("tensorrt_version") != trt_version:
-            reasons.append(f"{model}: built with TensorRT {info.get('tensorrt_version')}, "
-                           f"this is {trt_version}")
         if device:
-            for key in ("gpu_name", "compute_capability"):
+            for key in GPU_FIELDS:
                 if info.get(key) != device.get(key):
                     reasons.append(f"{model}: built for {key} {info.get(key)}, "
                                    f"this GPU has {device.get(key)}")
-        if imgsz is not None and info.get("imgsz") != imgsz:
-            reasons.append(f"{model}: built for imgsz {info.get('imgsz')}, want {imgsz}")
-        if (max_classes is not None and model == specs.ENC_DEC
-                and info.get("max_classes") != max_classes):
-            reasons.append(f"{model}: built for max_classes {info.get('max_classes')}, "
-                           f"want {max_classes}")
+        for key, value in wanted.items():
+            if FIELD_MODEL.get(key, model) != model:
+                continue
+            if _json(info.get(key)) != _json(value):
+                reasons.append(f"{model}: built for {PLAN_FIELDS[key]} "
+                               f"{_show(info.get(key))}, want {_show(_json(value))}")
         if verify_hash and info.get("plan_sha256") and sha256_files([plan]) != info[
                 "plan_sha256"]:
             reasons.append(f"{model}: {plan} does not match its sidecar hash (partial write?)")
@@ -208,15 +254,28 @@ def main(argv: list[str] | None = None) -> int:
     """``check REPO``: exit 0 when the plans can be served on this machine, else 1."""
     ap = argparse.ArgumentParser(prog="python -m dart_triton.export.plan_sidecar")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    chk = sub.add_parser("check", help="are REPO's plans current for this GPU/TensorRT?")
+    chk = sub.add_parser("check", help="are REPO's plans current for this GPU/TensorRT "
+                                       "(and the options given)?")
     chk.add_argument("repo")
     chk.add_argument("--imgsz", type=int)
     chk.add_argument("--max-classes", type=int)
+    chk.add_argument("--precision", choices=("fp16", "fp32"))
+    chk.add_argument("--opt-level", type=int)
+    chk.add_argument("--workspace-gb", type=float)
+    chk.add_argument("--buckets", help="e.g. 1,4,16")
+    chk.add_argument("--backbone", help="e.g. vit")
     chk.add_argument("--no-hash", action="store_true", help="skip re-hashing the plans")
     args = ap.parse_args(argv)
+    want: dict[str, object] = {k: getattr(args, k) for k in ("precision", "opt_level",
+                                                           "workspace_gb", "backbone")
+                               if getattr(args, k) is not None}
+    if args.buckets is not None:
+        from dart_triton.buckets import parse_buckets
+
+        want["buckets"] = list(parse_buckets(args.buckets)) or None
     reasons = stale_reasons(
         args.repo, imgsz=args.imgsz, max_classes=args.max_classes, device=current_device(),
-        trt_version=tensorrt_version(), verify_hash=not args.no_hash,
+        trt_version=tensorrt_version(), verify_hash=not args.no_hash, want=want,
     )
     for r in reasons:
         print(f"stale: {r}")

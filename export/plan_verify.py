@@ -1,9 +1,20 @@
-"""Check a built plan against the FP32 ONNX graph it came from.
+"""Check a built plan against an FP32 reference on real inputs.
 
 FP16 TensorRT can be silently wrong: when attention is not matched to a fused kernel the
 ViT-H backbone's features degrade to cosine 0.058 (paper §3.3, Table 4), yet the engine
-builds and runs. So every build runs each plan on sample inputs, compares with FP32 ONNX
-Runtime, and refuses to install a plan that misses these bars:
+builds and runs. Random pixels and Gaussian text features can hide an FP16 overflow that
+real activations trigger, so every build runs each plan on real inputs by default:
+
+* a real photograph shipped with the package (``dart_triton/assets/verify_astronaut.jpg``:
+  scikit-image's ``astronaut`` sample, a NASA photograph of Eileen Collins, public
+  domain), preprocessed exactly as served;
+* the text features of real class names (the packaged COCO names), from the repository's
+  text encoder, else the checkpoint's; Gaussian features only when neither is reachable,
+  and then the sidecar says so;
+
+compares the plan's outputs with an FP32 reference (the restructured PyTorch modules on
+the GPU when torch sees one and the checkpoint is reachable, TF32 off; ONNX Runtime on the
+CPU otherwise), and refuses to install a plan that misses these bars:
 
 * FPN features (every backbone output): cosine >= 0.999, the paper's "correct" bar;
 * ``pred_logits`` / ``presence_logits``: cosine >= 0.999;
@@ -118,7 +129,7 @@ def compare_outputs(
     if failures:
         where = f" ({context})" if context else ""
         raise VerificationError(
-            f"{model} plan failed verification against FP32 ONNX Runtime{where}: "
+            f"{model} plan failed verification against the FP32 reference{where}: "
             + "; ".join(failures) + "." + _hint(model)
         )
     return figures
@@ -130,6 +141,7 @@ def verify_plan(
     reference: Runner,
     run_plan: Runner,
     tol: Tolerances = Tolerances(),
+    reference_name: str = "onnxruntime cpu fp32",
 ) -> dict:
     """Run every case through both; the worst figure per tensor goes to the sidecar."""
     worst: dict[str, dict[str, float]] = {}
@@ -143,89 +155,232 @@ def verify_plan(
             w = worst.setdefault(name, {"cosine": 1.0, "max_abs": 0.0})
             w["cosine"] = min(w["cosine"], f["cosine"])
             w["max_abs"] = max(w["max_abs"], f["max_abs"])
-    return {"reference": "onnxruntime fp32", "tolerances": tol.as_dict(), "worst": worst,
+    return {"reference": reference_name, "tolerances": tol.as_dict(), "worst": worst,
             "runs": runs}
 
 
-# Sample inputs ---------------------------------------------------------------------
+# Real inputs ---------------------------------------------------------------------------
 
-def sample_pixels(imgsz: int, seed: int = 0) -> np.ndarray:
-    """A blocky random RGB image normalised like SAM3 ((x/255 - 0.5) / 0.5), [1, 3, S, S]."""
-    rng = np.random.default_rng(seed)
-    cells = max(1, imgsz // 8)
-    coarse = rng.integers(0, 256, (3, 8, 8)).astype(np.float32)
-    img = np.kron(coarse, np.ones((cells, cells), np.float32))[:, :imgsz, :imgsz]
-    img = np.pad(img, ((0, 0), (0, imgsz - img.shape[1]), (0, imgsz - img.shape[2])), "edge")
-    img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).round()
-    return ((img / 255.0 - 0.5) / 0.5).astype(np.float32)[None]
+VERIFY_PHOTO = "verify_astronaut.jpg"
+VOCABULARY = "coco80.txt"
 
 
-def sample_text(
-    dims: specs.GraphDims, rows: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random ``[rows, L, D]`` text features and a prefix mask of 2..L valid tokens per row."""
+@dataclass(frozen=True)
+class TextSample:
+    features: np.ndarray  # FP32 [rows, L, D]
+    mask: np.ndarray  # INT32 [rows, L]
+    label: str  # where the features came from (recorded in the sidecar)
+
+
+def _asset(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("dart_triton") / "assets" / name))
+
+
+def verify_photo() -> np.ndarray:
+    """The packaged photograph, UINT8 [H, W, 3] RGB."""
+    from PIL import Image
+
+    with Image.open(_asset(VERIFY_PHOTO)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def photo_pixels(imgsz: int) -> np.ndarray:
+    """The photograph as served: ``pixel_values`` FP32 [1, 3, S, S] (dart_triton.preprocess)."""
+    from dart_triton.preprocess import preprocess
+
+    return preprocess(verify_photo(), imgsz)[0]
+
+
+def verify_classes(rows: int) -> list[str]:
+    """``rows`` real class names: the packaged COCO vocabulary, reused cyclically."""
+    names = [n.strip() for n in _asset(VOCABULARY).read_text().splitlines() if n.strip()]
+    return [names[i % len(names)] for i in range(rows)]
+
+
+def random_text(dims: specs.GraphDims, rows: int, seed: int = 0) -> TextSample:
+    """Gaussian ``[rows, L, D]`` features, a prefix mask of 2..L tokens: the last resort."""
     rng = np.random.default_rng(seed + 1)
     feats = rng.standard_normal((rows, dims.text_len, dims.text_dim)).astype(np.float32)
     lengths = rng.integers(min(2, dims.text_len), dims.text_len + 1, rows)
     mask = (np.arange(dims.text_len)[None] < lengths[:, None]).astype(np.int32)
-    return feats, mask
+    return TextSample(feats, mask, "random text")
+
+
+def text_encoder_dir(repo_dir: str | Path) -> Path:
+    """Where `dart-triton build` saves the text encoder inside a repository."""
+    return Path(repo_dir) / specs.TEXT_ENCODER / "1" / "text_encoder"
+
+
+def real_text(dims: specs.GraphDims, rows: int, repo_dir: str | Path | None = None,
+              checkpoint: str | Path | None = None, encoder=None,
+              seed: int = 0) -> TextSample:
+    """Text features of ``rows`` real class names from the first text encoder found: the
+    one given, the repository's, the checkpoint's; Gaussian features when none is."""
+    names = verify_classes(rows)
+    label = f"text features of {rows} COCO names ({names[0]}, ...)"
+    if encoder is None:
+        from dart_triton.text_encoder import TextEncoder
+
+        if repo_dir is not None and text_encoder_dir(repo_dir).is_dir():
+            encoder = TextEncoder.from_pretrained(text_encoder_dir(repo_dir))
+            label += f" from {text_encoder_dir(repo_dir)}"
+        elif checkpoint is not None and Path(checkpoint).is_dir():
+            encoder = TextEncoder.from_checkpoint(checkpoint)
+            label += f" from the checkpoint {checkpoint}"
+    if encoder is None:
+        sample = random_text(dims, rows, seed)
+        return TextSample(sample.features, sample.mask,
+                          "random text (no text encoder reachable: no repository text "
+                          "encoder, no checkpoint; pass --sample for real inputs)")
+    feats, mask = encoder.encode(names)
+    want = (rows, dims.text_len, dims.text_dim)
+    if feats.shape != want:
+        raise ValueError(f"the text encoder gives features {list(feats.shape)}, the graphs "
+                         f"take {list(want)}: it belongs to another checkpoint")
+    return TextSample(feats.astype(np.float32), mask.astype(np.int32), label)
 
 
 def load_sample(path: str | Path | None) -> dict[str, np.ndarray]:
-    """Optional real inputs (``.npz`` with any of pixel_values, text_features, text_mask)."""
+    """Optional inputs of your own (``.npz`` with any of pixel_values, text_features,
+    text_mask); they replace the photograph and the class names."""
     if path is None:
         return {}
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
 
 
-def backbone_cases(dims: specs.GraphDims, sample: Arrays, seed: int = 0) -> list[VerifyCase]:
+def backbone_cases(dims: specs.GraphDims, sample: Arrays) -> list[VerifyCase]:
     pixels = sample.get(specs.PIXEL_VALUES)
     label = "sample pixels"
     if pixels is None:
-        pixels, label = sample_pixels(dims.imgsz, seed), "random pixels"
+        pixels, label = photo_pixels(dims.imgsz), f"photo {VERIFY_PHOTO}"
     want = (1, 3, dims.imgsz, dims.imgsz)
     if tuple(pixels.shape) != want:
         raise ValueError(f"sample {specs.PIXEL_VALUES} is {list(pixels.shape)}, need {list(want)}")
     return [VerifyCase(label, 0, {specs.PIXEL_VALUES: pixels.astype(np.float32)})]
 
 
+def sample_text(sample: Arrays, top: int) -> TextSample | None:
+    """The text of a ``--sample`` file, its rows reused cyclically up to ``top``."""
+    if specs.TEXT_FEATURES not in sample or specs.TEXT_MASK not in sample:
+        return None
+    have = sample[specs.TEXT_FEATURES].shape[0]
+    rows = np.arange(top) % have
+    return TextSample(sample[specs.TEXT_FEATURES][rows].astype(np.float32),
+                      sample[specs.TEXT_MASK][rows].astype(np.int32), "sample text")
+
+
 def enc_dec_cases(
-    dims: specs.GraphDims,
     ranges: Sequence[ProfileRange],
     fpn_features: np.ndarray,
-    sample: Arrays,
-    seed: int = 0,
+    text: TextSample,
 ) -> list[VerifyCase]:
     """Per profile, N at its min, opt and max (the padded bucket size is the opt)."""
     top = max(r.max for r in ranges)
-    if specs.TEXT_FEATURES in sample and specs.TEXT_MASK in sample:
-        have = sample[specs.TEXT_FEATURES].shape[0]
-        rows = np.arange(top) % have  # reuse real prompts cyclically up to max N
-        feats = sample[specs.TEXT_FEATURES][rows].astype(np.float32)
-        mask = sample[specs.TEXT_MASK][rows].astype(np.int32)
-        label = "sample text"
-    else:
-        feats, mask = sample_text(dims, top, seed)
-        label = "random text"
+    if text.features.shape[0] < top:
+        raise ValueError(f"{text.label}: {text.features.shape[0]} rows, need {top}")
     cases = []
     for i, r in enumerate(ranges):
         for n in sorted({r.min, r.opt, r.max}):
             inputs = {specs.FPN_FEATURES: fpn_features.astype(np.float32),
-                      specs.TEXT_FEATURES: np.ascontiguousarray(feats[:n]),
-                      specs.TEXT_MASK: np.ascontiguousarray(mask[:n])}
-            cases.append(VerifyCase(f"{label}, N={n}", i, inputs))
+                      specs.TEXT_FEATURES: np.ascontiguousarray(text.features[:n]),
+                      specs.TEXT_MASK: np.ascontiguousarray(text.mask[:n])}
+            cases.append(VerifyCase(f"{text.label.split(' (')[0]}, N={n}", i, inputs))
     return cases
 
 
+# FP32 references -----------------------------------------------------------------------
+
+
+class Reference:
+    """FP32 outputs of a graph model: ``reference.run(model, inputs) -> {name: array}``."""
+
+    name = "reference"
+
+    def run(self, model: str, inputs: Arrays) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def runner(self, model: str) -> Runner:
+        return lambda inputs, profile=0: self.run(model, inputs)
+
+
+class OnnxCpuReference(Reference):
+    """The exported FP32 graphs in ONNX Runtime on the CPU (sessions made on first use)."""
+
+    name = "onnxruntime cpu fp32"
+
+    def __init__(self, graphs: Mapping[str, Path]) -> None:
+        self.graphs = dict(graphs)
+        self._runs: dict[str, Runner] = {}
+
+    def run(self, model: str, inputs: Arrays) -> dict[str, np.ndarray]:
+        if model not in self._runs:
+            self._runs[model] = onnx_reference(self.graphs[model])
+        return self._runs[model](inputs, 0)
+
+
+class TorchCudaReference(Reference):
+    """The restructured PyTorch modules (what the graphs were exported from) on the GPU in
+    FP32 with TF32 off: the reference without a slow CPU pass over a ViT-H."""
+
+    name = "torch cuda fp32 (restructured modules)"
+
+    def __init__(self, parts, device: str = "cuda") -> None:
+        self.parts, self.device = parts, device
+        self.backbone = parts.backbone.to(device).float().eval()
+        self.head = parts.head.to(device).float().eval()
+        self.specs = {specs.BACKBONE: specs.backbone_spec(parts.dims),
+                      specs.ENC_DEC: specs.enc_dec_spec(parts.dims)}
+
+    def run(self, model: str, inputs: Arrays) -> dict[str, np.ndarray]:
+        import torch
+
+        spec = self.specs[model]
+        module = self.backbone if model == specs.BACKBONE else self.head
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(self.device)
+                for t in spec.inputs]
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.no_grad():
+                outs = module(*args)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        return {t.name: o.float().cpu().numpy() for t, o in zip(spec.outputs, outs, strict=True)}
+
+
+def pick_reference(graphs: Mapping[str, Path], dims: specs.GraphDims,
+                   checkpoint: str | Path | None, backbone: str = "vit",
+                   log: Callable[[str], None] = print) -> Reference:
+    """The restructured modules on the GPU when torch sees one and the checkpoint the
+    graphs were exported from is here; ONNX Runtime on the CPU otherwise."""
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    if gpu and checkpoint is not None and Path(checkpoint).is_dir():
+        from dart_triton.model_parts import load_parts
+
+        parts = load_parts(checkpoint, dims.imgsz, dims.max_classes, dims.with_mask_levels)
+        if backbone != "vit":
+            from dart_triton.backbone_choice import with_backbone
+
+            parts = with_backbone(parts, backbone)
+        return TorchCudaReference(parts)
+    why = "no CUDA device for torch" if not gpu else f"checkpoint {checkpoint} not found"
+    log(f"[build-plans] FP32 reference: ONNX Runtime on the CPU ({why})")
+    return OnnxCpuReference(graphs)
+
+
 def onnx_reference(onnx_path: str | Path) -> Runner:
-    """FP32 ONNX Runtime on the exported graph (CUDA with TF32 off when present, else CPU)."""
+    """FP32 ONNX Runtime on the CPU for one exported graph."""
     import onnxruntime as ort
 
-    providers: list = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": 0}))
-    session = ort.InferenceSession(str(onnx_path), providers=providers)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
 

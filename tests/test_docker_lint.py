@@ -268,12 +268,18 @@ def test_entrypoint_runs_other_commands_skip_build_and_build_only(tmp_path: Path
 
 def _run_install_tensorrt(tmp_path: Path, deb_version: str, pypi_has: str,
                           preinstalled: str = "") -> tuple[int, list[str], str]:
-    """install_tensorrt_python.sh against stub dpkg-query / python3 -m pip."""
-    bin_dir, state = tmp_path / "bin", tmp_path / "installed"
+    """install_tensorrt_python.sh against stub dpkg-query / python3 -m pip and a library
+    laid out as the libnvinfer deb installs it (tests/test_tensorrt_install.py: layouts)."""
+    bin_dir, state, lib = tmp_path / "bin", tmp_path / "installed", tmp_path / "lib"
     bin_dir.mkdir(exist_ok=True)
+    lib.mkdir(exist_ok=True)
+    release = ".".join(deb_version.split("-")[0].split(".")[:3])
+    (lib / f"libnvinfer.so.{release}").write_bytes(b"")
+    (lib / f"libnvinfer.so.{release.split('.')[0]}").symlink_to(f"libnvinfer.so.{release}")
     if preinstalled:
         state.write_text(preinstalled)
-    _stub(bin_dir, "dpkg-query", f'echo -n "{deb_version}"\n')
+    _stub(bin_dir, "dpkg-query",
+          f'if [[ "$1" == -S ]]; then echo "libnvinfer10: $2"; else echo -n "{deb_version}"; fi\n')
     _stub(bin_dir, "python3", f"""
 if [[ "$1" == -m && "$2" == pip ]]; then
     echo "pip $*" >> "{tmp_path / 'pip.log'}"
@@ -287,8 +293,8 @@ fi
 cat "{state}"; echo
 """)
     res = subprocess.run(["bash", str(DOCKER / "install_tensorrt_python.sh")],
-                         env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True,
-                         text=True)
+                         env={"PATH": f"{bin_dir}:/usr/bin:/bin", "DART_TRT_LIB_DIRS": str(lib)},
+                         capture_output=True, text=True)
     pip_log = tmp_path / "pip.log"
     calls = pip_log.read_text().splitlines() if pip_log.exists() else []
     return res.returncode, calls, res.stdout + res.stderr

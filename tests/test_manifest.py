@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from dart_triton import __version__, specs
-from dart_triton.export import manifest, plan_sidecar
+from dart_triton.export import manifest, plan_sidecar, tensorrt_build
 from dart_triton.export.repository import BuildOptions, packaged_vocabulary
+from dart_triton.export.tensorrt_build import TensorRTPath, plan_fields
 
 DIMS = specs.GraphDims(imgsz=112, max_classes=4)
 
@@ -35,9 +36,10 @@ def _repo(tmp_path: Path, checkpoint: Path, build: BuildOptions, plans: str | No
         if plans:
             plan = plan_sidecar.plan_path(repo, name)
             plan.write_bytes(b"plan " + name.encode())
+            shaped = plan_fields(name, build.plan_options(DIMS.max_classes), DIMS.imgsz,
+                                 DIMS.max_classes, build.backbone, TensorRTPath(plans, False))
             plan_sidecar.write_sidecar(plan, {
-                "model": name, "imgsz": DIMS.imgsz, "max_classes": DIMS.max_classes,
-                "tensorrt_version": plans, "plan_sha256": plan_sidecar.sha256_files([plan])})
+                "model": name, **shaped, "plan_sha256": plan_sidecar.sha256_files([plan])})
         else:
             (repo / name / "1" / "model.onnx").write_bytes(b"graph")
     manifest.write_manifest(repo, build, checkpoint, packaged_vocabulary(), DIMS)
@@ -92,12 +94,14 @@ def test_tensorrt_plans_of_another_tensorrt_are_stale(tmp_path, checkpoint, monk
     build = BuildOptions(backend="tensorrt", max_classes=4)
     repo = _repo(tmp_path, checkpoint, build, plans="10.9.0.34")
     monkeypatch.setattr(plan_sidecar, "current_device", lambda: None)
-    monkeypatch.setattr(plan_sidecar, "tensorrt_version", lambda: "10.9.0.34")
+    monkeypatch.setattr(tensorrt_build, "installed_path",
+                        lambda: TensorRTPath("10.9.0.34", False))
     assert manifest.plan_models(repo) == list(specs.GRAPH_MODELS)
     assert _stale(repo, checkpoint, build) == []
-    monkeypatch.setattr(plan_sidecar, "tensorrt_version", lambda: "10.11.0.33")
+    monkeypatch.setattr(tensorrt_build, "installed_path",
+                        lambda: TensorRTPath("10.11.0.33", False))
     assert _stale(repo, checkpoint, build) == [
-        f"{m}: built with TensorRT 10.9.0.34, this is 10.11.0.33" for m in specs.GRAPH_MODELS]
+        f"{m}: built for TensorRT 10.9.0.34, want 10.11.0.33" for m in specs.GRAPH_MODELS]
 
 
 def test_unfinished_and_foreign_repositories(tmp_path, checkpoint):

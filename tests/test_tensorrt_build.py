@@ -1,4 +1,5 @@
-"""TensorRT plan building: CPU tests for the logic, GPU tests (marked) for real plans."""
+"""TensorRT plan building: CPU tests for the logic (with the recording TensorRT stand-in of
+tests/fake_tensorrt.py where TensorRT is called), GPU tests (marked) for real plans."""
 
 from __future__ import annotations
 
@@ -38,9 +39,13 @@ from dart_triton.export.plan_verify import (
     cosine,
     enc_dec_cases,
     onnx_reference,
-    sample_pixels,
+    photo_pixels,
+    random_text,
+    verify_classes,
     verify_plan,
 )
+
+from .fake_tensorrt import FakeTensorRT, HostBuffers, read_plan
 
 # Tiny graphs: the real I/O names, small sizes (imgsz 56 -> 4x4 features).
 TINY = specs.GraphDims(imgsz=56, fpn_dim=8, text_len=6, text_dim=8, num_queries=5,
@@ -412,8 +417,8 @@ def test_stale_reasons(tmp_path: Path, capsys):
         repo, **{**kw, "device": {"gpu_name": "NVIDIA L4", "compute_capability": "8.9"},
                  "trt_version": "10.11.0.33", "max_classes": 32})
     text = "\n".join(reasons)
-    assert "TensorRT 10.9.0.34, this is 10.11.0.33" in text and "NVIDIA L4" in text
-    assert "max_classes 16, want 32" in text
+    assert "built for TensorRT 10.9.0.34, want 10.11.0.33" in text and "NVIDIA L4" in text
+    assert "built for max_classes 16, want 32" in text
     (repo / "enc_dec" / "1" / "model.plan").write_bytes(b"truncated")
     assert any("hash" in r for r in plan_sidecar.stale_reasons(repo, **kw))
     # the entrypoint's check command: exit 1 and the reasons on stdout
@@ -481,6 +486,7 @@ def test_verify_plan_with_onnxruntime_standing_in(onnx_dir: Path):
                                 read_onnx_io(onnx_dir / "enc_dec.onnx"), 16)
     bb = onnx_reference(onnx_dir / "backbone.onnx")
     bb_cases = backbone_cases(dims, {})
+    assert bb_cases[0].label == "photo verify_astronaut.jpg"
     px = bb_cases[0].inputs[specs.PIXEL_VALUES]
     assert px.shape == (1, 3, 56, 56) and px.min() >= -1 and px.max() <= 1
     summary = verify_plan("backbone", bb_cases, bb, bb)
@@ -488,7 +494,7 @@ def test_verify_plan_with_onnxruntime_standing_in(onnx_dir: Path):
     fpn = bb(bb_cases[0].inputs, 0)[specs.FPN_FEATURES]
 
     ranges = profile_ranges(16, (1, 4, 16))
-    cases = enc_dec_cases(dims, ranges, fpn, {})
+    cases = enc_dec_cases(ranges, fpn, random_text(dims, 16))
     assert [(c.profile, c.inputs[specs.TEXT_MASK].shape[0]) for c in cases] == [
         (0, 1), (1, 2), (1, 4), (2, 5), (2, 16)]
     assert all(c.inputs[specs.TEXT_MASK].sum(axis=1).min() >= 2 for c in cases)
@@ -505,6 +511,8 @@ def test_verify_plan_with_onnxruntime_standing_in(onnx_dir: Path):
 
     with pytest.raises(VerificationError, match=r"random text, N=5, profile 2.*pred_boxes"):
         verify_plan("enc_dec", cases, ed, fp16ish)
+    with pytest.raises(ValueError, match="16 rows, need 17"):
+        enc_dec_cases(profile_ranges(17), fpn, random_text(dims, 16))
 
 
 def test_padding_leaves_real_rows_unchanged(onnx_dir: Path):
@@ -520,11 +528,18 @@ def test_padding_leaves_real_rows_unchanged(onnx_dir: Path):
         np.testing.assert_allclose(unpad(padded[name], 3), value, rtol=1e-6, atol=1e-6)
 
 
-def test_sample_pixels_deterministic():
-    a, b = sample_pixels(56, seed=3), sample_pixels(56, seed=3)
-    assert a.dtype == np.float32 and a.shape == (1, 3, 56, 56)
+def test_real_inputs_are_the_packaged_photo_and_class_names():
+    """Verification's default inputs: the shipped photograph, preprocessed as served, and
+    real class names (never random pixels)."""
+    a, b = photo_pixels(112), photo_pixels(112)
+    assert a.dtype == np.float32 and a.shape == (1, 3, 112, 112)
     np.testing.assert_array_equal(a, b)
-    assert a.std() > 0.2  # not a flat image
+    assert -1 <= a.min() < -0.5 and 0.5 < a.max() <= 1  # a real photo spans the range
+    assert a.std() > 0.2
+    # neighbouring pixels are correlated, unlike noise
+    assert np.corrcoef(a[0, 0, :, :-1].ravel(), a[0, 0, :, 1:].ravel())[0, 1] > 0.8
+    names = verify_classes(82)
+    assert names[:3] == ["person", "bicycle", "car"] and names[80:] == names[:2]
 
 
 # missing TensorRT ----------------------------------------------------------------------
@@ -583,45 +598,21 @@ def test_cli_dispatches_build_plans():
     assert (module, func) == ("dart_triton.export.tensorrt_build", "main")
 
 
-# build_plans orchestration with a stand-in TensorRT (CPU) ----------------------------------
+# build_plans orchestration with the recording TensorRT stand-in (CPU) --------------------
 
-class _FakeLogger:
-    INFO, WARNING = "info", "warning"
-
-    def __init__(self, level):
-        self.level = level
+FAKE_GPU = {"gpu_name": "Fake GPU", "compute_capability": "8.9"}
 
 
 @pytest.fixture
-def fake_trt(monkeypatch):
-    """A 'tensorrt' whose plans are the ONNX path and whose runner is ONNX Runtime."""
-    import types
-
+def fake_trt(monkeypatch) -> FakeTensorRT:
+    """A TensorRT 10 stand-in; plans are run by the real PlanRunner in host memory."""
     from dart_triton.export import plan_runner
 
-    fake = types.SimpleNamespace(__version__="10.9.0.34", Logger=_FakeLogger)
+    fake = FakeTensorRT("10.9.0.34")
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(tensorrt_build, "build_engine",
-                        lambda trt, job, opts, logger: str(job.onnx).encode())
-    monkeypatch.setattr(tensorrt_build, "current_device",
-                        lambda: {"gpu_name": "Fake GPU", "compute_capability": "8.9"})
-    drift = {"boxes": 0.0}
-
-    class Runner:
-        def __init__(self, blob, trt, logger=None):
-            self.session = onnx_reference(blob.decode())
-
-        def __call__(self, inputs, profile=0):
-            out = self.session(inputs, profile)
-            if specs.PRED_BOXES in out:
-                out[specs.PRED_BOXES] = out[specs.PRED_BOXES] + drift["boxes"]
-            return out
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(plan_runner, "PlanRunner", Runner)
-    return drift
+    monkeypatch.setattr(plan_runner, "TorchCudaBuffers", HostBuffers)
+    monkeypatch.setattr(tensorrt_build, "current_device", lambda: dict(FAKE_GPU))
+    return fake
 
 
 def test_build_plans_installs_verified_plans(fake_trt, onnx_dir: Path, tmp_path: Path, capsys):
@@ -629,26 +620,34 @@ def test_build_plans_installs_verified_plans(fake_trt, onnx_dir: Path, tmp_path:
     res = tensorrt_build.build_plans(onnx_dir, repo, {"buckets": "1,4,16", "opt_level": 2})
     for model in ("backbone", "enc_dec"):
         plan = repo / model / "1" / "model.plan"
-        assert plan.read_bytes() == str(onnx_dir / f"{model}.onnx").encode()
+        header, graph = read_plan(plan.read_bytes())
+        assert graph == (onnx_dir / f"{model}.onnx").read_bytes()  # weak typing: the export
+        assert "FP16" in header["flags"] and header["network_flags"] == 0
         info = plan_sidecar.read_sidecar(plan)
         assert info["tensorrt_version"] == "10.9.0.34" and info["gpu_name"] == "Fake GPU"
+        assert info["typing"] == "weak" and info["fp16_graph"] is None
         assert info["imgsz"] == 56 and info["precision"] == "fp16" and info["opt_level"] == 2
         assert info["onnx_sha256"] == plan_sidecar.onnx_sha256(onnx_dir / f"{model}.onnx")
         assert info["plan_sha256"] == plan_sidecar.sha256_files([plan])
-        assert info["trtexec"].startswith("trtexec --onnx=")
+        assert info["trtexec"][0].startswith("trtexec --onnx=")
+        assert info["verification"]["reference"] == "onnxruntime cpu fp32"
         assert res[model]["plan_path"] == str(plan)
     ed = res["enc_dec"]
     assert ed["buckets"] == [1, 4, 16] and ed["n_range"] == [1, 16] and ed["max_classes"] == 16
     assert [p["opt"] for p in ed["profiles"]] == [1, 4, 16]
     assert ed["verification"]["worst"][specs.PRED_BOXES]["max_abs"] == 0.0
     assert len(ed["verification"]["runs"]) == 5
-    assert res["backbone"]["verification"]["worst"][specs.FPN_FEATURES]["cosine"] > 0.99999
-    assert res["backbone"]["profiles"] == [] and res["backbone"]["max_classes"] is None
+    # no text encoder reachable from these bare graphs: said in the sidecar and printed
+    assert ed["verification"]["inputs"]["text"].startswith("random text (no text encoder")
+    bb = res["backbone"]
+    assert bb["verification"]["inputs"] == {"pixels": "photo verify_astronaut.jpg"}
+    assert bb["verification"]["worst"][specs.FPN_FEATURES]["cosine"] > 0.99999
+    assert bb["profiles"] == [] and bb["max_classes"] is None and bb["backbone_kind"] == "vit"
     assert not list(repo.rglob(".plan-staging-*"))
     out = capsys.readouterr().out
-    assert "--profile=2" in out and "enc_dec: verified" in out
-    kw = {"imgsz": 56, "max_classes": 16, "trt_version": "10.9.0.34",
-          "device": {"gpu_name": "Fake GPU", "compute_capability": "8.9"}}
+    assert "--profile=2" in out and "enc_dec: verified against onnxruntime cpu fp32" in out
+    assert "warning: random text" in out
+    kw = {"imgsz": 56, "max_classes": 16, "trt_version": "10.9.0.34", "device": FAKE_GPU}
     assert plan_sidecar.stale_reasons(repo, **kw) == []
 
     # a later enc_dec-only build for another image size is refused, the repo untouched
@@ -663,11 +662,12 @@ def test_build_plans_installs_verified_plans(fake_trt, onnx_dir: Path, tmp_path:
 
 def test_build_plans_failed_verification_installs_nothing(fake_trt, onnx_dir: Path,
                                                           tmp_path: Path, capsys):
-    fake_trt["boxes"] = 0.05
+    fake_trt.drift = {(specs.PRED_BOXES, 0): 0.05}  # the plan's boxes drift by 0.05
     repo = tmp_path / "repo"
     rc = tensorrt_build.main(["--onnx-dir", str(onnx_dir), "--output", str(repo)])
     err = capsys.readouterr().err
     assert rc == 1 and "enc_dec plan failed verification" in err and "pred_boxes" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not list(repo.rglob("model.plan*")) and not list(repo.rglob(".plan-staging-*"))
     # a looser bar from the command line lets the same plans through
     rc = tensorrt_build.main(["--onnx-dir", str(onnx_dir), "--output", str(repo),
@@ -680,21 +680,6 @@ def test_build_plans_failed_verification_installs_nothing(fake_trt, onnx_dir: Pa
                                 "--skip-verify"]) == 0
     assert plan_sidecar.read_sidecar(repo / "enc_dec" / "1" / "model.plan")[
         "verification"] == {"skipped": True}
-
-
-def test_build_plans_on_the_real_export(fake_trt, tiny_checkpoint, tmp_path: Path):
-    """The exporter's graphs (tiny random SAM3) go through profiles and verification."""
-    from dart_triton.export.onnx_export import export_graphs
-
-    onnx_out = tmp_path / "onnx"
-    meta, _ = export_graphs(tiny_checkpoint, onnx_out, max_classes=4, check=False,
-                            log=lambda *_: None)
-    res = tensorrt_build.build_plans(onnx_out, tmp_path / "repo", {"buckets": (1, 2, 4)})
-    ed = res["enc_dec"]
-    assert ed["graph_dims"]["num_queries"] == meta["dims"]["num_queries"]
-    assert ed["imgsz"] == meta["dims"]["imgsz"] and ed["max_classes"] == 4
-    assert {r["label"] for r in ed["verification"]["runs"]} == {
-        f"random text, N={n}" for n in (1, 2, 3, 4)}
 
 
 # GPU: real plans from the tiny graphs ----------------------------------------------------

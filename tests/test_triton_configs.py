@@ -68,12 +68,10 @@ def test_tensorrt_specifics():
     for name in ("backbone", "enc_dec"):
         assert cfgs[name].platform == "tensorrt_plan"
         assert cfgs[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-        assert cfgs[name].optimization.cuda.graphs
+    assert cfgs["backbone"].optimization.cuda.graphs
     assert list(cfgs["enc_dec"].instance_group[0].profile) == ["0", "1", "2"]
-    graph_n = [g.input["text_features"].dim[0]
-               for g in cfgs["enc_dec"].optimization.cuda.graph_spec]
-    assert graph_n == [1, 4, 8]
-    assert all(g.batch_size == 0 for g in cfgs["enc_dec"].optimization.cuda.graph_spec)
+    # CUDA graphs only for shapes every profile takes (tests/test_tensorrt_consistency.py)
+    assert not cfgs["enc_dec"].optimization.cuda.graphs
     for name in ("preprocess", "text_encoder", "postprocess", "dart"):
         params = cfgs[name].parameters
         assert params["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
