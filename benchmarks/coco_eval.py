@@ -330,6 +330,9 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
                   f"{client.url}: {e}", file=sys.stderr)
             detector.close()
             return 1
+        for url in client.unready() if len(client.urls) > 1 else ():
+            print(f"coco-eval: warning: no model {args.model!r} ready at {url}: its share "
+                  "goes to the other servers until it is", file=sys.stderr)
         settings |= {"imgsz": client.imgsz(), "url": client.url, "protocol": args.protocol}
     output = args.output or Path("runs/coco-eval") / args.model
     try:

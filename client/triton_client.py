@@ -294,11 +294,15 @@ class DartClient:
 
     # --- server info ------------------------------------------------------------------
     def is_ready(self) -> bool:
-        """True when a server is live with the model loaded; False when none is.
+        """True when a server is live with the model loaded; False when none is."""
+        return len(self.unready()) < len(self.urls)
 
-        Every server is asked: those that are not ready are set aside for a while.
+    def unready(self) -> list[str]:
+        """The URLs whose server is not live with the model loaded (each one is asked).
+
+        With several servers, those are set aside for a while.
         """
-        ready = False
+        missing = []
         for i, url in enumerate(self.urls):
             generation = self._endpoints.generation(i)
             client = self._client(i)
@@ -309,10 +313,11 @@ class DartClient:
                 ok = False
             if ok:
                 self._endpoints.succeeded(i, generation)
-            elif len(self.urls) > 1:
-                self._endpoints.failed(i, generation)
-            ready |= ok
-        return ready
+            else:
+                missing.append(url)
+                if len(self.urls) > 1:
+                    self._endpoints.failed(i, generation)
+        return missing
 
     def _ask(self, question: Callable[[Any], T]) -> T:
         """``question(client)`` answered by the first server that can be reached (no wait).

@@ -655,11 +655,14 @@ def test_a_dead_server_is_set_aside_and_its_requests_go_to_the_other(two_fakes):
         assert before[0] + recorders[0].refused <= 14 and before[1] >= len(values) - 10
         assert [int(client.detect(_frame(v), ["a"]).boxes[0, 0]) for v in (1, 2, 3)] == [1, 2, 3]
         assert len(recorders[0].requests) == before[0]  # still set aside
+        assert client.unready() == [urls[0]] and client.is_ready()
 
         # Both gone, retries off: the request fails after trying each server once.
         kill(1)
-        with pytest.raises(DartClientError) as err:
-            DartClient(urls, protocol, retries=0).detect(_frame(1), ["a"])
+        with DartClient(urls, protocol, retries=0) as fresh:
+            assert not fresh.is_ready() and fresh.unready() == urls
+            with pytest.raises(DartClientError) as err:
+                fresh.detect(_frame(1), ["a"])
         assert err.value.status in {"StatusCode.UNAVAILABLE", "UNAVAILABLE"}
 
 

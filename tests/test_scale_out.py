@@ -389,7 +389,7 @@ def test_coco_eval_over_two_servers_gives_what_one_gives(
 @pytest.mark.server
 def test_sigkill_of_one_serve_group_mid_run_loses_nothing(
     servers: list[Serve], coco_set: tuple[Path, Path], one_url: dict[int, list[dict]],
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     victim, survivor = servers
     tritonserver = victim.tritonserver()
@@ -415,6 +415,13 @@ def test_sigkill_of_one_serve_group_mid_run_loses_nothing(
     while _alive(tritonserver):
         assert time.monotonic() < gone, "the killed launcher's tritonserver lives on"
         time.sleep(0.2)
+
+    # A new run with the dead server still listed: named once, then simply avoided.
+    capsys.readouterr()
+    assert _coco_eval(coco_set, tmp_path / "again", [s.url() for s in servers]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and victim.url() in warnings[0]
+    _assert_same(_journal(tmp_path / "again"), one_url)
 
 
 def _alive(pid: int) -> bool:
