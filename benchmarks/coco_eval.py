@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
                 score_threshold=args.score_threshold, nms_iou=args.nms_iou,
                 max_detections=args.max_detections,
             )
-        except ValueError as e:  # an empty --url, or one given twice
+        except ValueError as e:  # an empty --url
             print(f"coco-eval: --url: {e}", file=sys.stderr)
             return 2
         client = detector.client()

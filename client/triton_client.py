@@ -1,4 +1,5 @@
-"""`DartClient`: the `dart` / `dart_ensemble` request contract over Triton gRPC or HTTP."""
+"""`DartClient`: the `dart` / `dart_ensemble` request contract over Triton gRPC or HTTP, to
+one server or spread over several."""
 
 from __future__ import annotations
 
@@ -530,14 +531,15 @@ class DartClient:
 
 
 def _urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``url`` as a tuple of addresses; a comma-separated string counts as several."""
+    """``url`` as a tuple of addresses; a comma-separated string counts as several, and an
+    address listed twice counts once."""
     if not url:
         return ()
     items = [url] if isinstance(url, str) else list(url)
-    urls = tuple(u.strip() for item in items for u in item.split(","))
+    urls = [u.strip() for item in items for u in item.split(",")]
     if not all(urls):
         raise ValueError(f"an empty Triton address in {url!r}")
-    return urls
+    return tuple(dict.fromkeys(urls))
 
 
 def config_parameter(config: dict[str, Any], key: str) -> str | None:

@@ -631,6 +631,10 @@ def test_two_servers_share_a_stream_in_order_under_one_in_flight_limit(two_fakes
     assert live[1] <= 3  # in flight over both servers together
     with DartClient(",".join(urls), protocol) as client:  # one string, comma-separated
         assert client.urls == tuple(urls)
+    with DartClient([urls[1], urls[0], urls[1]], protocol) as client:
+        assert client.urls == (urls[1], urls[0])  # listed twice, one server
+    with pytest.raises(ValueError, match="empty"):
+        DartClient([urls[0], ""], protocol)
 
 
 def test_a_dead_server_is_set_aside_and_its_requests_go_to_the_other(two_fakes):

@@ -429,3 +429,12 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_coco_eval_refuses_an_empty_url_in_one_line(coco_set: tuple[Path, Path],
+                                                    tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code = _coco_eval(coco_set, tmp_path, ["127.0.0.1:9", ""])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "coco-eval: --url: an empty Triton address in " \
+        "['127.0.0.1:9', '']", err
