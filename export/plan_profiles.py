@@ -71,12 +71,7 @@ def read_graphs_json(onnx_dir: str | Path) -> dict:
     return dict(json.loads(path.read_text()))
 
 
-def read_graphs_hint(onnx_dir: str | Path) -> dict:
-    """The exporter's recorded GraphDims (``{}`` when the folder has no dart_graphs.json)."""
-    return dict(read_graphs_json(onnx_dir).get("dims", {}))
-
-
-def backbone_spec(described: str | None) -> str:
+def backbone_from_description(described: str | None) -> str:
     """The ``--backbone`` value behind the exporter's description of it: ``vit``,
     ``pruned:/abs/plan.json:K (unit)`` -> ``pruned:/abs/plan.json:K``; None -> ``vit``
     (exports from before backbone choices)."""
@@ -88,7 +83,7 @@ def backbone_spec(described: str | None) -> str:
 
 def backbone_kind(spec: str | None) -> str:
     """``vit``, ``pruned`` or ``student`` of a ``--backbone`` value (or its description)."""
-    return backbone_spec(spec).partition(":")[0]
+    return backbone_from_description(spec).partition(":")[0]
 
 
 def _imgsz_for_features(h: int, scales: specs.GraphDims, backbone: tuple[int, int]) -> int:

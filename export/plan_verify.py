@@ -214,12 +214,15 @@ def text_encoder_dir(repo_dir: str | Path) -> Path:
 
 
 def real_text(dims: specs.GraphDims, rows: int, repo_dir: str | Path | None = None,
-              checkpoint: str | Path | None = None, encoder=None,
+              checkpoint: str | Path | None = None, encoder=None, source: str = "",
               seed: int = 0) -> TextSample:
     """Text features of ``rows`` real class names from the first text encoder found: the
-    one given, the repository's, the checkpoint's; Gaussian features when none is."""
+    one given (``source`` says whose), the repository's, the checkpoint's; Gaussian
+    features when none is."""
     names = verify_classes(rows)
     label = f"text features of {rows} COCO names ({names[0]}, ...)"
+    if encoder is not None and source:
+        label += f" from {source}"
     if encoder is None:
         from dart_triton.text_encoder import TextEncoder
 

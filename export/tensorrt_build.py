@@ -52,8 +52,8 @@ from . import fp16
 from .plan_profiles import (
     MODELS,
     GraphIO,
+    backbone_from_description,
     backbone_kind,
-    backbone_spec,
     check_graph_matches_spec,
     dynamic_inputs,
     graph_dims_from_onnx,
@@ -382,7 +382,7 @@ class _Verifier:
                  opts: PlanBuildOptions, meta: Mapping, log: Callable[[str], None]) -> None:
         self.onnx_dir, self.repo_dir, self.dims, self.opts = onnx_dir, repo_dir, dims, opts
         self.checkpoint = meta.get("checkpoint")
-        self.backbone = backbone_spec(meta.get("backbone"))
+        self.backbone = backbone_from_description(meta.get("backbone"))
         self.sample = load_sample(opts.sample)
         self.log = log
         self._reference: Reference | None = None
@@ -423,7 +423,8 @@ class _Verifier:
 
                 encoder = TextEncoder.from_sam3(parts.model, parts.tokenizer)
             self._text = real_text(self.dims, rows, self.repo_dir, self.checkpoint,
-                                   encoder=encoder, seed=self.opts.seed)
+                                   encoder=encoder, source=f"the checkpoint {self.checkpoint}",
+                                   seed=self.opts.seed)
             if self._text.label.startswith("random"):
                 self.log(f"[build-plans] warning: {self._text.label}")
         return self._text
@@ -566,7 +567,7 @@ def build_plans(
     with tensorrt_step("creating the logger", path):
         logger = trt.Logger(trt.Logger.INFO if opts.verbose else trt.Logger.WARNING)
     meta = read_graphs_json(onnx_dir)
-    backbone = backbone_spec(meta.get("backbone"))
+    backbone = meta.get("backbone") or "vit"  # the exporter's description of the module
     verifier = _Verifier(onnx_dir, repo_dir, dims, opts, meta, print)
     how = ", FP16 decided in the graph" if path.build_graph(opts.precision) else ""
     print(f"[build-plans] TensorRT {path.version}: {path.typing}ly typed ({opts.precision}{how})",

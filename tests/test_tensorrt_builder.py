@@ -336,3 +336,43 @@ def test_check_repository_rebuilds_plans_when_a_build_option_changes(monkeypatch
     reasons = manifest.stale_reasons(repo, tiny_checkpoint, build, vocab)
     assert "backbone: built for TensorRT 10.9.0.34, want 11.4.0.106" in reasons
     assert "backbone: built for network typing weak, want strong" in reasons
+
+
+def test_dry_run_prints_the_lines_of_the_version(onnx_dir, tmp_path, capsys):
+    """Without TensorRT here, --dry-run prints TensorRT 10's lines, or another version's."""
+    base = ["--onnx-dir", str(onnx_dir), "--output", str(tmp_path / "r"), "--dry-run"]
+    assert tensorrt_build.main([*base, "--tensorrt-version", "11.4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["python", "trtexec", "python", "trtexec"]
+    assert lines[0] == (f"python -m dart_triton.export.fp16 {onnx_dir / 'backbone.onnx'} "
+                        f"{onnx_dir / 'backbone.fp16.onnx'}")
+    for line in lines[1::2]:
+        args = shlex.split(line)
+        assert "--stronglyTyped" in args and "--fp16" not in args
+        assert args[1].endswith(".fp16.onnx")
+    assert tensorrt_build.main([*base, "--tensorrt-version", "11.4", "--precision", "fp32"]) == 0
+    lines = capsys.readouterr().out.splitlines()  # FP32: the export itself, IEEE FP32
+    assert len(lines) == 2 and all("--noTF32" in x and "--stronglyTyped" in x for x in lines)
+    assert tensorrt_build.main([*base, "--tensorrt-version", "10.9"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("--fp16" in x and "--stronglyTyped" not in x for x in lines)
+    assert tensorrt_build.main([*base, "--tensorrt-version", "ten"]) == 1
+    assert "must start with its major number" in capsys.readouterr().err
+
+
+def test_the_backbone_kind_comes_from_the_export(monkeypatch, onnx_dir, tmp_path):
+    """The exporter records which module the backbone graph is (dart_graphs.json); the
+    backbone plan's sidecar keeps it, and another kind makes it stale."""
+    import json
+
+    install(monkeypatch, TRT10)
+    described = f"pruned:{tmp_path / 'plan.json'}:2 (sub-block)"
+    (onnx_dir / "dart_graphs.json").write_text(json.dumps({"backbone": described}))
+    res = tensorrt_build.build_plans(onnx_dir, tmp_path / "repo", {"skip_verify": True})
+    assert res["backbone"]["backbone_kind"] == "pruned"
+    assert res["backbone"]["backbone"] == described
+    assert res["enc_dec"]["backbone_kind"] is None  # enc_dec does not depend on it
+    want = tensorrt_build.wanted_plan_fields(PlanBuildOptions(), 56, 16, "vit",
+                                             TensorRTPath(TRT10, False))
+    assert plan_sidecar.stale_reasons(tmp_path / "repo", want=want) == [
+        "backbone: built for backbone kind pruned, want vit"]

@@ -283,3 +283,21 @@ def test_build_verifies_against_the_gpu_reference(export, tmp_path, monkeypatch)
         "buckets": (1, 4), "tolerances": {"max_abs_boxes": 0.1}})
     for info in res.values():
         assert info["verification"]["reference"] == "torch cuda fp32 (restructured modules)"
+
+
+def test_build_plans_into_a_repository_uses_its_text_encoder(export, tiny_checkpoint, tmp_path,
+                                                             monkeypatch):
+    """`dart-triton build --no-plans` then `build-plans` on the serving GPU: verification
+    encodes the class names with the repository's own text encoder."""
+    from dart_triton.export.repository import build_repository
+
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.9.0.34"))
+    monkeypatch.setattr(plan_runner, "TorchCudaBuffers", HostBuffers)
+    monkeypatch.setattr(tensorrt_build, "current_device", lambda: dict(FAKE_GPU))
+    repo = tmp_path / "repo"
+    build_repository(tiny_checkpoint, repo, backend="tensorrt", max_classes=4,
+                     build_plans=False, log=lambda *_: None)
+    assert not list(repo.rglob("model.plan"))
+    res = tensorrt_build.build_plans(export, repo, {"max_classes": 4})
+    text = res["enc_dec"]["verification"]["inputs"]["text"]
+    assert text.endswith(f"from {plan_verify.text_encoder_dir(repo)}")
