@@ -12,11 +12,12 @@ What the pass does:
   [Add mask] -> Softmax`` the scale is moved onto Q before the first matmul (TensorRT's
   fused-attention rules: the scale must come before the first batched matmul). The core
   then stays FP16 ``MatMul -> Softmax -> MatMul`` with no casts inside: the pattern
-  TensorRT replaces by one attention kernel that accumulates Q·Kᵀ, the softmax and P·V in
-  FP32. Casting around the Softmax would keep it FP32 but stops that fusion (0 fused
-  attention nodes), and the two matmuls then run as generic FP16 GEMMs, the failure of
-  paper §3.3. ``fp32_attention=True`` keeps the whole core in FP32 instead: correct
-  without a fused kernel, and slower; a fallback for a plan that fails verification.
+  TensorRT replaces by one attention kernel that accumulates internally in FP32 (paper
+  §3.3). Casting around the Softmax would keep it FP32 but stops that fusion (reported
+  elsewhere as 0 fused attention nodes), and the two matmuls then run as generic FP16
+  GEMMs, the failure of paper §3.3. ``fp32_attention=True`` keeps the whole core in
+  FP32 instead: correct without a fused kernel, and slower; a fallback for a plan that
+  fails verification.
 * **FP32 islands** where FP16's range or resolution is not enough: normalisations
   (LayerNorm's mean and variance over the channels), reductions, exponentials,
   logarithms, powers and roots, the sine/cosine of the decoder's box position
