@@ -335,6 +335,49 @@ def remove_shm_regions(prefix: str) -> None:
             path.unlink()
 
 
+_PREFIX_OWNER = re.compile(r"dart_triton_(\d+)_[0-9a-f]+_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans() -> tuple[int, int]:
+    """Kill python-backend stubs and remove /dev/shm regions left by a launcher that died
+    without cleaning up (SIGKILLed: tritonserver then exits, but its stubs ignore SIGTERM
+    and live on). Ours carry ``dart_triton_<launcher pid>_``; only those whose launcher is
+    gone are touched. Returns (stubs killed, regions removed)."""
+    def dead_owner(text: str) -> bool:
+        m = _PREFIX_OWNER.search(text)
+        return m is not None and not _pid_alive(int(m.group(1)))
+
+    killed = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = " ".join(a.decode(errors="replace") for a in args)
+        if "triton_python_backend_stub" in text and dead_owner(text):
+            with contextlib.suppress(OSError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+    removed = 0
+    with contextlib.suppress(OSError):
+        for path in SHM_DIR.iterdir():
+            if path.name.startswith("dart_triton_") and dead_owner(path.name):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+    return killed, removed
+
+
 def _shm_prefix_arg(args: Sequence[str]) -> str | None:
     """The prefix given by a ``--backend-config=python,shm-region-prefix-name=X`` in ``args``."""
     for arg in args:
@@ -458,6 +501,10 @@ class TritonServer:
                 raise RuntimeError("server already started")
             self.stop()  # a previous run that died: clear what it left
             self.process = None
+        killed, removed = sweep_orphans()
+        if killed or removed:
+            print(f"dart-triton: removed what a dead launcher left behind: {killed} stub "
+                  f"process(es), {removed} /dev/shm region(s)", file=sys.stderr, flush=True)
         auto = [name for name, port in self.ports.items() if port is None]
         probe_host = DEFAULT_HOST if self.host in ("", "0.0.0.0") else self.host
         # Report a busy port now, not after minutes of model loading.

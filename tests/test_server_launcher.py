@@ -389,3 +389,30 @@ def test_unstable_measurement_is_told_apart_from_other_failures(tmp_path: Path) 
         run_perf_analyzer("m", "127.0.0.1:1", binary=broken, csv_path=tmp_path / "b.csv")
     assert not isinstance(err.value, PerfAnalyzerUnstable)
     assert "exited with code 2" in str(err.value)
+
+
+def test_sweep_orphans_of_a_dead_launcher(tmp_path):
+    """A SIGKILLed launcher cannot clean up: tritonserver goes (parent-death signal), its
+    stubs ignore SIGTERM and stay, with their /dev/shm regions. The next start removes
+    them, and leaves alone what belongs to a live launcher."""
+    from dart_triton.server import SHM_DIR, sweep_orphans
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs: the dead launcher
+    dead, live = f"dart_triton_{gone.pid}_abcd1234_", f"dart_triton_{os.getpid()}_abcd1234_"
+    stubs = {prefix: subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "triton_python_backend_stub",
+         f"{prefix}0d461d8f"]) for prefix in (dead, live)}
+    regions = {prefix: SHM_DIR / f"{prefix}region" for prefix in (dead, live)}
+    for path in regions.values():
+        path.write_bytes(b"x")
+    try:
+        killed, removed = sweep_orphans()
+        assert stubs[dead].wait(timeout=10) == -signal.SIGKILL
+        assert not regions[dead].exists()
+        assert stubs[live].poll() is None and regions[live].exists()
+        assert killed >= 1 and removed >= 1
+    finally:
+        stubs[live].kill()
+        stubs[live].wait()
+        regions[live].unlink(missing_ok=True)
