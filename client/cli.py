@@ -256,18 +256,32 @@ def _output_paths(args: argparse.Namespace) -> tuple[Path | None, list[Path] | N
     return json_out, annotated
 
 
-def make_client(args: argparse.Namespace, *, concurrency: int) -> DartClient:
-    """The client of every command: the one place that turns ``--url`` (repeatable) into one.
+def _check_urls(args: argparse.Namespace) -> None:
+    """``--url`` given twice is a mistake: the same server would get twice the load."""
+    seen: set[str] = set()
+    for url in args.url or ():
+        if url in seen:
+            raise UsageError(f"--url {url} is given twice")
+        seen.add(url)
 
-    Several URLs: requests go round robin over them, a failing server set aside (issue 14).
-    """
-    urls = args.url or [DEFAULT_URLS[args.protocol]]
-    return DartClient(urls, args.protocol, args.model, concurrency=concurrency)
+
+def make_client(args: argparse.Namespace, *, concurrency: int) -> DartClient:
+    """The client of every command: the one place that turns ``--url`` (repeatable) into
+    one. With several URLs, requests are spread over them (round robin under the in-flight
+    limit; a failing server is set aside and retried later)."""
+    return DartClient(args.url or None, args.protocol, args.model, concurrency=concurrency)
 
 
 def _server_ready(client: DartClient, command: str) -> bool:
-    """One line, before any image or frame is read, when nothing serves the model."""
-    if client.is_ready():
+    """One line, before any image or frame is read, when nothing serves the model.
+
+    With several servers, any one ready will do; the others are named in a warning.
+    """
+    missing = client.unready()
+    if len(missing) < len(client.urls):
+        if missing:
+            _say(command, f"warning: no model {client.model!r} ready at {', '.join(missing)}; "
+                          "using the other server(s) (those are retried later)")
         return True
     _say(command, f"error: no model {client.model!r} ready at {client.url} ({client.protocol}); "
                   "is `dart-triton serve` running there? (see --url, --protocol)")
@@ -303,6 +317,7 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
         classes = class_names(args.classes)
         args.images = _image_paths(args.images)
         options = _options(args)
+        _check_urls(args)
         json_out, annotated = _output_paths(args)
     except UsageError as e:
         _say("detect", f"error: {e}")
@@ -500,6 +515,7 @@ def video_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--reconnect must be >= 0, got {args.reconnect}")
         classes = class_names(args.classes)
         options = _options(args)
+        _check_urls(args)
         _require("av", "video", "dart-triton video")
         _require("supervision", "draw", "dart-triton video")
         if args.track:

@@ -25,6 +25,7 @@ from dart_triton import specs
 from .cli import (
     UsageError,
     _add_server_args,
+    _check_urls,
     _options,
     _Parser,
     _print,
@@ -327,6 +328,7 @@ def label_main(argv: Sequence[str] | None = None) -> int:
         classes = class_names(args.classes)
         categories = parse_merge(args.merge, classes)
         options = _options(args)
+        _check_urls(args)
         if not args.images.is_dir():
             raise UsageError(f"{args.images}: no such folder" if not args.images.exists()
                              else f"{args.images} is a file; give the folder of images")

@@ -93,6 +93,8 @@ def test_usage_errors(clip, tmp_path, capsys):
         ([clip, "--out", tmp_path / "o.mp4", "--tracks", tmp_path / "o.mp4"],
          ["is the --out file"]),
         ([clip, "--out", tmp_path / "o.mp4", "--reconnect", "-1"], ["--reconnect must be >= 0"]),
+        ([clip, "--out", tmp_path / "o.mp4", "--url", "127.0.0.1:9"],
+         ["--url 127.0.0.1:9 is given twice"]),
     ]
     for argv, fragments in cases:
         code, _, err = video([*argv, "--classes", "car", *closed], capsys)
@@ -141,6 +143,17 @@ def test_tracked_clip_matches_an_independent_replay(triton_server, clip, tmp_pat
         classes_of.setdefault(int(r[1]), set()).add(int(r[7]))
     assert all(len(c) == 1 for c in classes_of.values())  # IDs are unique across classes
     assert min(classes_of) == 1
+
+
+def test_several_urls_one_down(triton_server, clip, tmp_path, capsys):
+    """--url twice, one of them closed: one warning line, every frame still annotated."""
+    out = tmp_path / "two.mp4"
+    code, stdout, err = video([clip, "--classes", "car", "--out", out, "--max-frames", "6",
+                               "--url", "127.0.0.1:9", "--url", triton_server.grpc_url,
+                               "--no-progress"], capsys)
+    assert code == 0, err
+    assert len(err) == 1 and "warning: no model 'dart' ready at 127.0.0.1:9" in err[0]
+    assert len(frames_of(out)) == 6 and "6 frames" in stdout
 
 
 def test_frames_folder_in_frames_folder_out(triton_server, clip, tmp_path, capsys):
