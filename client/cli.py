@@ -260,6 +260,8 @@ def _check_urls(args: argparse.Namespace) -> None:
     """``--url`` given twice is a mistake: the same server would get twice the load."""
     seen: set[str] = set()
     for url in args.url or ():
+        if not url.strip():
+            raise UsageError("--url is empty: give HOST:PORT, e.g. 127.0.0.1:8001")
         if url in seen:
             raise UsageError(f"--url {url} is given twice")
         seen.add(url)

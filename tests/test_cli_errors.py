@@ -315,15 +315,13 @@ def test_video_unreadable_inputs(triton_server, clip, tmp_path, capsys):
 
 
 def test_video_out_folder(triton_server, clip, tmp_path, capsys):
-    import imageio.v2 as iio
-
+    """A folder --out gets one annotated JPEG per frame (issue 12)."""
     folder = tmp_path / "videos"
     code, out, err = video([clip, "--classes", "cat", "--out", f"{folder}/", "--max-frames",
                             "3", "--url", triton_server.grpc_url], capsys)
     assert code == 0, err
-    written = folder / "clip_annotated.mp4"
-    assert out.startswith(f"{written}: 3 frames")
-    assert sum(1 for _ in iio.get_reader(written)) == 3
+    assert out.startswith(f"{folder}: 3 frames")
+    assert sorted(p.name for p in folder.iterdir()) == ["000001.jpg", "000002.jpg", "000003.jpg"]
 
 
 def test_video_ffmpeg_starts_while_grpc_is_busy(clip, tmp_path, monkeypatch):
@@ -469,3 +467,14 @@ def test_curl_kserve_json_request(triton_server, photo, tmp_path):
     np.testing.assert_array_equal(boxes, expected.boxes)
     np.testing.assert_array_equal(scores, expected.scores)
     np.testing.assert_array_equal(ids, expected.class_ids)
+
+
+def test_empty_or_repeated_url_is_a_usage_error(images, clip, tmp_path, capsys):
+    for argv, run in (([images["a.jpg"], "--classes", "cat"], detect),
+                      ([clip, "--classes", "cat", "--out", tmp_path / "o.mp4"], video)):
+        code, _, err = run([*argv, "--url", ""], capsys)
+        assert code == 2
+        _one_line(err, "--url is empty")
+        code, _, err = run([*argv, "--url", "127.0.0.1:9", "--url", "127.0.0.1:9"], capsys)
+        assert code == 2
+        _one_line(err, "--url 127.0.0.1:9 is given twice")

@@ -79,7 +79,7 @@ def _dart_requests(server, at_least: int = 0) -> int:
 
 def test_coco_and_yolo_hold_the_boxes_of_detect(triton_server, image_dir, tmp_path, capsys):
     import supervision as sv
-    from faster_coco_eval import COCO
+    from pycocotools.coco import COCO
 
     from dart_triton.client.label import scan_images
 
@@ -136,7 +136,7 @@ def test_coco_and_yolo_hold_the_boxes_of_detect(triton_server, image_dir, tmp_pa
 
 
 def test_merge_groups_become_one_category(triton_server, image_dir, tmp_path, capsys):
-    from faster_coco_eval import COCO
+    from pycocotools.coco import COCO
 
     out = tmp_path / "merged"
     code, _, err = label([image_dir, "--classes", *CLASSES, "--out", out, "--format", "coco",
