@@ -21,18 +21,10 @@ from PIL import Image
 
 from dart_triton import specs
 
+from .helpers import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 CLOSED = ["--url", "127.0.0.1:9"]
-
-
-def _run(main, argv, capsys) -> tuple[int, str, list[str]]:
-    """(exit status, stdout, stderr lines) of a command-line entry point."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's own errors and --help
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, [line for line in err.splitlines() if line.strip()]
 
 
 def _one_line(lines: list[str], *fragments: str) -> str:
@@ -46,13 +38,13 @@ def _one_line(lines: list[str], *fragments: str) -> str:
 def detect(argv, capsys):
     from dart_triton.client.cli import detect_main
 
-    return _run(detect_main, argv, capsys)
+    return run_cli(detect_main, argv, capsys)
 
 
 def video(argv, capsys):
     from dart_triton.client.cli import video_main
 
-    return _run(video_main, argv, capsys)
+    return run_cli(video_main, argv, capsys)
 
 
 @pytest.fixture()
@@ -101,7 +93,7 @@ def test_no_arguments_is_usage_on_stderr_and_exit_2():
 def test_tiny_checkpoint_help_describes_every_option(capsys):
     from dart_triton.checkpoint import tiny_checkpoint_main
 
-    code, out, _ = _run(tiny_checkpoint_main, ["--help"], capsys)
+    code, out, _ = run_cli(tiny_checkpoint_main, ["--help"], capsys)
     assert code == 0
     text = " ".join(out.split())
     for described in ("OUT_DIR directory to write", "--seed SEED seed of the random weights",
@@ -127,7 +119,7 @@ def test_serve_refuses_a_backend_the_server_lacks(tmp_path, capsys):
             bundled_tritonserver_dir():
         pytest.skip("needs the tritonserver bundled in nvidia-pytriton (python backend only)")
     reference = Path(__file__).resolve().parents[1] / "model_repository"
-    code, _, err = _run(serve_main, ["--model-repository", reference], capsys)
+    code, _, err = run_cli(serve_main, ["--model-repository", reference], capsys)
     assert code == 2
     _one_line(err, "backbone, enc_dec need the tensorrt backend", "python")
 

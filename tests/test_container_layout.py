@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ import pytest
 from dart_triton.export.manifest import MANIFEST
 from dart_triton.server import free_port
 
+from .helpers import wait_http_ready
 from .wheel_env import ROOT, WheelEnv
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -60,23 +59,6 @@ def _manifest(models: Path) -> dict:
     return json.loads((models / MANIFEST).read_text())
 
 
-def _wait_ready(proc: subprocess.Popen, log: Path, http: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the entrypoint exited with {proc.returncode}:\n"
-                                 f"{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready",
-                                        timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
-
-
 def test_first_start_builds_then_serves(container, wheel_env: WheelEnv, tmp_path: Path):
     workdir, models, env = container
     ports = {name: free_port() for name in ("http", "grpc", "metrics")}
@@ -88,7 +70,7 @@ def test_first_start_builds_then_serves(container, wheel_env: WheelEnv, tmp_path
             cwd=workdir, env=env(), stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(proc, log, ports["http"])
+        wait_http_ready(proc, ports["http"], 300, log.read_text)
         health = subprocess.run(
             ["dart-triton", "health", "--url", f"127.0.0.1:{ports['grpc']}", "--timeout", "60"],
             cwd=workdir, env=env(), capture_output=True, text=True, timeout=120)

@@ -13,23 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from .helpers import run_cli
+
 CLASSES = ["person", "flag", "rocket"]
 THRESHOLD = "0.2"
-
-
-def _run(main, argv, capsys) -> tuple[int, str, list[str]]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, [line for line in err.splitlines() if line.strip()]
 
 
 def label(argv, capsys):
     from dart_triton.client.label import label_main
 
-    return _run(label_main, argv, capsys)
+    return run_cli(label_main, argv, capsys)
 
 
 @pytest.fixture()
@@ -49,7 +42,7 @@ def _detect_json(images: list[Path], server, tmp_path, capsys) -> dict[str, list
     from dart_triton.client.cli import detect_main
 
     out = tmp_path / "detect.json"
-    code, _, err = _run(detect_main, [*images, "--classes", *CLASSES, "--json", out,
+    code, _, err = run_cli(detect_main, [*images, "--classes", *CLASSES, "--json", out,
                                       "--score-threshold", THRESHOLD, "--url", server.grpc_url],
                         capsys)
     assert code == 0, err

@@ -10,7 +10,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 import zipfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from dart_triton import __version__, specs
 from dart_triton.export.backends import BACKENDS
 from dart_triton.export.manifest import MANIFEST
 
+from .helpers import wait_http_ready
 from .wheel_env import WheelEnv, sdist_members
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -117,25 +117,6 @@ def _free_port() -> int:
     return free_port()
 
 
-def _wait_ready(proc: subprocess.Popen, http: int, timeout: float = 240) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited with {proc.returncode}:\n"
-                                 f"{proc.communicate()[0][-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready",
-                                        timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"not ready after {timeout} s")
-
-
 def _stop(proc: subprocess.Popen) -> str:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -163,7 +144,9 @@ def test_serve_and_detect_from_the_decoy_directory(wheel_env: WheelEnv, workdir:
         cwd=workdir, env=wheel_env.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_ready(proc, ports["http"])
+        # Its output is a pipe: read only once it has exited (reading it live would block).
+        wait_http_ready(proc, ports["http"], 240,
+                        lambda: proc.communicate()[0] if proc.poll() is not None else "")
         res = wheel_env.run(["dart-triton", "detect", "photo.png", "--classes", *CLASSES,
                              "--url", f"127.0.0.1:{ports['grpc']}", "--json", "dets.json"],
                             cwd=workdir, timeout=120)

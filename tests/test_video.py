@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .helpers import run_cli
+
 pytest.importorskip("av")
 pytest.importorskip("trackers")
 pytest.importorskip("supervision")
@@ -25,19 +27,10 @@ pytest.importorskip("supervision")
 W, H = 160, 96
 
 
-def _run(main, argv, capsys) -> tuple[int, str, list[str]]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, [line for line in err.splitlines() if line.strip()]
-
-
 def video(argv, capsys):
     from dart_triton.client.cli import video_main
 
-    return _run(video_main, argv, capsys)
+    return run_cli(video_main, argv, capsys)
 
 
 def frames_of(path: Path) -> list[np.ndarray]:
