@@ -18,11 +18,12 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from dart_triton import specs
 from dart_triton.benchmarks import common, perf_input, serving
 
 STUDY = "class_scaling"
-MODELS = ("dart", "dart_ensemble", "preprocess", "text_encoder", "backbone", "enc_dec",
-          "postprocess")
+MODELS = (specs.DART, specs.DART_ENSEMBLE, specs.PREPROCESS, specs.TEXT_ENCODER,
+          *specs.GRAPH_MODELS, specs.POSTPROCESS)
 COLUMNS = ["n", "passes", "backbone_ms", "enc_dec_ms", "text_ms", "sum_ms", "seq_fps",
            "pipe_fps", "gain_pct", "predicted_pipe_fps", "ensemble_seq_fps",
            "ensemble_pipe_fps", "unstable"]
@@ -105,8 +106,8 @@ def measure_n(served, n: int, max_classes: int, args, workdir: Path,
                                   common.class_names(n))
     result: dict = {"n": n, "passes": -(-n // max_classes)}
     unstable: list[str] = []
-    for entry in ("dart", "dart_ensemble"):
-        if entry == "dart_ensemble" and n > max_classes:
+    for entry in (specs.DART, specs.DART_ENSEMBLE):
+        if entry == specs.DART_ENSEMBLE and n > max_classes:
             continue  # the ensemble's one enc_dec step cannot chunk
         for c in (1, 2):
             fps, d, stable = run_level(served, entry, input_json, c, args, workdir)
@@ -120,12 +121,12 @@ def measure_n(served, n: int, max_classes: int, args, workdir: Path,
                                       "compute_ms": per_call_ms(d, model),
                                       "queue_ms": per_call_ms(d, model, "queue"),
                                       "total_ms": per_call_ms(d, model, "total")})
-            prefix = "" if entry == "dart" else "ensemble_"
+            prefix = "" if entry == specs.DART else "ensemble_"
             result[f"{prefix}{'seq' if c == 1 else 'pipe'}_fps"] = fps
-            if entry == "dart" and c == 1:
-                result["backbone_ms"] = per_call_ms(d, "backbone")
-                result["enc_dec_ms"] = per_frame_ms(d, "enc_dec", frames)
-                result["text_ms"] = per_call_ms(d, "text_encoder")
+            if entry == specs.DART and c == 1:
+                result["backbone_ms"] = per_call_ms(d, specs.BACKBONE)
+                result["enc_dec_ms"] = per_frame_ms(d, specs.ENC_DEC, frames)
+                result["text_ms"] = per_call_ms(d, specs.TEXT_ENCODER)
             print(f"  N={n} {entry} c={c}: {fps:.3f} frames/s", flush=True)
     bb, ed = result.get("backbone_ms", float("nan")), result.get("enc_dec_ms", float("nan"))
     result["sum_ms"] = bb + ed

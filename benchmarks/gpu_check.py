@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dart_triton import specs
 from dart_triton.benchmarks import class_scaling, common
 
 STUDY = "gpu_check"
@@ -48,11 +49,11 @@ def repository_facts(repo: Path) -> dict:
         text = (repo / model / "config.pbtxt").read_text()
         return dict(re.findall(r'key: "([^"]+)"\n  value \{ string_value: "([^"]*)" \}', text))
 
-    backbone = params("backbone")
+    backbone = params(specs.BACKBONE)
     if "precision" not in backbone:
         raise SystemExit(f"{repo} is not a --backend torch repository")
-    dart = params("dart")
-    gpu = "KIND_GPU" in (repo / "backbone" / "config.pbtxt").read_text()
+    dart = params(specs.DART)
+    gpu = "KIND_GPU" in (repo / specs.BACKBONE / "config.pbtxt").read_text()
     return {"imgsz": int(dart["imgsz"]), "max_classes": int(dart["max_classes"]),
             "buckets": [int(b) for b in dart.get("enc_dec_buckets", "").split(",") if b],
             "gpu": gpu, "precision": backbone["precision"], "compile": backbone["compile"],

@@ -356,7 +356,7 @@ class DartClient:
         Looked up on the model, then on `preprocess` (an ensemble has no parameters
         of its own); None when neither says.
         """
-        for model in (self.model, "preprocess"):
+        for model in (self.model, specs.PREPROCESS):
             try:
                 value = config_parameter(self.model_config(model), "imgsz")
             except DartClientError:

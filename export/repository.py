@@ -113,7 +113,7 @@ class BuildOptions:
     def repo_options(self, dims: specs.GraphDims) -> RepoOptions:
         vocab = self.vocabulary or packaged_vocabulary()
         return RepoOptions(backend=self.backend, dims=dims, instances=dict(self.instances),
-                           gpu=self.gpu, enc_dec_buckets=self.buckets,
+                           gpu=self.gpu, gpus=self.gpus, enc_dec_buckets=self.buckets,
                            warm_vocabulary=vocab.name, ort_threads=self.ort_threads,
                            graph_settings=get_backend(self.backend).graph_settings(self),
                            backbone=BackboneChoice.parse(self.backbone).describe())
@@ -123,7 +123,7 @@ def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
     """Text weights + tokenizer + a warm cache for the vocabulary; returns names cached."""
     from dart_triton.text_encoder import CACHE_FILE
 
-    version = repo / "text_encoder" / "1"
+    version = repo / specs.TEXT_ENCODER / "1"
     encoder = TextEncoder.from_checkpoint(checkpoint)
     encoder.save_pretrained(version / "text_encoder")
     names = read_vocabulary(vocabulary)
