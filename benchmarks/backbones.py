@@ -312,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     imgsz = common.resolve_imgsz(args)
     command = common.command_line("dart_triton.benchmarks.backbones", argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped: main() also runs in-process (smoke tests)
+        return _run(args, imgsz, command)
+
+
+def _run(args, imgsz: int, command: str) -> int:
     if args.serve:
         served = measure_served(args, imgsz)
         common.write_csv(served, Path(args.out) / f"{STUDY}_served.csv")

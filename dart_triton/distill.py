@@ -323,6 +323,13 @@ def sigint_flag() -> Iterator[dict]:
 
 
 def run_distill(args: argparse.Namespace, log=print) -> Path:
+    # Training needs autograd whatever the caller's grad mode (a benchmark or a server
+    # thread may have turned it off).
+    with torch.enable_grad():
+        return _run_distill(args, log)
+
+
+def _run_distill(args: argparse.Namespace, log=print) -> Path:
     from tqdm.auto import tqdm
 
     from .pruning import image_files, spread

@@ -868,6 +868,8 @@ class Supervisor:
                 return False
             self.policy.record(time.monotonic())
             self.restarts.append(Restart(time.time(), reason))
+            # Counted from here (a stop during the backoff above cancels the restart).
+            self.say(f"restart {len(self.restarts)}: starting tritonserver")
             try:
                 self.server.start()
             except TritonServerError as err:
