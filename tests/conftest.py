@@ -111,3 +111,26 @@ def wheel_env(tmp_path_factory):
     from .wheel_env import make_wheel_env
 
     return make_wheel_env(tmp_path_factory.mktemp("wheel_env"))
+
+
+# `--backbone` repositories (tests/test_backbones_server.py, test_students_server.py): each
+# module defines `spec`, its --backbone value; these two resolve it per module.
+@pytest.fixture(scope="module")
+def backbone_reference(tiny_checkpoint_d, spec):
+    """(in-process DartPipeline, Sam3Parts) with the module's backbone."""
+    from .backbone_serving import reference_pipeline
+
+    return reference_pipeline(tiny_checkpoint_d, spec)
+
+
+@pytest.fixture(scope="module")
+def backbone_server(tiny_checkpoint_d, spec, tmp_path_factory):
+    """A tritonserver on a python-backend repository built with the module's backbone."""
+    from dart_triton.server import TritonServer
+
+    from .backbone_serving import build
+
+    repo = tmp_path_factory.mktemp("repo_backbone")
+    build(tiny_checkpoint_d, repo, spec)
+    with TritonServer(repo, startup_timeout=180, extra_args=["--exit-timeout-secs=5"]) as s:
+        yield s

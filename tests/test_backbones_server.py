@@ -18,7 +18,6 @@ from .backbone_serving import (
     build,
     check_served_detections,
     dart_backbone_parameter,
-    reference_pipeline,
     served_features,
     torch_backend_detections,
 )
@@ -43,47 +42,31 @@ def spec(plan) -> str:
     return f"pruned:{plan}:{K}"
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint_d, spec):
-    return reference_pipeline(tiny_checkpoint_d, spec)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint_d, spec, tmp_path_factory):
-    from dart_triton.server import TritonServer
-
-    repo = tmp_path_factory.mktemp("repo_pruned")
-    build(tiny_checkpoint_d, repo, spec)
-    with TritonServer(repo, startup_timeout=180,
-                      extra_args=["--exit-timeout-secs=5"]) as s:
-        yield s
-
-
 @pytest.mark.server
 @pytest.mark.parametrize("model, n", [(specs.DART, 1), (specs.DART, MAX_CLASSES + 1),
                                       (specs.DART_ENSEMBLE, 1),
                                       (specs.DART_ENSEMBLE, MAX_CLASSES)])
-def test_served_equals_in_process(server, reference, photo, model, n):
-    check_served_detections(server, reference[0], photo, model, n)
+def test_served_equals_in_process(backbone_server, backbone_reference, photo, model, n):
+    check_served_detections(backbone_server, backbone_reference[0], photo, model, n)
 
 
 @pytest.mark.server
-def test_backbone_serves_the_pruned_features(server, reference, plan):
-    _, parts = reference
+def test_backbone_serves_the_pruned_features(backbone_server, backbone_reference, plan):
+    _, parts = backbone_reference
     pixels = np.random.default_rng(0).uniform(-1, 1, (1, 3, 84, 84)).astype(np.float32)
-    got = served_features(server, pixels)
+    got = served_features(backbone_server, pixels)
     with torch.no_grad():
         want = parts.backbone(torch.from_numpy(pixels))[0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
-    assert dart_backbone_parameter(server) == f"pruned:{plan.resolve()}:{K} (sub-block)"
+    assert dart_backbone_parameter(backbone_server) == f"pruned:{plan.resolve()}:{K} (sub-block)"
 
 
-def test_torch_backend_serves_the_pruned_backbone(tiny_checkpoint_d, spec, reference, photo,
-                                                  tmp_path):
+def test_torch_backend_serves_the_pruned_backbone(tiny_checkpoint_d, spec, backbone_reference,
+                                                  photo, tmp_path):
     from dart_triton.pruning import removed_parts
     from dart_triton.torch_graphs import load_graph_module, weights_dir
 
-    pipeline, parts = reference
+    pipeline, parts = backbone_reference
     build(tiny_checkpoint_d, tmp_path, spec, backend="torch")
     module, _ = load_graph_module(weights_dir(tmp_path, specs.BACKBONE), specs.BACKBONE)
     assert removed_parts(module) == removed_parts(parts.backbone) and len(

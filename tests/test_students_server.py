@@ -21,7 +21,6 @@ from .backbone_serving import (
     build,
     check_served_detections,
     dart_backbone_parameter,
-    reference_pipeline,
     served_features,
     torch_backend_detections,
 )
@@ -50,49 +49,33 @@ def spec(student_dir) -> str:
     return f"student:{student_dir}"
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint_d, spec):
-    return reference_pipeline(tiny_checkpoint_d, spec)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint_d, spec, tmp_path_factory):
-    from dart_triton.server import TritonServer
-
-    repo = tmp_path_factory.mktemp("repo_student")
-    build(tiny_checkpoint_d, repo, spec)
-    with TritonServer(repo, startup_timeout=180,
-                      extra_args=["--exit-timeout-secs=5"]) as s:
-        yield s
-
-
 @pytest.mark.server
 @pytest.mark.parametrize("model, n", [(specs.DART, 1), (specs.DART, MAX_CLASSES + 1),
                                       (specs.DART_ENSEMBLE, 1),
                                       (specs.DART_ENSEMBLE, MAX_CLASSES)])
-def test_served_equals_in_process(server, reference, photo, model, n):
-    check_served_detections(server, reference[0], photo, model, n)
+def test_served_equals_in_process(backbone_server, backbone_reference, photo, model, n):
+    check_served_detections(backbone_server, backbone_reference[0], photo, model, n)
 
 
 @pytest.mark.server
-def test_backbone_serves_the_student(server, reference, student_dir):
-    _, parts = reference
+def test_backbone_serves_the_student(backbone_server, backbone_reference, student_dir):
+    _, parts = backbone_reference
     pixels = np.random.default_rng(0).uniform(-1, 1, (1, 3, 84, 84)).astype(np.float32)
-    got = served_features(server, pixels)
+    got = served_features(backbone_server, pixels)
     with torch.no_grad():
         want = parts.backbone(torch.from_numpy(pixels))[0].numpy()
     assert got.shape == (1, parts.dims.fpn_dim, parts.dims.feat_hw, parts.dims.feat_hw)
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
-    assert dart_backbone_parameter(server) == (f"student:{student_dir.resolve()} "
-                                               f"(timm {STUDENT})")
+    assert dart_backbone_parameter(backbone_server) == (
+        f"student:{student_dir.resolve()} (timm {STUDENT})")
 
 
-def test_torch_backend_serves_the_student(tiny_checkpoint_d, spec, reference, photo,
+def test_torch_backend_serves_the_student(tiny_checkpoint_d, spec, backbone_reference, photo,
                                           tmp_path):
     from dart_triton.students import TimmStudent
     from dart_triton.torch_graphs import load_graph_module, weights_dir
 
-    pipeline, parts = reference
+    pipeline, parts = backbone_reference
     build(tiny_checkpoint_d, tmp_path, spec, backend="torch")
     module, _ = load_graph_module(weights_dir(tmp_path, specs.BACKBONE), specs.BACKBONE)
     assert isinstance(module, TimmStudent)
