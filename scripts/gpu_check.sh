@@ -7,17 +7,16 @@
 #
 # The GPU machine has no internet but has PyTorch + CUDA, timm, transformers, onnxruntime;
 # what it lacks travels as wheels, at most 64 MiB per call, in an ignored folder that stays
-# while the machine is warm: artifacts/gpu-wheels/big (nvidia-pytriton, 53 MiB) in a call of
-# its own (any command, e.g. `true`), then artifacts/gpu-wheels/main and .../tools (56 MiB
-# together) with the next call, which runs `--steps setup,test`; then one call per step or
-# size, e.g. `--steps build,serve --sizes 1008`, `--steps build,serve --sizes 644`,
-# `--steps hierarchy,bundle`.
+# while the machine is warm (30 s idle). nvidia-pytriton is stripped to the Python 3.12 stub
+# (37 MiB), so two calls carry everything:
+#   1. carry artifacts/gpu-wheels/big and .../main (59 MiB): --steps setup,build
+#   2. carry artifacts/gpu-wheels/tools (34 MiB):          --steps tools,serve,test,bundle
+# Steps run in the order --steps gives; files under artifacts/ stay while the machine is warm.
 #
-# Steps (--steps, comma-separated; default all of them, in this order):
-#   setup      install the carried wheels and this project (offline), then
-#              scripts/install_triton_tools.sh (tritonserver, numpy<2 stub env,
-#              perf_analyzer); report what the bundled tritonserver links (CUDA runtime,
-#              libpython for the python-backend stub)
+# Steps (--steps, comma-separated, run in that order; default all of them, in this order):
+#   setup      install the carried wheels and this project (offline); report what the
+#              bundled tritonserver links (CUDA runtime, libpython for the stub)
+#   tools      scripts/install_triton_tools.sh (numpy<2 stub env, perf_analyzer)
 #   test       pytest -m gpu (the CUDA and torch-backend GPU tests; TensorRT ones skip)
 #   build      a random-weight checkpoint (full size; --tiny: the test-size one), then one
 #              --backend torch repository per --sizes entry
@@ -34,13 +33,14 @@
 #   --tiny              the tiny random SAM3 (seconds per step, numbers meaningless)
 #   --sizes "1008 644"  image sizes (default: 1008 644; --tiny: the checkpoint's)
 #   --compile MODE      none|default|max-autotune for the GPU repositories (default: default)
+#   --buckets LIST      prompt buckets of the full-size repositories (default: 1,4,16)
+#   --scaling "N ..."   class counts of the served class-scaling study (default: 1 2 4 8 16 80)
 #   --steps LIST        e.g. setup or build,serve (default: all)
 #   --out DIR           logs, repositories and (cpu) results (default: artifacts/gpu_check)
 #   --bundle FILE       tarball the bundle step writes (default: $OUT/gpu_check.tgz when $OUT
 #                       is set, else DIR/gpu_check.tgz)
 #
-# Each step fits one 10-minute device command: run them as separate calls when needed
-# (files under artifacts/ stay while the machine is warm). Back here, merge the GPU
+# Each step fits one 10-minute device command. Back here, merge the GPU
 # sections into RESULTS.md with:
 #   tar xzf gpu_check.tgz -C /tmp && cp /tmp/gpu_check/results/* benchmarks/results/ &&
 #   python -m dart_triton.benchmarks.common merge /tmp/gpu_check/RESULTS.md benchmarks/RESULTS.md
@@ -84,9 +84,30 @@ fetch_wheels() {
             --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             --platform manylinux1_x86_64 --platform any "${pkgs[@]}"
     done
+    strip_pytriton "$py" "$WHEELS"/big/nvidia_pytriton-*.whl
     du -sh "$WHEELS"/* | sed 's/^/[gpu_check] /'
-    log "carry artifacts/gpu-wheels/big with '--steps setup', then artifacts/gpu-wheels/main"
-    log "and artifacts/gpu-wheels/tools with the next call (each under 64 MiB)"
+    log "carry artifacts/gpu-wheels/big and .../main with '--steps setup,build', then"
+    log "artifacts/gpu-wheels/tools with '--steps tools,serve,test,bundle' (each under 64 MiB)"
+}
+
+# The GPU machine runs Python $PY_TAG: the other stubs, and the libpython 3.13 that only the
+# 3.13 stub links, are 16 MiB it never loads. Rewritten in place; a second run finds
+# nothing to drop.
+strip_pytriton() {
+    local py="$1" whl="$2"
+    "$py" - "$whl" "$PY_TAG" <<'EOF'
+import os, sys, zipfile
+whl, keep = sys.argv[1], f"/python_backend_stubs/{sys.argv[2]}/"
+def unused(name):
+    return ("/python_backend_stubs/" in name and keep not in name) or "/libpython3-" in name
+with zipfile.ZipFile(whl) as src:
+    entries = [i for i in src.infolist() if not unused(i.filename)]
+    if len(entries) < len(src.infolist()):
+        with zipfile.ZipFile(whl + ".tmp", "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+            for info in entries:
+                dst.writestr(info, src.read(info.filename), zipfile.ZIP_DEFLATED, 9)
+        os.replace(whl + ".tmp", whl)
+EOF
 }
 
 if [[ "${1:-}" == wheels ]]; then
@@ -95,7 +116,8 @@ if [[ "${1:-}" == wheels ]]; then
 fi
 
 # Options -----------------------------------------------------------------------------------
-DEVICE=cuda TINY=0 SIZES="" COMPILE=default STEPS="setup,test,build,serve,hierarchy,bundle"
+DEVICE=cuda TINY=0 SIZES="" COMPILE=default BUCKETS="1,4,16" SCALING=""
+STEPS="setup,tools,test,build,serve,hierarchy,bundle"
 OUT_DIR="$ROOT/artifacts/gpu_check" BUNDLE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -103,6 +125,8 @@ while [[ $# -gt 0 ]]; do
         --tiny) TINY=1; shift ;;
         --sizes) SIZES="${2:?--sizes needs a list}"; shift 2 ;;
         --compile) COMPILE="${2:?--compile needs a mode}"; shift 2 ;;
+        --buckets) BUCKETS="${2:?--buckets needs a list}"; shift 2 ;;
+        --scaling) SCALING="${2:?--scaling needs class counts}"; shift 2 ;;
         --steps) STEPS="${2:?--steps needs a list}"; shift 2 ;;
         --out) OUT_DIR="${2:?--out needs a directory}"; shift 2 ;;
         --bundle) BUNDLE="${2:?--bundle needs a file}"; shift 2 ;;
@@ -130,15 +154,22 @@ PY=python3
 BIN="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")"
 export PATH="$BIN:$PATH"
 
-has_step() { [[ ",$STEPS," == *",$1,"* ]]; }
 STATUS=()
 run_step() {  # run_step NAME FUNCTION: a failed step is reported, the next ones still run
     local name="$1" rc=0
-    has_step "$name" || return 0
     log "=== $name"
     "$2" > >(tee -a "$OUT_DIR/$name.log") 2>&1 || rc=$?
     STATUS+=("$name=$([[ $rc == 0 ]] && echo ok || echo "FAILED($rc)")")
     log "=== $name: $([[ $rc == 0 ]] && echo ok || echo "failed ($rc), see $OUT_DIR/$name.log")"
+}
+
+# Offline: every requirement comes from the carried wheels (PIP_* reach the pip that
+# install_triton_tools.sh runs too). False when nothing was carried.
+offline_pip() {
+    local links=() d
+    for d in "$WHEELS"/*/; do [[ -d "$d" ]] && links+=("$d"); done
+    [[ ${#links[@]} -gt 0 ]] || return 1
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS="${links[*]}"
 }
 
 # Steps -------------------------------------------------------------------------------------
@@ -147,12 +178,8 @@ step_setup() {
         "$PY" -c 'import torch; assert torch.cuda.is_available(), "PyTorch sees no GPU"; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
         command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     fi
-    local links=() d
-    for d in "$WHEELS"/*/; do [[ -d "$d" ]] && links+=("$d"); done
-    if [[ ${#links[@]} -gt 0 ]]; then
-        # Offline: every requirement comes from the carried wheels (PIP_* reach the pip
-        # that install_triton_tools.sh runs too).
-        export PIP_NO_INDEX=1 PIP_FIND_LINKS="${links[*]}"
+    local d
+    if offline_pip; then
         local main=()
         for d in "$WHEELS"/big/*.whl "$WHEELS"/main/*.whl; do [[ -f "$d" ]] && main+=("$d"); done
         if [[ ${#main[@]} -gt 0 ]]; then
@@ -163,9 +190,6 @@ step_setup() {
     if ! "$PY" -c 'import dart_triton.export' 2>/dev/null; then
         log "installing this project (editable, no dependencies)"
         "$PY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
-    fi
-    if [[ "$DEVICE" == cuda ]]; then  # on the CPU, scripts/setup.sh has done this already
-        VENV="$("$PY" -c 'import sys; print(sys.prefix)')" bash scripts/install_triton_tools.sh
     fi
     "$PY" - <<'EOF'
 # What the bundled tritonserver needs on this machine (README notes for GPU serving).
@@ -186,6 +210,15 @@ for path in (root / "bin" / "tritonserver", root / "backends" / "python" / "libt
 print("stub python:", server.stub_python_bin(root / "bin" / "tritonserver"),
       "| libpython dir:", sysconfig.get_config_var("LIBDIR"))
 EOF
+}
+
+step_tools() {
+    if [[ "$DEVICE" != cuda ]]; then  # on the CPU, scripts/setup.sh has done this already
+        log "tools: installed by scripts/setup.sh on the CPU"
+        return 0
+    fi
+    offline_pip || true
+    VENV="$("$PY" -c 'import sys; print(sys.prefix)')" bash scripts/install_triton_tools.sh
 }
 
 step_test() {
@@ -221,7 +254,7 @@ step_build() {
         if [[ $TINY == 1 ]]; then  # a smoke run: fewer python stubs to start
             args+=(--max-classes 4 --instances "dart=1,preprocess=1,postprocess=1")
         else
-            args+=(--max-classes 16 --buckets "1,4,16")
+            args+=(--max-classes 16 --buckets "$BUCKETS")
         fi
         if [[ "$DEVICE" == cuda ]]; then
             args+=(--gpu --compile "$COMPILE" --cuda-graphs)
@@ -233,7 +266,8 @@ step_build() {
 }
 
 step_serve() {
-    local size scaling=(1 2 4 8 16 80) iters=20 extra=()
+    local size scaling iters=20 extra=()
+    read -ra scaling <<<"${SCALING:-1 2 4 8 16 80}"
     # tiny: one pass and two passes (max 4); any perf_analyzer window is accepted
     if [[ $TINY == 1 ]]; then scaling=(1 8); iters=3; extra=(--stability 100000); fi
     for size in $(default_sizes); do
@@ -276,11 +310,10 @@ step_bundle() {
 }
 
 log "device $DEVICE, $CONFIG model, steps $STEPS, out $OUT_DIR"
-run_step setup step_setup
-run_step test step_test
-run_step build step_build
-run_step serve step_serve
-run_step hierarchy step_hierarchy
-run_step bundle step_bundle
+IFS=, read -ra ORDER <<<"$STEPS"
+for name in "${ORDER[@]}"; do
+    declare -F "step_$name" >/dev/null || die "unknown step $name (see --help)"
+done
+for name in "${ORDER[@]}"; do run_step "$name" "step_$name"; done
 log "summary: ${STATUS[*]:-no steps run}"
 [[ "${STATUS[*]:-}" != *FAILED* ]]

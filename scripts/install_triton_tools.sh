@@ -84,7 +84,8 @@ fi
 have_b64() { ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; }
 if have_b64; then
     log "libb64-0d: present"
-elif [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+# PIP_NO_INDEX: an offline machine (scripts/gpu_check.sh), where apt-get would only wait.
+elif [[ $EUID -eq 0 && -z "${PIP_NO_INDEX:-}" ]] && command -v apt-get >/dev/null; then
     log "installing Debian libb64-0d"
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null 2>&1 \

@@ -34,6 +34,7 @@ def env(tmp_path):
     (["--device", "gpu"], "--device must be cuda or cpu"),
     (["--frobnicate"], "unknown option --frobnicate"),
     (["--compile", "fast"], "--compile must be"),
+    (["--steps", "setup,frobnicate"], "unknown step frobnicate"),
 ])
 def test_usage_errors_exit_2_in_one_line(env, tmp_path, args, message):
     res = _run([*args, "--out", str(tmp_path / "out")], env)
@@ -51,7 +52,7 @@ def test_cpu_tiny_mode_runs_every_no_gpu_step(env, tmp_path):
                timeout=850)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = res.stdout.strip().splitlines()[-1]
-    assert summary.endswith("setup=ok test=ok build=ok serve=ok hierarchy=ok bundle=ok")
+    assert summary.endswith("setup=ok tools=ok test=ok build=ok serve=ok hierarchy=ok bundle=ok")
 
     results = (out / "RESULTS.md").read_text()
     for key in ("gpu_check_cpu_tiny_ckpt", "class_scaling_gpu_check_cpu_tiny_ckpt",
