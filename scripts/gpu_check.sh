@@ -14,9 +14,9 @@
 # Steps run in the order --steps gives; files under artifacts/ stay while the machine is warm.
 #
 # Steps (--steps, comma-separated, run in that order; default all of them, in this order):
-#   setup      install the carried wheels and this project (offline); report what the
-#              bundled tritonserver links (CUDA runtime, libpython for the stub)
-#   tools      scripts/install_triton_tools.sh (numpy<2 stub env, perf_analyzer)
+#   setup      install the carried wheels and this project (offline)
+#   tools      scripts/install_triton_tools.sh (numpy<2 stub env, perf_analyzer); report
+#              what the bundled tritonserver links (CUDA runtime, libpython for the stub)
 #   test       pytest -m gpu (the CUDA and torch-backend GPU tests; TensorRT ones skip)
 #   build      a random-weight checkpoint (full size; --tiny: the test-size one), then one
 #              --backend torch repository per --sizes entry
@@ -191,6 +191,13 @@ step_setup() {
         log "installing this project (editable, no dependencies)"
         "$PY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
     fi
+}
+
+step_tools() {
+    if [[ "$DEVICE" == cuda ]]; then  # on the CPU, scripts/setup.sh has done this already
+        offline_pip || true
+        VENV="$("$PY" -c 'import sys; print(sys.prefix)')" bash scripts/install_triton_tools.sh
+    fi
     "$PY" - <<'EOF'
 # What the bundled tritonserver needs on this machine (README notes for GPU serving).
 import subprocess, sys, sysconfig
@@ -210,15 +217,6 @@ for path in (root / "bin" / "tritonserver", root / "backends" / "python" / "libt
 print("stub python:", server.stub_python_bin(root / "bin" / "tritonserver"),
       "| libpython dir:", sysconfig.get_config_var("LIBDIR"))
 EOF
-}
-
-step_tools() {
-    if [[ "$DEVICE" != cuda ]]; then  # on the CPU, scripts/setup.sh has done this already
-        log "tools: installed by scripts/setup.sh on the CPU"
-        return 0
-    fi
-    offline_pip || true
-    VENV="$("$PY" -c 'import sys; print(sys.prefix)')" bash scripts/install_triton_tools.sh
 }
 
 step_test() {

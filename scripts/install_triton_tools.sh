@@ -78,6 +78,12 @@ else
 fi
 "$STUB_ENV/bin/python3" -c 'import numpy, dart_triton; assert numpy.__version__ < "2"' \
     || die "stub python env $STUB_ENV is broken: remove it and rerun"
+# Packages of the venv built for numpy>=2 only (scipy 1.18 on Python 3.12, say) cannot
+# import under numpy<2: hide them from the stub python (dart_triton/stub_env.py).
+"$STUB_ENV/bin/python3" -m dart_triton.stub_env \
+    "$("$STUB_ENV/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    | sed 's/^/[install_triton_tools] /' \
+    || die "stub python env $STUB_ENV cannot import what the python models need (see above)"
 
 # 3. libb64 (perf_analyzer links libb64.so.0d). Debian's package when we can
 # install it; otherwise the copy bundled in nvidia_pytriton.libs (see step 4).
@@ -126,7 +132,8 @@ fi
 # Fallback libb64 from the pytriton wheel (auditwheel renamed it; the loader
 # finds it by file name, so a link named after the real soname is enough).
 if ! have_b64 && [[ ! -e "$PA_DIR/lib/libb64.so.0d" ]]; then
-    libs="$("$PY" -c 'import pathlib, pytriton; print(pathlib.Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs")')"
+    # find_spec, not import: pytriton's own import needs packages we never install (zmq).
+    libs="$("$PY" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("pytriton").origin).parent.parent / "nvidia_pytriton.libs")')"
     b64="$(find "$libs" -name 'libb64-*.so.0d' | head -n1)"
     [[ -n "$b64" ]] || die "libb64.so.0d missing: apt-get install libb64-0d"
     cp "$b64" "$PA_DIR/lib/libb64.so.0d"
