@@ -260,3 +260,34 @@ def test_from_torch_gives_python_backend_the_tensor_not_a_capsule(monkeypatch):
     # CPU tensors go through numpy, not DLPack
     cpu = pb.from_torch(specs.TEXT_MASK, torch.ones(2, 4, dtype=torch.int32))
     assert cpu.as_numpy().dtype == np.int32 and len(fake_pb_utils.Tensor.dlpack_given) == 1
+
+
+def test_enc_dec_with_cuda_graphs_runs_an_unpadded_n_at_the_next_warm_shape(torch_repository):
+    """dart_ensemble passes N as it comes: a graphed enc_dec pads it to the next captured
+    bucket (no compile mid-serving) and returns N rows, the ones eager computes."""
+    from dart_triton.torch_graphs import TorchGraph, TorchSettings, weights_dir
+
+    path = weights_dir(torch_repository, specs.ENC_DEC)
+    eager = TorchGraph.from_weights(path, specs.ENC_DEC)
+    graphed = TorchGraph.from_weights(path, specs.ENC_DEC)
+    graphed.settings = TorchSettings(cuda_graphs=True)  # the padding rule, on the CPU
+    seen: list[int] = []
+
+    def recording(*inputs):
+        seen.append(int(inputs[1].shape[0]))
+        return graphed._forward(*inputs)
+
+    graphed._fn = recording
+    graphed._warm = [1, 4]  # what warm_up((1, 4)) records
+    d = eager.dims
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, d.fpn_dim, d.feat_hw, d.feat_hw, generator=gen)
+    for n, rows in ((3, 4), (1, 1), (2, 4), (4, 4)):
+        text = torch.randn(n, d.text_len, d.text_dim, generator=gen)
+        mask = torch.ones(n, d.text_len, dtype=torch.int32)
+        mask[-1, d.text_len // 2:] = 0
+        out = graphed(feats, text, mask)
+        assert seen[-1] == rows
+        for e, g in zip(eager(feats, text, mask), out, strict=True):
+            assert g.shape[0] == n
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
