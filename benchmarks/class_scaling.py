@@ -51,10 +51,30 @@ def delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
             for m in after}
 
 
+def _config(http_url: str, model: str) -> dict:
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/config", timeout=30) as r:
+        return json.load(r)
+
+
 def max_classes_of(http_url: str) -> int:
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/dart/config", timeout=30) as r:
-        params = json.load(r).get("parameters", {})
-    return int(params["max_classes"]["string_value"])
+    return int(_config(http_url, "dart")["parameters"]["max_classes"]["string_value"])
+
+
+def graphs_of(http_url: str) -> str:
+    """What runs the graphs of the served repository, read from backbone's config."""
+    config = _config(http_url, specs.BACKBONE)
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    kinds = {g.get("kind", "") for g in config.get("instance_group", [])}
+    where = "GPU" if "KIND_GPU" in kinds else "CPU"
+    if config.get("platform") == "tensorrt_plan":
+        return f"TensorRT plans ({where})"
+    if config.get("platform") == "onnxruntime_onnx":
+        return f"Triton's onnxruntime backend ({where})"
+    if "precision" in params:
+        graphs = "CUDA graphs" if params.get("cuda_graphs") == "yes" else "no CUDA graphs"
+        return (f"torch backend ({where}; {params['precision']}, compile "
+                f"{params.get('compile', 'none')}, {graphs})")
+    return f"python-backend repository (ORT, {where})"
 
 
 # A percentage perf_analyzer always meets: the fallback when the machine is too noisy.
@@ -196,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     breakdown: list[dict] = []
     threads = f", {args.ort_threads} ORT thread(s) per session" if args.ort_threads else ""
-    model = (f"{args.config} random-weight SAM3 at {imgsz}px, python-backend repository "
-             f"(ORT{threads})")
     with serving.served(args, imgsz) as served, \
             tempfile.TemporaryDirectory(prefix="dart-scaling-") as tmp:
         max_classes = max_classes_of(served.http_url)
+        model = (f"{args.config} random-weight SAM3 at {imgsz}px, "
+                 f"{graphs_of(served.http_url)}{threads}")
         for n in args.classes:
             print(f"{STUDY}: N={n}", flush=True)
             rows.append(measure_n(served, n, max_classes, args, Path(tmp), breakdown))

@@ -63,6 +63,8 @@ def test_cpu_tiny_mode_runs_every_no_gpu_step(env, tmp_path):
     assert check.count("n/a (goals are for 1008 px FP16 on a GPU)") == 4
     scaling = results.split("<!-- BEGIN class_scaling_gpu_check_cpu_tiny_ckpt -->")[1]
     assert "\n| 8 | 2 |" in scaling  # 8 classes: two enc_dec passes of at most 4
+    # the study names what served it (read from the server), not the ORT repository
+    assert "torch backend (CPU; fp32, compile none, no CUDA graphs)" in scaling
     # the committed results are never written by a CPU run
     assert "gpu_check_cpu" not in (ROOT / "benchmarks" / "RESULTS.md").read_text()
 
