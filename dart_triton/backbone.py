@@ -47,7 +47,14 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 class RopeAttention(nn.Module):
-    """Self-attention over [B, S, C] tokens with real-valued RoPE and explicit softmax."""
+    """Self-attention over [B, S, C] tokens with real-valued RoPE.
+
+    ``attention="explicit"`` (the exported graph): ``softmax(Q·Kᵀ·scale)·V`` written out,
+    the pattern TensorRT fuses and keeps accurate in FP16. ``"sdpa"`` (the torch backend,
+    `torch_graphs.use_sdpa`): PyTorch's fused kernel, which accumulates in FP32 and never
+    materialises the score matrix. Same weights, same RoPE tables, same tensor names."""
+
+    attention: str = "explicit"
 
     def __init__(self, ref_attention, cos: torch.Tensor, sin: torch.Tensor):
         super().__init__()
@@ -67,10 +74,12 @@ class RopeAttention(nn.Module):
         v = self.v_proj(x).view(shape).transpose(1, 2)
         q = q * self.cos + rotate_pairs(q) * self.sin
         k = k * self.cos + rotate_pairs(k) * self.sin
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, c)
-        return self.o_proj(out)
+        if self.attention == "sdpa":
+            out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, c))
 
 
 class ViTBlock(nn.Module):

@@ -7,7 +7,7 @@ graph dims. Nothing is unpickled: the module is rebuilt from the config with its
 parameters on the meta device (no random initialisation of 840M weights) and then every
 tensor is assigned from the file. backbone is `RestructuredBackbone`, enc_dec is
 `BatchedDetectionHead` with SDPA attention (`Sam3Parts.runtime_head`). At run time the
-backbone's attention is SDPA too (`SdpaRopeAttention`, same weights and tables): the
+backbone's attention is SDPA too (`RopeAttention(attention="sdpa")`, same weights): the
 explicit ``softmax(Q·Kᵀ)·V`` exists for TensorRT's FP16 pattern matching, while PyTorch's
 fused kernels keep FP32 accumulation in FP16 and never materialise the score matrix.
 
@@ -206,38 +206,11 @@ def load_graph_module(weights_dir: str | Path, name: str) -> tuple[nn.Module, Gr
     return module.eval(), dims
 
 
-class SdpaRopeAttention(nn.Module):
-    """`backbone.RopeAttention` computed with `scaled_dot_product_attention`: the same
-    submodules and RoPE tables (so the same tensor names), a fused kernel for the rest."""
-
-    def __init__(self, explicit: nn.Module):
-        super().__init__()
-        self.q_proj, self.k_proj = explicit.q_proj, explicit.k_proj
-        self.v_proj, self.o_proj = explicit.v_proj, explicit.o_proj
-        self.num_heads, self.head_dim = explicit.num_heads, explicit.head_dim
-        self.scale = explicit.scale
-        self.register_buffer("cos", explicit.cos, persistent=False)
-        self.register_buffer("sin", explicit.sin, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .backbone import rotate_pairs
-
-        b, s, c = x.shape
-        shape = (b, s, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)  # [B, H, S, Dh]
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
-        q = q * self.cos + rotate_pairs(q) * self.sin
-        k = k * self.cos + rotate_pairs(k) * self.sin
-        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, c))
-
-
 def use_sdpa(backbone: nn.Module) -> nn.Module:
-    """Swap every block's explicit attention for `SdpaRopeAttention` (in place)."""
+    """Every block's attention computed by SDPA (`backbone.RopeAttention`; in place)."""
     for block in backbone.blocks:
         if block.attn is not None:  # None: pruned away
-            block.attn = SdpaRopeAttention(block.attn)
+            block.attn.attention = "sdpa"
     return backbone
 
 

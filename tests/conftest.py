@@ -134,3 +134,15 @@ def backbone_server(tiny_checkpoint_d, spec, tmp_path_factory):
     build(tiny_checkpoint_d, repo, spec)
     with TritonServer(repo, startup_timeout=180, extra_args=["--exit-timeout-secs=5"]) as s:
         yield s
+
+
+@pytest.fixture
+def onnx_dir(tmp_path):
+    """Tiny hand-built backbone.onnx and enc_dec.onnx: what the TensorRT tests build from."""
+    from .test_tensorrt_build import _tiny_backbone, _tiny_enc_dec
+
+    d = tmp_path / "onnx"
+    d.mkdir()
+    _tiny_backbone(d / "backbone.onnx")
+    _tiny_enc_dec(d / "enc_dec.onnx")
+    return d

@@ -54,9 +54,10 @@ class Tensor:
         """Records what it was handed. The real one synchronises streams only for an
         object with ``__dlpack__`` (it passes its own stream); a capsule carries none."""
         cls.dlpack_given.append((name, value))
-        if getattr(value, "is_cuda", False):  # numpy takes host memory only
-            return cls(name, value.detach().cpu().numpy())
-        return cls(name, np.from_dlpack(value))
+        try:
+            return cls(name, np.from_dlpack(value))
+        except BufferError:  # device memory (a CUDA tensor): numpy takes host memory only
+            return cls(name, value.cpu().numpy())
 
 
 class InferenceResponse:

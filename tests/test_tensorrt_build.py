@@ -141,15 +141,6 @@ def _tiny_enc_dec(path: Path, d: specs.GraphDims = TINY, fixed_n: int | None = N
     return path
 
 
-@pytest.fixture
-def onnx_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "onnx"
-    d.mkdir()
-    _tiny_backbone(d / "backbone.onnx")
-    _tiny_enc_dec(d / "enc_dec.onnx")
-    return d
-
-
 # buckets ---------------------------------------------------------------------------
 
 def test_parse_buckets():

@@ -17,18 +17,9 @@ from dart_triton.export.plan_runner import PlanRunner
 from dart_triton.export.tensorrt_build import PlanBuildOptions, TensorRTPath
 
 from .fake_tensorrt import FakeTensorRT, HostBuffers, read_plan
-from .test_tensorrt_build import FAKE_GPU, _tiny_backbone, _tiny_enc_dec
+from .test_tensorrt_build import FAKE_GPU
 
 TRT10, TRT11 = "10.9.0.34", "11.4.0.106"
-
-
-@pytest.fixture
-def onnx_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "onnx"
-    d.mkdir()
-    _tiny_backbone(d / "backbone.onnx")
-    _tiny_enc_dec(d / "enc_dec.onnx")
-    return d
 
 
 def install(monkeypatch, version: str) -> FakeTensorRT:

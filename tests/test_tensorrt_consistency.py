@@ -6,7 +6,6 @@ context of every listed profile)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
@@ -19,16 +18,7 @@ from dart_triton.export.triton_config import RepoOptions, all_configs
 from dart_triton.orchestration import plan_passes
 
 from .fake_tensorrt import FakeTensorRT, HostBuffers, read_plan
-from .test_tensorrt_build import FAKE_GPU, TINY, _tiny_backbone, _tiny_enc_dec
-
-
-@pytest.fixture
-def onnx_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "onnx"
-    d.mkdir()
-    _tiny_backbone(d / "backbone.onnx")
-    _tiny_enc_dec(d / "enc_dec.onnx")
-    return d
+from .test_tensorrt_build import FAKE_GPU, TINY
 
 
 def _within(shape, lo, hi) -> bool:
