@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dart_triton import __version__, specs
+from dart_triton.backbone_choice import BackboneChoice
 
 if TYPE_CHECKING:
     from .repository import BuildOptions
@@ -69,14 +70,33 @@ def _jsonable(value: Any) -> Any:
 # What shaped a repository ---------------------------------------------------------------
 
 
+def _file_stats(root: Path, recursive: bool = False) -> dict[str, list[int]]:
+    """name -> [size, mtime_ns] of the files under ``root`` (a file: itself): cheap, and
+    any rewrite of a file changes it."""
+    if root.is_file():
+        return {root.name: [root.stat().st_size, root.stat().st_mtime_ns]}
+    found = root.rglob("*") if recursive else root.iterdir()
+    return {p.relative_to(root).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(found) if p.is_file() and not p.name.startswith(".")}
+
+
 def checkpoint_record(checkpoint: str | Path) -> dict[str, Any]:
     """Where the checkpoint is and a cheap fingerprint of it (config hash, file stats)."""
     root = Path(checkpoint).resolve()
-    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
-             for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")}
     config = root / "config.json"
     return {"path": str(root), "config_sha256": _sha256(config) if config.is_file() else None,
-            "files": files}
+            "files": _file_stats(root)}
+
+
+def backbone_source(build: BuildOptions) -> Path | None:
+    """The pruning plan or student directory a ``--backbone`` choice reads (None: the ViT)."""
+    return BackboneChoice.parse(build.backbone).path
+
+
+def backbone_record(source: Path) -> dict[str, Any]:
+    """A cheap fingerprint of a pruning plan or student directory (file stats): retraining
+    a student in place changes it, while its ``--backbone`` text stays the same."""
+    return {"path": str(source.resolve()), "files": _file_stats(source, recursive=True)}
 
 
 def checkpoint_image_size(checkpoint: str | Path) -> int | None:
@@ -117,6 +137,7 @@ def write_manifest(repo: str | Path, build: BuildOptions, checkpoint: str | Path
         "dims": _jsonable(asdict(dims)),
         "options": options_record(build, vocabulary),
         "checkpoint": checkpoint_record(checkpoint),
+        "backbone_source": (backbone_record(src) if (src := backbone_source(build)) else None),
         "files": files,
     }
     fd, tmp = tempfile.mkstemp(dir=repo, prefix=f".{MANIFEST}.", suffix=".tmp")
@@ -216,6 +237,9 @@ def stale_reasons(repo: str | Path, checkpoint: str | Path, build: BuildOptions,
     if Path(checkpoint).is_dir():
         reasons += _differences("checkpoint", manifest.get("checkpoint"),
                                 checkpoint_record(checkpoint))
+    if (source := backbone_source(build)) is not None and source.exists():  # as the checkpoint
+        reasons += _differences("backbone_source", manifest.get("backbone_source"),
+                                backbone_record(source))
     missing = [f for f in manifest.get("files", []) if not (repo / f).is_file()]
     if missing:
         reasons.append(f"{len(missing)} file(s) of the build are missing, e.g. {missing[0]}")

@@ -90,6 +90,23 @@ def test_checkpoint_and_files_are_fingerprinted(tmp_path, checkpoint):
         repo, tmp_path / "absent", build)
 
 
+def test_a_student_retrained_in_place_is_stale(tmp_path, checkpoint):
+    """`--backbone student:DIR` reads the same text before and after a retraining: the
+    directory's files are fingerprinted, and compared while it is there."""
+    student = tmp_path / "student"
+    (student / "ckpt").mkdir(parents=True)
+    (student / "student.json").write_text("{}")
+    (student / "ckpt" / "weights.safetensors").write_bytes(b"before")
+    build = BuildOptions(backend="python", max_classes=4, backbone=f"student:{student}")
+    repo = _repo(tmp_path, checkpoint, build)
+    assert _stale(repo, checkpoint, build) == []
+    (student / "ckpt" / "weights.safetensors").write_bytes(b"retrained")
+    (reason,) = _stale(repo, checkpoint, build)
+    assert reason.startswith("backbone_source.files.ckpt/weights.safetensors: built with [")
+    shutil.rmtree(student)  # not mounted where the repository is served: not compared
+    assert _stale(repo, checkpoint, build) == []
+
+
 def test_tensorrt_plans_of_another_tensorrt_are_stale(tmp_path, checkpoint, monkeypatch):
     build = BuildOptions(backend="tensorrt", max_classes=4)
     repo = _repo(tmp_path, checkpoint, build, plans="10.9.0.34")
