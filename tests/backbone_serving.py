@@ -46,11 +46,21 @@ def check_served_detections(server, pipeline, photo, model: str, n: int) -> None
     assert_served_same(every, ref_every)
 
 
-def served_features(server, pixels: np.ndarray) -> np.ndarray:
+def check_served_features(server, parts) -> np.ndarray:
+    """The served backbone's features for random pixels equal the in-process backbone's
+    (`parts.backbone`); returns them."""
+    import torch
+
+    size = parts.dims.imgsz
+    pixels = np.random.default_rng(0).uniform(-1, 1, (1, 3, size, size)).astype(np.float32)
     with grpcclient.InferenceServerClient(server.grpc_url) as c:
         inp = grpcclient.InferInput(specs.PIXEL_VALUES, list(pixels.shape), "FP32")
         inp.set_data_from_numpy(pixels)
-        return c.infer(specs.BACKBONE, [inp]).as_numpy(specs.FPN_FEATURES)
+        got = c.infer(specs.BACKBONE, [inp]).as_numpy(specs.FPN_FEATURES)
+    with torch.no_grad():
+        want = parts.backbone(torch.from_numpy(pixels))[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+    return got
 
 
 def dart_backbone_parameter(server) -> str:

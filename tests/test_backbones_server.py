@@ -7,9 +7,7 @@ config names the backbone. The torch backend's rebuilt modules agree too.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 from dart_triton import specs
 
@@ -17,8 +15,8 @@ from .backbone_serving import (
     MAX_CLASSES,
     build,
     check_served_detections,
+    check_served_features,
     dart_backbone_parameter,
-    served_features,
     torch_backend_detections,
 )
 from .test_detection_level import EVERY_QUERY, assert_served_same
@@ -52,12 +50,7 @@ def test_served_equals_in_process(backbone_server, backbone_reference, photo, mo
 
 @pytest.mark.server
 def test_backbone_serves_the_pruned_features(backbone_server, backbone_reference, plan):
-    _, parts = backbone_reference
-    pixels = np.random.default_rng(0).uniform(-1, 1, (1, 3, 84, 84)).astype(np.float32)
-    got = served_features(backbone_server, pixels)
-    with torch.no_grad():
-        want = parts.backbone(torch.from_numpy(pixels))[0].numpy()
-    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+    check_served_features(backbone_server, backbone_reference[1])
     assert dart_backbone_parameter(backbone_server) == f"pruned:{plan.resolve()}:{K} (sub-block)"
 
 

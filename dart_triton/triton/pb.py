@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,16 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from dart_triton import specs
+
+
+def log(message: str, level: str = "info") -> None:
+    """One line in the server log at `level` (info, warn, error); stderr where Triton's
+    logger is absent (the tests' stand-in module)."""
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        getattr(logger, f"log_{level}")(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def model_params(args: dict) -> dict[str, str]:

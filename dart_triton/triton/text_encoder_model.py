@@ -9,7 +9,6 @@ line; the cache is then rebuilt from the warm vocabulary and the model loads any
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -20,15 +19,6 @@ from dart_triton.triton import pb
 from dart_triton.validation import check_classes, decode_class_names
 
 LEGACY_CACHE_FILE = "text_cache.npz"  # the pickled format before safetensors: never opened
-
-
-def log_warning(message: str) -> None:
-    """One line in the server log (stderr where Triton's logger is absent, as in tests)."""
-    logger = getattr(pb.pb_utils, "Logger", None)
-    if logger is not None:
-        logger.log_warn(message)
-    else:
-        print(message, file=sys.stderr, flush=True)
 
 
 class TritonPythonModel:
@@ -67,9 +57,9 @@ class TritonPythonModel:
             problem = None
         vocab = root / vocabulary if vocabulary else None
         if problem:
-            log_warning(f"text_encoder: {problem}; " + (
+            pb.log(f"text_encoder: {problem}; " + (
                 f"rebuilding it from {vocab.name}" if vocab and vocab.is_file()
-                else "starting with an empty cache"))
+                else "starting with an empty cache"), level="warn")
         if vocab and vocab.is_file():
             self.encoder.encode(read_vocabulary(vocab))
 

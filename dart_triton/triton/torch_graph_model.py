@@ -12,21 +12,12 @@ where each input arrived, so a GPU-resident pipeline can be checked from the met
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 
 from dart_triton import specs
 from dart_triton.torch_graphs import WEIGHTS_DIR, TorchGraph, TorchSettings
 from dart_triton.triton import pb
-
-
-def _log(message: str) -> None:
-    logger = getattr(pb.pb_utils, "Logger", None)
-    if logger is not None:
-        logger.log_info(message)
-    else:
-        print(message, file=sys.stderr, flush=True)
 
 
 class TritonPythonModel:
@@ -45,7 +36,7 @@ class TritonPythonModel:
         self.graph = TorchGraph.from_weights(pb.version_dir(args) / WEIGHTS_DIR, self.name,
                                              device, settings)
         warmed = self.graph.warm_up(buckets)
-        _log(f"{self.name}: ready on {device} ({settings.precision}, compile "
+        pb.log(f"{self.name}: ready on {device} ({settings.precision}, compile "
              f"{settings.compile}, CUDA graphs {'on' if settings.cuda_graphs else 'off'}; "
              f"warmed for N = {warmed})")
         family = pb.pb_utils.MetricFamily
