@@ -146,7 +146,7 @@ class RestructuredBackbone(nn.Module):
             # Global blocks' RoPE tables are fixed by config.image_size: build at that size.
             raise ValueError(
                 f"model was configured for {model_hw[0]}x{model_hw[1]} images, not {imgsz}: "
-                "load the checkpoint with the target image size (see load_sam3_at)"
+                "load the checkpoint with the target image size (load_sam3(path, imgsz))"
             )
         grid = (imgsz // PATCH_SIZE, imgsz // PATCH_SIZE)
         self.grid = grid

@@ -196,6 +196,13 @@ def validate_checkpoint_dir(path: str | Path) -> Path:
     return root
 
 
+def set_image_size(config, imgsz: int) -> None:
+    """Make a SAM3 config (or a sam3_video one, which nests the detector) build its
+    resolution-dependent buffers for ``imgsz`` input."""
+    detector = getattr(config, "detector_config", None) or config
+    detector.vision_config.image_size = imgsz
+
+
 def load_sam3(path: str | Path, imgsz: int | None = None):
     """`Sam3Model` (eager attention, eval mode, FP32) from a local directory.
 
@@ -208,8 +215,7 @@ def load_sam3(path: str | Path, imgsz: int | None = None):
     try:
         config = AutoConfig.from_pretrained(root)
         if imgsz is not None:
-            detector = getattr(config, "detector_config", None) or config
-            detector.vision_config.image_size = imgsz
+            set_image_size(config, imgsz)
         model = Sam3Model.from_pretrained(
             root, config=config, attn_implementation="eager", dtype=torch.float32
         )
