@@ -23,6 +23,10 @@ PY="$VENV/bin/python"
 # Reinstall only when the dependency list changed.
 want="$(sha256sum "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)"
 if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
+    # A full disk otherwise shows up minutes later as a test's "No space left on device".
+    free_gb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print int($4 / 1048576)}')
+    (( free_gb >= 9 )) || log "warning: ${free_gb} GB free beside $VENV; a first install" \
+        "and a test run take about 9 GB (the CUDA build of torch is most of it)"
     log "installing python packages into $VENV (first run: a few minutes)"
     "$PY" -m pip install --quiet --upgrade pip
     if [[ "$(uname -m)" == aarch64 ]]; then torch_pair=("torch==2.9.1" "torchvision==0.24.1")
