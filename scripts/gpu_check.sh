@@ -11,6 +11,7 @@
 # (37 MiB), so two calls carry everything:
 #   1. carry artifacts/gpu-wheels/big and .../main (59 MiB): --steps setup,build
 #   2. carry artifacts/gpu-wheels/tools (34 MiB):          --steps tools,serve,test,bundle
+#   3. while still warm, nothing carried:                 --steps profile,hierarchy,bundle
 # Steps run in the order --steps gives; files under artifacts/ stay while the machine is warm.
 #
 # Steps (--steps, comma-separated, run in that order; default all of them, in this order):
@@ -23,6 +24,8 @@
 #   serve      per size: serve the repository, class scaling with perf_analyzer
 #              (concurrency 1 and 2), served vs in-process timing, goals
 #              (python -m dart_triton.benchmarks.gpu_check)
+#   profile    per size: where backbone and enc_dec spend their time, per kernel, and the
+#              rate they reach (python -m dart_triton.benchmarks.kernel_profile)
 #   hierarchy  the optimisation hierarchy on this device (python -m ...benchmarks.hierarchy)
 #   bundle     results, CSVs, plots and logs as one tarball (--bundle; $OUT when set)
 #
@@ -87,7 +90,8 @@ fetch_wheels() {
     strip_pytriton "$py" "$WHEELS"/big/nvidia_pytriton-*.whl
     du -sh "$WHEELS"/* | sed 's/^/[gpu_check] /'
     log "carry artifacts/gpu-wheels/big and .../main with '--steps setup,build', then"
-    log "artifacts/gpu-wheels/tools with '--steps tools,serve,test,bundle' (each under 64 MiB)"
+    log "artifacts/gpu-wheels/tools with '--steps tools,serve,test,bundle' (each under 64 MiB);"
+    log "then, carrying nothing, '--steps profile,hierarchy,bundle'"
 }
 
 # The GPU machine runs Python $PY_TAG: the other stubs, and the libpython 3.13 that only the
@@ -117,7 +121,7 @@ fi
 
 # Options -----------------------------------------------------------------------------------
 DEVICE=cuda TINY=0 SIZES="" COMPILE=default BUCKETS="1,4,16" SCALING=""
-STEPS="setup,tools,test,build,serve,hierarchy,bundle"
+STEPS="setup,tools,test,build,serve,profile,hierarchy,bundle"
 OUT_DIR="$ROOT/artifacts/gpu_check" BUNDLE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -275,6 +279,18 @@ step_serve() {
             --stem "gpu_check_${DEVICE}_${CONFIG}_${size}" --iters "$iters" \
             --scaling "${scaling[@]}" --out "$FIGURES" --results "$RESULTS" \
             --config "$CONFIG" --log-dir "$OUT_DIR" "${extra[@]}"
+    done
+}
+
+step_profile() {
+    local size iters=5
+    [[ $TINY == 1 ]] && iters=2
+    for size in $(default_sizes); do
+        [[ -f "$(repo_dir "$size")/dart_repository.json" ]] \
+            || die "no repository for $size: run the build step first"
+        "$PY" -m dart_triton.benchmarks.kernel_profile --repo "$(repo_dir "$size")" \
+            --classes 4 --iters "$iters" --stem "kernel_profile_${DEVICE}_${CONFIG}_${size}" \
+            --out "$FIGURES" --results "$RESULTS"
     done
 }
 

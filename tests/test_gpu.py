@@ -129,6 +129,20 @@ def test_cuda_graphs_replay_what_eager_computes(torch_gpu_repository):
             assert (e - g).abs().max().item() <= 1e-4
 
 
+def test_kernel_profile_sees_the_gpu_kernels(torch_gpu_repository):
+    """The profile step of scripts/gpu_check.sh on a GPU: CUDA kernels (not CPU operators),
+    the matrix products among them, and device time within wall time."""
+    from dart_triton.benchmarks import kernel_profile
+
+    rows, kernels = kernel_profile.profile_repository(torch_gpu_repository, 3, 2)
+    assert [r["graph"] for r in rows] == ["backbone", "enc_dec"]
+    for row in rows:
+        assert 0 < row["device_ms"] <= row["wall_ms"] * 1.05
+        assert row["matmul_pct"] > 0 and row["tflops"] > 0
+    assert kernels and all(k["device"] == "cuda" for k in kernels)
+    assert not any(k["kernel"].startswith("aten::") for k in kernels)
+
+
 @pytest.mark.server
 def test_served_torch_gpu_pipeline_stays_on_the_gpu(torch_gpu_repository, naive, photo):
     """The bundled tritonserver serves the GPU torch repository; enc_dec receives the

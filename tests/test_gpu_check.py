@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh in its no-GPU mode (`--device cpu --tiny`): the steps a lent GPU
 machine runs, minus the GPU, end to end: build a torch repository, serve it, class scaling
-with perf_analyzer, served vs in process, the hierarchy, the results bundle."""
+with perf_analyzer, served vs in process, the kernel profile, the hierarchy, the
+results bundle."""
 
 from __future__ import annotations
 
@@ -52,11 +53,12 @@ def test_cpu_tiny_mode_runs_every_no_gpu_step(env, tmp_path):
                timeout=850)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = res.stdout.strip().splitlines()[-1]
-    assert summary.endswith("setup=ok tools=ok test=ok build=ok serve=ok hierarchy=ok bundle=ok")
+    assert summary.endswith(
+        "setup=ok tools=ok test=ok build=ok serve=ok profile=ok hierarchy=ok bundle=ok")
 
     results = (out / "RESULTS.md").read_text()
     for key in ("gpu_check_cpu_tiny_ckpt", "class_scaling_gpu_check_cpu_tiny_ckpt",
-                "hierarchy_cpu_tiny_torch_backend"):
+                "kernel_profile_cpu_tiny_ckpt", "hierarchy_cpu_tiny_torch_backend"):
         assert f"<!-- BEGIN {key} -->" in results and f"<!-- END {key} -->" in results
     check = results.split("<!-- BEGIN gpu_check_cpu_tiny_ckpt -->")[1].split("<!-- END")[0]
     assert "GPU-resident hand-offs: no: enc_dec got fpn_features" in check  # CPU: host memory
