@@ -196,6 +196,17 @@ def _refuse_overwriting(outputs: Sequence[Path], inputs: Sequence[Path], option:
             raise UsageError(f"{option} {out} would overwrite the input file {out}")
 
 
+def _output_file(raw: str | Path, option: str, example: str, inputs: Sequence[Path]) -> Path:
+    """A file option (``--json``, ``--tracks``): not a folder, not an input, writable."""
+    if _is_folder_arg(raw):
+        raise UsageError(f"{option} {raw} is a folder; give a file name, e.g. "
+                         f"{Path(raw) / example}")
+    path = Path(raw)
+    _refuse_overwriting([path], inputs, option)
+    _check_writable_file(path, option)
+    return path
+
+
 def _annotation_paths(images: Sequence[Path], out: str | Path) -> list[Path]:
     """Where ``--annotate OUT`` puts each annotated image.
 
@@ -236,12 +247,7 @@ def _output_paths(args: argparse.Namespace) -> tuple[Path | None, list[Path] | N
     """``--json`` file and ``--annotate`` files, checked and their folders created."""
     json_out = None
     if args.json is not None:
-        if _is_folder_arg(args.json):
-            raise UsageError(f"--json {args.json} is a folder; give a file name, e.g. "
-                             f"{Path(args.json) / 'detections.json'}")
-        json_out = Path(args.json)
-        _refuse_overwriting([json_out], args.images, "--json")
-        _check_writable_file(json_out, "--json")
+        json_out = _output_file(args.json, "--json", "detections.json", args.images)
     annotated = None
     if args.annotate is not None:
         _require("supervision", "draw", "--annotate")
@@ -443,14 +449,9 @@ def _video_outputs(args: argparse.Namespace, src: str | Path) -> tuple[Path, Pat
         _check_writable_file(out, "--out")
     tracks = None
     if args.tracks is not None:
-        if _is_folder_arg(args.tracks):
-            raise UsageError(f"--tracks {args.tracks} is a folder; give a file name, e.g. "
-                             f"{Path(args.tracks) / 'tracks.txt'}")
-        tracks = Path(args.tracks)
-        if tracks.resolve() == out.resolve():
-            raise UsageError(f"--tracks {tracks} is the --out file")
-        _refuse_overwriting([tracks], source_file, "--tracks")
-        _check_writable_file(tracks, "--tracks")
+        if not _is_folder_arg(args.tracks) and Path(args.tracks).resolve() == out.resolve():
+            raise UsageError(f"--tracks {Path(args.tracks)} is the --out file")
+        tracks = _output_file(args.tracks, "--tracks", "tracks.txt", source_file)
     return out, tracks
 
 

@@ -96,6 +96,17 @@ def python_repository(tiny_checkpoint, tmp_path_factory):
     return repo
 
 
+@pytest.fixture(scope="module")
+def torch_repository(tiny_checkpoint, tmp_path_factory):
+    """A --backend torch repository (CPU, FP32) of the tiny checkpoint."""
+    from dart_triton.export.repository import build_repository
+
+    repo = tmp_path_factory.mktemp("repo_torch")
+    build_repository(tiny_checkpoint, repo, backend="torch", max_classes=TEST_MAX_CLASSES,
+                     log=lambda *_: None)
+    return repo
+
+
 @pytest.fixture(scope="session")
 def triton_server(python_repository):
     from dart_triton.server import TritonServer

@@ -57,18 +57,6 @@ def test_by_kind_sums_each_kind_and_names_every_kind():
     assert kinds["matmul"] == 3.0 and kinds["attention"] == 0.5 and kinds["copy"] == 0.0
 
 
-@pytest.fixture(scope="module")
-def torch_repository(tiny_checkpoint, tmp_path_factory):
-    from dart_triton.export.repository import build_repository
-
-    from .conftest import TEST_MAX_CLASSES
-
-    repo = tmp_path_factory.mktemp("repo_torch_profile")
-    build_repository(tiny_checkpoint, repo, backend="torch", max_classes=TEST_MAX_CLASSES,
-                     log=lambda *_: None)
-    return repo
-
-
 def test_profile_of_a_torch_repository_accounts_for_its_time(torch_repository, tmp_path):
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
     argv = ["--repo", str(torch_repository), "--classes", "3", "--iters", "2",

@@ -29,16 +29,6 @@ from .test_triton_server import NAMES, _raw_inputs, assert_same
 
 
 @pytest.fixture(scope="module")
-def torch_repository(tiny_checkpoint, tmp_path_factory):
-    from dart_triton.export.repository import build_repository
-
-    repo = tmp_path_factory.mktemp("repo_torch")
-    build_repository(tiny_checkpoint, repo, backend="torch", max_classes=TEST_MAX_CLASSES,
-                     log=lambda *_: None)
-    return repo
-
-
-@pytest.fixture(scope="module")
 def torch_server(torch_repository):
     from dart_triton.server import TritonServer
 
