@@ -42,7 +42,7 @@ def vision_model(config: str, imgsz: int):
     """Sam3VisionModel at imgsz, random weights (the full config: ViT-H/14, 32 blocks)."""
     from transformers import Sam3Config, Sam3VisionModel
 
-    from dart_triton.checkpoint import tiny_config
+    from dart_triton.model.checkpoint import tiny_config
 
     cfg = Sam3Config() if config == "full" else tiny_config("d")
     cfg.vision_config.backbone_config.image_size = imgsz
@@ -66,7 +66,7 @@ def params_m(module) -> float:
 
 def served_params_m(module) -> float:
     """Parameters the served graph uses (a student's finer adapter levels are not)."""
-    from dart_triton.students import TimmStudent
+    from dart_triton.backbones.students import TimmStudent
 
     if isinstance(module, TimmStudent):
         used = set(module.levels)
@@ -107,7 +107,7 @@ def paired(fn, baseline, args) -> tuple[list[float], list[float]]:
 def ort_graph(module, pixels: torch.Tensor, workdir: Path):
     """Export (opset 18, as `build` does) into workdir and open in ONNX Runtime."""
     from dart_triton.export.onnx_export import _export
-    from dart_triton.runtime import OrtGraph
+    from dart_triton.graphs.runtime import OrtGraph
 
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "backbone.onnx"
@@ -130,16 +130,16 @@ def sub_block_costs(backbone, pixels: torch.Tensor, args) -> list[dict]:
 
 
 def _student(name: str, dims):
-    from dart_triton.students import TimmStudent
+    from dart_triton.backbones.students import TimmStudent
 
     torch.manual_seed(0)
     return TimmStudent(name, dims).eval()
 
 
 def measure(args, imgsz: int) -> list[dict]:
-    from dart_triton.backbone import RestructuredBackbone
-    from dart_triton.pruning import prune
-    from dart_triton.specs import GraphDims
+    from dart_triton.backbones.pruned import prune
+    from dart_triton.contract.specs import GraphDims
+    from dart_triton.model.backbone import RestructuredBackbone
     vm = vision_model(args.config, imgsz)
     fpn_dim = int(vm.config.fpn_hidden_size)
     dims = GraphDims(imgsz=imgsz, fpn_dim=fpn_dim,
@@ -193,13 +193,13 @@ def measure(args, imgsz: int) -> list[dict]:
 
 def measure_served(args, imgsz: int) -> list[dict]:
     """End-to-end frames/s through `dart` at 4 classes, one repository per backbone."""
+    from dart_triton.backbones.pruned import PruningPlan, Removal, vit_weights, weights_fingerprint
+    from dart_triton.backbones.students import dims_record, save_student, teacher_levels
     from dart_triton.benchmarks.serving import graphs_dir
     from dart_triton.client import DartClient
     from dart_triton.export.repository import build_repository
-    from dart_triton.model_parts import load_parts
-    from dart_triton.pruning import PruningPlan, Removal, vit_weights, weights_fingerprint
-    from dart_triton.server import TritonServer
-    from dart_triton.students import dims_record, save_student, teacher_levels
+    from dart_triton.model.parts import load_parts
+    from dart_triton.serving.server import TritonServer
 
     checkpoint = common.checkpoint_for(args)
     parts = load_parts(checkpoint, imgsz, 4)
@@ -299,7 +299,7 @@ def report(rows, args, imgsz: int, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dart_triton.students import PAPER_STUDENTS
+    from dart_triton.backbones.students import PAPER_STUDENTS
 
     p = common.base_parser("dart_triton.benchmarks.backbones", __doc__.splitlines()[0],
                            classes=(4,))

@@ -18,8 +18,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from dart_triton import specs
 from dart_triton.benchmarks import common, perf_input, serving
+from dart_triton.contract import specs
 
 STUDY = "class_scaling"
 MODELS = (specs.DART, specs.DART_ENSEMBLE, specs.PREPROCESS, specs.TEXT_ENCODER,
@@ -87,7 +87,7 @@ def run_level(served, entry: str, input_json: Path, concurrency: int, args, work
     When no window is within ``--stability`` % (a loaded, shared machine), the level is
     measured again accepting any window and reported as unstable instead of failing.
     """
-    from dart_triton.perf_analyzer import PerfAnalyzerUnstable, run_perf_analyzer
+    from dart_triton.benchmarks.perf_analyzer import PerfAnalyzerUnstable, run_perf_analyzer
 
     def measure(stability: float) -> list[dict]:
         return run_perf_analyzer(

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from dart_triton import specs
-from dart_triton.client.detections import Detections
 from dart_triton.client.errors import DartClientError
 from dart_triton.client.images import load_image
+from dart_triton.contract import specs
+from dart_triton.contract.detections import Detections
 
 Detect = Callable[[np.ndarray], Detections]
 

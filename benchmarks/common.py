@@ -75,7 +75,7 @@ def base_parser(prog: str, description: str, classes: Sequence[int] = (3,),
 
 
 def resolve_imgsz(args: argparse.Namespace) -> int:
-    from dart_triton.specs import PATCH_SIZE
+    from dart_triton.contract.specs import PATCH_SIZE
 
     imgsz = args.imgsz or DEFAULT_IMGSZ[args.config]
     if imgsz % PATCH_SIZE:
@@ -103,7 +103,7 @@ def random_checkpoint(config: str, seed: int = 0, cache: Path | None = None) -> 
 
     Compute does not depend on weight values, so random weights time like real ones.
     """
-    from dart_triton.checkpoint import write_clip_tokenizer, write_tiny_checkpoint
+    from dart_triton.model.checkpoint import write_clip_tokenizer, write_tiny_checkpoint
 
     path = Path(cache or cache_dir()) / f"sam3-{config}-seed{seed}"
     if (path / "config.json").is_file() and (path / "vocab.json").is_file():
@@ -339,20 +339,6 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0, nrows: i
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
                              squeeze=False)
     return fig, [ax for row in axes for ax in row]
-
-
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    """A CSV written by `write_csv`, numbers parsed back (to re-plot a finished run)."""
-    def parse(v: str) -> Any:
-        for kind in (int, float):
-            try:
-                return kind(v)
-            except ValueError:
-                pass
-        return v
-
-    with open(path, newline="") as f:
-        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def save_figure(fig, path: Path) -> Path:

@@ -43,7 +43,7 @@ def torch_profile(parts, feats, text, mask, attn: str) -> list[dict]:
 def ort_profile(onnx_path: Path, feats, text, mask) -> list[dict]:
     import onnxruntime as ort
 
-    from dart_triton import specs
+    from dart_triton.contract import specs
 
     with tempfile.TemporaryDirectory(prefix="dart-ort-prof-") as tmp:
         opts = ort.SessionOptions()
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p = common.base_parser(f"python -m dart_triton.benchmarks.{STUDY}", __doc__.splitlines()[0],
                            classes=(16,), iters=1)
     args = p.parse_args(argv)
-    from dart_triton.model_parts import load_parts
-    from dart_triton.text_encoder import TextEncoder
+    from dart_triton.model.parts import load_parts
+    from dart_triton.model.text_encoder import TextEncoder
 
     imgsz = common.resolve_imgsz(args)
     n = args.classes[0]

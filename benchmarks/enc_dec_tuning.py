@@ -58,7 +58,7 @@ def torch_rows(parts, feats, text, mask, args, device: str) -> list[dict]:
 def ort_rows(onnx_path: Path, feats, text, mask, args) -> list[dict]:
     import onnxruntime as ort
 
-    from dart_triton import specs
+    from dart_triton.contract import specs
 
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ort", action="store_true")
     p.add_argument("--stem", default=STUDY)
     args = p.parse_args(argv)
-    from dart_triton.model_parts import load_parts
-    from dart_triton.text_encoder import TextEncoder
+    from dart_triton.model.parts import load_parts
+    from dart_triton.model.text_encoder import TextEncoder
 
     command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
     checkpoint = common.checkpoint_for(args)

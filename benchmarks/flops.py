@@ -18,9 +18,9 @@ def backbone_flops(sam3_config, imgsz: int | None = None) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import Sam3Model
 
-    from dart_triton.backbone import RestructuredBackbone
-    from dart_triton.checkpoint import set_image_size
-    from dart_triton.model_parts import graph_dims
+    from dart_triton.model.backbone import RestructuredBackbone
+    from dart_triton.model.checkpoint import set_image_size
+    from dart_triton.model.parts import graph_dims
 
     if imgsz is not None:
         set_image_size(sam3_config, imgsz)

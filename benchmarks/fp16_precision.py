@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dart_triton.backbone import detection_level
 from dart_triton.benchmarks import common
+from dart_triton.model.backbone import detection_level
 
 STUDY = "fp16_precision"
 RUNTIMES = ("eager", "autocast", "compile", "ort")
@@ -51,7 +51,7 @@ def vision_model(config: str, imgsz: int, device: str, seed: int = 0):
 
 
 def _tiny_config():
-    from dart_triton.checkpoint import tiny_config
+    from dart_triton.model.checkpoint import tiny_config
 
     return tiny_config("a")
 
@@ -70,7 +70,7 @@ class ReferenceLevel(torch.nn.Module):
 class RestructuredLevel(torch.nn.Module):
     def __init__(self, model, imgsz: int):
         super().__init__()
-        from dart_triton.backbone import RestructuredBackbone
+        from dart_triton.model.backbone import RestructuredBackbone
 
         self.backbone = RestructuredBackbone(model, imgsz)
 
@@ -93,7 +93,7 @@ def build(kind: str, fp32_model, imgsz: int, half: bool) -> torch.nn.Module:
 
 
 def pixels_for(imgsz: int, device: str) -> torch.Tensor:
-    from dart_triton.preprocess import preprocess
+    from dart_triton.model.preprocess import preprocess
 
     pixels, _ = preprocess(common.test_image(), imgsz)
     return torch.from_numpy(pixels).to(device)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dart_triton import specs
 from dart_triton.benchmarks import class_scaling, common
+from dart_triton.contract import specs
 
 STUDY = "gpu_check"
 # Issue 13's goals (1008 px, FP16, H100): (key, label, target, higher is better)
@@ -91,12 +91,13 @@ def in_process_timing(repo: Path, facts: dict, names: list[str], iters: int) -> 
     """The served modules in this process, run the way `dart` runs them."""
     import torch
 
-    from dart_triton.orchestration import plan_passes, run_graphs, run_sync
-    from dart_triton.pipelines import InProcessRunner
-    from dart_triton.postprocess import select
-    from dart_triton.preprocess import preprocess_tensor
-    from dart_triton.text_encoder import TextEncoder
-    from dart_triton.torch_graphs import TorchGraphs, TorchSettings
+    from dart_triton.contract.passes import plan_passes
+    from dart_triton.graphs.torch_graphs import TorchGraphs, TorchSettings
+    from dart_triton.model.postprocess import select
+    from dart_triton.model.preprocess import preprocess_tensor
+    from dart_triton.model.text_encoder import TextEncoder
+    from dart_triton.pipeline.detectors import InProcessRunner
+    from dart_triton.pipeline.orchestration import run_graphs, run_sync
 
     device = "cuda" if facts["gpu"] and torch.cuda.is_available() else "cpu"
     settings = TorchSettings(precision=facts["precision"], compile=facts["compile"],
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-timeout", type=float, default=900,
                    help="seconds for the server to load (compilation and capture included)")
     args = p.parse_args(argv)
-    from dart_triton.server import TritonServer
+    from dart_triton.serving.server import TritonServer
 
     repo = args.repo.resolve()
     facts = repository_facts(repo)

@@ -44,9 +44,9 @@ class Bench:
     """One resolution's loaded parts on one device, and a level's per-frame callable."""
 
     def __init__(self, args, imgsz: int, device: str):
-        from dart_triton.model_parts import load_parts
-        from dart_triton.preprocess import preprocess
-        from dart_triton.text_encoder import TextEncoder
+        from dart_triton.model.parts import load_parts
+        from dart_triton.model.preprocess import preprocess
+        from dart_triton.model.text_encoder import TextEncoder
 
         self.args, self.imgsz, self.device = args, imgsz, device
         self.checkpoint = common.checkpoint_for(args)
@@ -73,7 +73,7 @@ class Bench:
         return torch.cuda.synchronize if self.device.startswith("cuda") else None
 
     def tokens(self, names: list[str]):
-        from dart_triton.checkpoint import TEXT_MAX_LENGTH
+        from dart_triton.model.checkpoint import TEXT_MAX_LENGTH
 
         tok = self.parts.tokenizer(names, padding="max_length", max_length=TEXT_MAX_LENGTH,
                                    truncation=True, return_tensors="pt")
@@ -107,7 +107,7 @@ class Bench:
         return run
 
     def _decode(self, fpn: torch.Tensor, names: list[str]) -> None:
-        from dart_triton.orchestration import plan_passes
+        from dart_triton.contract.passes import plan_passes
 
         feats, mask = self.text.encode(names)  # warm after the first call: cache lookups
         feats = torch.from_numpy(feats).to(self.device, self.dtype)
@@ -122,12 +122,12 @@ class Bench:
     def engine_backbone(self) -> tuple[Callable[[], torch.Tensor], str]:
         """The restructured backbone in the best engine here, and its description."""
         if self.ort is None and self.device == "cpu":
-            from dart_triton.runtime import OrtGraph
+            from dart_triton.graphs.runtime import OrtGraph
 
             onnx = serving.graphs_dir(self.checkpoint, self.imgsz, self.args.max_classes)
             self.ort = OrtGraph(onnx / "backbone.onnx")
         if self.device == "cpu":
-            from dart_triton import specs
+            from dart_triton.contract import specs
 
             graph, px = self.ort, self.pixels_np
             return (lambda: torch.from_numpy(graph(**{specs.PIXEL_VALUES: px})[0]),

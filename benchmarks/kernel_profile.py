@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dart_triton import specs
 from dart_triton.benchmarks import common
+from dart_triton.contract import specs
 
 STUDY = "kernel_profile"
 TOP = 8
@@ -134,7 +134,12 @@ def profile_repository(repo: Path, classes: int, iters: int) -> tuple[list[dict]
     import torch
 
     from dart_triton.benchmarks.gpu_check import repository_facts
-    from dart_triton.torch_graphs import TorchGraph, TorchSettings, example_inputs, weights_dir
+    from dart_triton.graphs.torch_graphs import (
+        TorchGraph,
+        TorchSettings,
+        example_inputs,
+        weights_dir,
+    )
 
     facts = repository_facts(repo)
     device = "cuda" if facts["gpu"] and torch.cuda.is_available() else "cpu"

@@ -34,8 +34,9 @@ def head_outputs(n: int, queries: int, seed: int = 0):
 
 
 def measure(classes: list[int], queries: int, iters: int, warmup: int) -> list[dict]:
-    from dart_triton import specs
-    from dart_triton.postprocess import nms, select
+    from dart_triton.contract import specs
+    from dart_triton.contract.validation import DetectOptions
+    from dart_triton.model.postprocess import nms, select
 
     size = (480, 640)
     rows = []
@@ -44,7 +45,7 @@ def measure(classes: list[int], queries: int, iters: int, warmup: int) -> list[d
         boxes = raw[0].reshape(-1, 4).astype(np.float64) * [640, 480, 640, 480]
         scores, groups = raw[1].reshape(-1).astype(np.float64), np.repeat(np.arange(n), queries)
         cases = [
-            ("select, threshold 0 (served)", lambda raw=raw: select(*raw, size, 0.0),
+            ("select, threshold 0 (served)", lambda raw=raw: select(*raw, size, DetectOptions(0.0)),
              min(n * queries, specs.PRE_NMS_TOPK)),
             ("nms, no overall cap", lambda b=boxes, s=scores, g=groups: nms(
                 b, s, g, specs.DEFAULT_NMS_IOU, max_candidates=None), n * queries),
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=common.DEFAULT_RESULTS,
                    help="markdown file whose section for this study is rewritten")
     args = p.parse_args(argv)
-    from dart_triton import specs
+    from dart_triton.contract import specs
 
     rows = measure(args.classes, args.queries, args.iters, args.warmup)
     command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)

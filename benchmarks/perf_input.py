@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dart_triton import specs
 from dart_triton.benchmarks import common
+from dart_triton.contract import specs
 
 
 def request_tensors(image: np.ndarray, classes: list[str],
@@ -29,14 +29,14 @@ def request_tensors(image: np.ndarray, classes: list[str],
 
 def write(path: Path, image: np.ndarray, classes: list[str],
           score_threshold: float | None = None) -> Path:
-    from dart_triton.perf_analyzer import write_input_data
+    from dart_triton.benchmarks.perf_analyzer import write_input_data
 
     return write_input_data(path, request_tensors(image, classes, score_threshold))
 
 
 def load_classes(args: argparse.Namespace) -> list[str]:
     if args.classes_file:
-        from dart_triton.text_encoder import read_vocabulary
+        from dart_triton.model.text_encoder import read_vocabulary
 
         names = read_vocabulary(args.classes_file)
         return names[: args.num_classes] if args.num_classes else names

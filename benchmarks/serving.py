@@ -65,7 +65,7 @@ def served(args: argparse.Namespace, imgsz: int) -> Iterator[Served]:
     if args.url:
         yield Served(args.url, args.http_url or args.url)
         return
-    from dart_triton.server import TritonServer
+    from dart_triton.serving.server import TritonServer
 
     repo = repository(common.checkpoint_for(args), imgsz, args.max_classes)
     env = {"DART_ORT_THREADS": str(args.ort_threads)} if args.ort_threads else {}

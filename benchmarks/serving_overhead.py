@@ -18,7 +18,7 @@ TARGET = 1.15
 
 
 def in_process(args, imgsz: int, max_classes: int):
-    from dart_triton.pipelines import DartPipeline
+    from dart_triton.pipeline.detectors import DartPipeline
 
     checkpoint = common.checkpoint_for(args)
     onnx = serving.graphs_dir(checkpoint, imgsz, max_classes)

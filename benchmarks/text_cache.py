@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p = common.base_parser(f"python -m dart_triton.benchmarks.{STUDY}", __doc__.splitlines()[0],
                            classes=(80,), iters=5)
     args = p.parse_args(argv)
-    from dart_triton.checkpoint import load_sam3, load_tokenizer
-    from dart_triton.text_encoder import TextEncoder
+    from dart_triton.model.checkpoint import load_sam3, load_tokenizer
+    from dart_triton.model.text_encoder import TextEncoder
 
     checkpoint = common.checkpoint_for(args)
     model = load_sam3(checkpoint)

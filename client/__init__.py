@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Detections": ".detections",
+    "Detections": "dart_triton.contract.detections",
     "DartClientError": ".errors",
     "DartClient": ".triton_client",
     "DetectionFuture": ".triton_client",

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from dart_triton import specs
+from dart_triton.contract import specs
 
 from .errors import DartClientError
 from .tracking import DEFAULT_LOW as _TRACK_LOW

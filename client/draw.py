@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .detections import Detections
+from dart_triton.contract.detections import Detections
 
 
 @lru_cache(maxsize=8)

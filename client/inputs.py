@@ -1,6 +1,6 @@
 """Client-side checks and numpy encoding of `dart` request inputs.
 
-The checks are the server's own (`dart_triton.validation`): catching mistakes here gives
+The checks are the server's own (`dart_triton.contract.validation`): catching mistakes here gives
 the same clear ValueError without a network round trip.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dart_triton import specs, validation
+from dart_triton.contract import specs, validation
 
 # dtypes come from the contract so a spec change cannot drift from the client.
 _CONTRACT = specs.dart_spec(specs.GraphDims())
@@ -45,7 +45,7 @@ def option_arrays(
 
     Options left as None are not sent, so the server's own defaults apply.
     """
-    validation.check_options(
+    validation.DetectOptions(
         specs.DEFAULT_SCORE_THRESHOLD if score_threshold is None else score_threshold,
         specs.DEFAULT_NMS_IOU if nms_iou is None else nms_iou,
         specs.DEFAULT_MAX_DETECTIONS if max_detections is None else max_detections)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dart_triton import specs
+from dart_triton.contract import specs
 
 from .cli import (
     UsageError,
@@ -191,7 +191,7 @@ def _boxes(records: list[dict], categories: Categories, nms_iou: float) -> list[
     for record in records:
         dets = [{**d, "category": categories.of_class[d["class"]]} for d in record["detections"]]
         if categories.merged and len(dets) > 1:
-            from dart_triton.postprocess import nms
+            from dart_triton.model.postprocess import nms
 
             xywh = np.array([d["bbox"] for d in dets], dtype=np.float64)
             xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)

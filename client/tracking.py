@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .detections import Detections
+from dart_triton.contract.detections import Detections
 
 # The ByteTrack paper's second-stage threshold (0.1): boxes this good may continue a track.
 DEFAULT_LOW = 0.1

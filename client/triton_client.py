@@ -15,9 +15,9 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from dart_triton import specs
+from dart_triton.contract import specs
+from dart_triton.contract.detections import Detections
 
-from .detections import Detections
 from .endpoints import Endpoints, call_spread
 from .errors import DartClientError
 from .inputs import check_image, class_list, encode_classes, option_arrays

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .detections import Detections
+from dart_triton.contract.detections import Detections
+
 from .draw import annotate
 from .pipeline import SupportsResult, in_order
 from .streams import (

@@ -21,21 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dart_triton import specs
-from dart_triton.specs import GraphDims, ModelSpec
-
-from . import pbtxt, torch_weights
+from dart_triton.contract import specs
+from dart_triton.contract.parameters import OnnxGraphParameters
+from dart_triton.contract.specs import GraphDims, ModelSpec
+from dart_triton.export import pbtxt, torch_weights
 
 if TYPE_CHECKING:
-    from .repository import BuildOptions
-    from .triton_config import RepoOptions
+    from dart_triton.export.repository import BuildOptions
+    from dart_triton.export.triton_config import RepoOptions
 
 # The python models every repository has, and the module that implements each.
 PYTHON_MODELS: dict[str, str] = {
-    specs.PREPROCESS: "dart_triton.triton.preprocess_model",
-    specs.TEXT_ENCODER: "dart_triton.triton.text_encoder_model",
-    specs.POSTPROCESS: "dart_triton.triton.postprocess_model",
-    specs.DART: "dart_triton.triton.dart_model",
+    specs.PREPROCESS: "dart_triton.triton_models.preprocess_model",
+    specs.TEXT_ENCODER: "dart_triton.triton_models.text_encoder_model",
+    specs.POSTPROCESS: "dart_triton.triton_models.postprocess_model",
+    specs.DART: "dart_triton.triton_models.dart_model",
 }
 
 
@@ -59,7 +59,7 @@ class Backend:
     # (then handed to `write_artifacts`) -> the graph dims. None: the ONNX graphs.
     export: Callable[[Path, Path, BuildOptions, Callable], GraphDims] | None = None
     # The build options this backend's graph models take, checked -> RepoOptions.graph_settings.
-    graph_settings: Callable[[BuildOptions], dict[str, str]] = lambda build: {}
+    graph_settings: Callable[[BuildOptions], dict[str, object]] = lambda build: {}
 
     def python_models(self) -> dict[str, str]:
         """Every python model of a repository with this backend -> implementing module."""
@@ -120,12 +120,10 @@ def _no_extras(spec: ModelSpec, opts: RepoOptions) -> str:
 
 
 def _python_graph_extras(spec: ModelSpec, opts: RepoOptions) -> str:
-    params: dict[str, object] = {"graph": "model.onnx", "max_classes": opts.dims.max_classes}
-    if opts.ort_threads:
-        # With frames in flight, backbone and enc_dec run at once: give each a share of the
-        # cores instead of both claiming all of them.
-        params["ort_threads"] = opts.ort_threads
-    return pbtxt.params(params)
+    # With frames in flight, backbone and enc_dec run at once: `ort_threads` gives each a
+    # share of the cores instead of both claiming all of them.
+    params = OnnxGraphParameters(max_classes=opts.dims.max_classes, ort_threads=opts.ort_threads)
+    return pbtxt.params(params.to_strings())
 
 
 # Artifacts ----------------------------------------------------------------------------
@@ -149,7 +147,7 @@ def _build_plans(repo: Path, graphs: Path, build: BuildOptions, opts: RepoOption
         log("tensorrt: no plans built (--no-plans); build them on the serving GPU with "
             "`dart-triton build-plans`")
         return
-    from .tensorrt_build import build_plans
+    from dart_triton.export.tensorrt.build import build_plans
 
     build_plans(graphs, repo, build.plan_options(opts.dims.max_classes))
 
@@ -179,7 +177,7 @@ BACKENDS: dict[str, Backend] = {
             runtime='backend: "python"\n',
             graph_extras=_python_graph_extras,
             write_artifacts=_copy_onnx,
-            graph_python_models={m: "dart_triton.triton.graph_model"
+            graph_python_models={m: "dart_triton.triton_models.graph_model"
                                  for m in specs.GRAPH_MODELS},
         ),
         Backend(
@@ -196,7 +194,6 @@ BACKENDS: dict[str, Backend] = {
         ),
     )
 }
-BACKEND_NAMES = tuple(BACKENDS)
 
 
 def get_backend(name: str) -> Backend:

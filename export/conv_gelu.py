@@ -18,7 +18,7 @@ import onnx
 from onnx import helper
 
 
-def _feeds_gelu(tensor: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+def feeds_gelu(tensor: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
     for node in consumers.get(tensor, []):
         if node.op_type == "Gelu":
             return True
@@ -42,7 +42,7 @@ def separate_conv_gelu(path: str | Path) -> int:
     nodes, count = [], 0
     for node in graph.node:
         nodes.append(node)
-        if node.op_type != "Conv" or not _feeds_gelu(node.output[0], consumers):
+        if node.op_type != "Conv" or not feeds_gelu(node.output[0], consumers):
             continue
         conv_out = node.output[0]
         separated = f"{conv_out}_before_gelu"
@@ -59,14 +59,3 @@ def separate_conv_gelu(path: str | Path) -> int:
         onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))
     return count
-
-
-def conv_gelu_pairs(path: str | Path) -> int:
-    """How many Conv outputs feed a GELU directly (0 after `separate_conv_gelu`)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return sum(node.op_type == "Conv" and _feeds_gelu(node.output[0], consumers)
-               for node in graph.node)

@@ -35,11 +35,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dart_triton import __version__, specs
-from dart_triton.backbone_choice import BackboneChoice
+from dart_triton import __version__
+from dart_triton.backbones.choice import BackboneChoice
+from dart_triton.contract import specs
 
 if TYPE_CHECKING:
-    from .repository import BuildOptions
+    from dart_triton.export.repository import BuildOptions
 
 MANIFEST = "dart_repository.json"
 FORMAT = 1
@@ -244,9 +245,9 @@ def stale_reasons(repo: str | Path, checkpoint: str | Path, build: BuildOptions,
     if missing:
         reasons.append(f"{len(missing)} file(s) of the build are missing, e.g. {missing[0]}")
     elif check_plans and (models := plan_models(repo)):
-        from .plan_sidecar import current_device
-        from .plan_sidecar import stale_reasons as plan_stale
-        from .tensorrt_build import installed_path, wanted_plan_fields
+        from dart_triton.export.tensorrt.build import installed_path, wanted_plan_fields
+        from dart_triton.export.tensorrt.sidecar import current_device
+        from dart_triton.export.tensorrt.sidecar import stale_reasons as plan_stale
 
         # Everything that shapes a plan, as this build would record it (this TensorRT's
         # version and typing when it is installed here).
@@ -280,8 +281,8 @@ def check_main(argv: list[str] | None = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     args = _check_parser().parse_args(argv[:split])
     build_args = argv[split + 1:]
-    from .repository import BuildOptions, packaged_vocabulary
-    from .repository import _parser as build_parser
+    from dart_triton.export.repository import BuildOptions, packaged_vocabulary
+    from dart_triton.export.repository import _parser as build_parser
 
     parsed = build_parser().parse_args(
         ["--checkpoint", args.checkpoint, "--output", args.repo, *build_args])

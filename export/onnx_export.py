@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 import torch
 
-from dart_triton import specs
-from dart_triton.checkpoint import CheckpointError
-from dart_triton.model_parts import Sam3Parts, load_parts
-from dart_triton.runtime import OrtGraph
+from dart_triton.contract import specs
+from dart_triton.graphs.runtime import OrtGraph
+from dart_triton.model.checkpoint import CheckpointError
+from dart_triton.model.parts import Sam3Parts, load_parts
 
 OPSET = 18
 MIN_COSINE = 0.99999
@@ -75,7 +75,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[
 
 def sample_inputs(parts: Sam3Parts, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Pixels in the normalised range and text features of real prompts."""
-    from dart_triton.text_encoder import TextEncoder
+    from dart_triton.model.text_encoder import TextEncoder
 
     d = parts.dims
     rng = np.random.default_rng(seed)
@@ -143,10 +143,9 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
                   backbone: str = "vit") -> tuple[dict, list[Agreement]]:
     """Export both graphs and write `dart_graphs.json` (the dims every later step reads).
 
-    `backbone` picks the module behind the backbone graph (`dart_triton.backbone_choice`)."""
-    from dart_triton.backbone_choice import BackboneChoice, with_backbone
-
-    from .conv_gelu import separate_conv_gelu
+    `backbone` picks the module behind the backbone graph (`dart_triton.backbones.choice`)."""
+    from dart_triton.backbones.choice import BackboneChoice, with_backbone
+    from dart_triton.export.conv_gelu import separate_conv_gelu
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

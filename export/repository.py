@@ -4,7 +4,7 @@
  --imgsz N --max-classes M`
 
 Exports the two graphs (unless `--onnx-dir` already holds them for the same sizes),
-writes every `config.pbtxt` from `dart_triton.specs` and the python models' entry points,
+writes every `config.pbtxt` from `dart_triton.contract.specs` and the python models' entry points,
 saves the text encoder (weights, tokenizer, warm cache for a vocabulary) into the
 repository so it is self-contained, and writes what the backend serves the graphs from
 (see `export.backends`).
@@ -21,17 +21,16 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from dart_triton import specs
-from dart_triton.backbone_choice import BackboneChoice
-from dart_triton.buckets import parse_buckets
-from dart_triton.checkpoint import CheckpointError
-from dart_triton.text_encoder import TextEncoder, read_vocabulary
-
-from . import manifest
-from .backends import BACKENDS, get_backend
-from .onnx_export import GRAPHS_JSON, export_graphs, read_graphs_meta
-from .tensorrt_build import PlanBuildOptions, add_plan_arguments
-from .triton_config import DEFAULT_INSTANCES, RepoOptions, write_repository_files
+from dart_triton.backbones.choice import BackboneChoice
+from dart_triton.contract import specs
+from dart_triton.contract.passes import parse_buckets
+from dart_triton.export import manifest
+from dart_triton.export.backends import BACKENDS, get_backend
+from dart_triton.export.onnx_export import GRAPHS_JSON, export_graphs, read_graphs_meta
+from dart_triton.export.tensorrt.build import PlanBuildOptions, add_plan_arguments
+from dart_triton.export.triton_config import DEFAULT_INSTANCES, RepoOptions, write_repository_files
+from dart_triton.model.checkpoint import CheckpointError
+from dart_triton.model.text_encoder import TextEncoder, read_vocabulary
 
 MANIFEST = manifest.MANIFEST
 DEFAULT_VOCABULARY = "coco80.txt"
@@ -121,7 +120,7 @@ class BuildOptions:
 
 def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
     """Text weights + tokenizer + a warm cache for the vocabulary; returns names cached."""
-    from dart_triton.text_encoder import CACHE_FILE
+    from dart_triton.model.text_encoder import CACHE_FILE
 
     version = repo / specs.TEXT_ENCODER / "1"
     encoder = TextEncoder.from_checkpoint(checkpoint)

@@ -1,6 +1,6 @@
 """The torch backend's build side: weights instead of graphs, and the graph models' params.
 
-`export_weights` writes, for backbone and enc_dec, what `dart_triton.torch_graphs` loads:
+`export_weights` writes, for backbone and enc_dec, what `dart_triton.graphs.torch_graphs` loads:
 the SAM3 config at the build's image size, the restructured module's tensors as
 safetensors, and the graph dims. No ONNX export and no ONNX Runtime check: the served
 modules are the PyTorch ones the parity tests cover.
@@ -10,27 +10,28 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dart_triton import specs
-from dart_triton.specs import GraphDims, ModelSpec
-
-from . import pbtxt
+from dart_triton.contract import specs
+from dart_triton.contract.parameters import TorchGraphParameters
+from dart_triton.contract.specs import GraphDims, ModelSpec
+from dart_triton.export import pbtxt
 
 if TYPE_CHECKING:
-    from .repository import BuildOptions
-    from .triton_config import RepoOptions
+    from dart_triton.export.repository import BuildOptions
+    from dart_triton.export.triton_config import RepoOptions
 
-MODULE = "dart_triton.triton.torch_graph_model"
-# dart_triton.torch_graphs (torch, transformers) is imported where used: the backend
+MODULE = "dart_triton.triton_models.torch_graph_model"
+# dart_triton.graphs.torch_graphs (torch, transformers) is imported where used: the backend
 # table is read by commands that must start fast.
 
 
-def settings(build: BuildOptions) -> dict[str, str]:
+def settings(build: BuildOptions) -> dict[str, object]:
     """The build's torch options, checked, with the defaults resolved: FP16 on a GPU and
     FP32 on the CPU unless ``--precision`` says otherwise."""
-    from dart_triton.torch_graphs import TorchSettings
+    from dart_triton.graphs.torch_graphs import TorchSettings
 
     gpu = build.gpu or bool(build.gpus)
     precision = build.precision or ("fp16" if gpu else "fp32")
@@ -40,27 +41,22 @@ def settings(build: BuildOptions) -> dict[str, str]:
         chosen.check_device("cuda" if gpu else "cpu")
     except ValueError as exc:
         raise ValueError(f"--backend torch: {exc} (add --gpu)") from None
-    return chosen.params()
+    return asdict(chosen)
 
 
 def graph_extras(spec: ModelSpec, opts: RepoOptions) -> str:
-    params: dict[str, object] = {
-        **opts.graph_settings,
-        "max_classes": opts.dims.max_classes,
-        "enc_dec_buckets": ",".join(map(str, opts.enc_dec_buckets)),
-    }
-    if opts.gpu:
-        # GPU tensors reach the model as they are (DLPack), not through host memory.
-        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
-    return pbtxt.params(params)
+    params = TorchGraphParameters(**opts.graph_settings, max_classes=opts.dims.max_classes,
+                                  enc_dec_buckets=opts.enc_dec_buckets)
+    # On a GPU, tensors reach the model as they are (DLPack), not through host memory.
+    return pbtxt.params(params.to_strings(gpu_inputs=opts.gpu))
 
 
 def export_weights(checkpoint: Path, out: Path, build: BuildOptions, log: Callable) -> GraphDims:
     """Both graph modules' weights directories under `out/<model>/`; returns the dims."""
-    from dart_triton.backbone_choice import with_backbone
-    from dart_triton.model_parts import load_parts
-    from dart_triton.students import served_record
-    from dart_triton.torch_graphs import save_graph_module
+    from dart_triton.backbones.choice import with_backbone
+    from dart_triton.backbones.students import served_record
+    from dart_triton.graphs.torch_graphs import save_graph_module
+    from dart_triton.model.parts import load_parts
 
     settings(build)  # a bad combination fails before minutes of loading
     parts = with_backbone(load_parts(checkpoint, build.imgsz, build.max_classes),
@@ -76,7 +72,7 @@ def export_weights(checkpoint: Path, out: Path, build: BuildOptions, log: Callab
 def copy_weights(repo: Path, exported: Path, build: BuildOptions, opts: RepoOptions,
                  log: Callable) -> None:
     """Move the exported weights into `repo/<model>/1/weights/` (a rebuild replaces them)."""
-    from dart_triton.torch_graphs import WEIGHTS_DIR
+    from dart_triton.graphs.torch_graphs import WEIGHTS_DIR
 
     for name in specs.GRAPH_MODELS:
         version = repo / name / "1"

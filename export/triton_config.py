@@ -1,4 +1,4 @@
-"""`config.pbtxt` text for every model, generated from `dart_triton.specs` alone.
+"""`config.pbtxt` text for every model, generated from `dart_triton.contract.specs` alone.
 
 backbone and enc_dec keep their names and tensors across backends; what a backend
 changes about them is in its entry of the backend table (`export.backends`).
@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dart_triton import specs
-from dart_triton.specs import GraphDims, ModelSpec
-
-from . import pbtxt
-from .backends import get_backend
+from dart_triton.contract import specs
+from dart_triton.contract.parameters import (
+    DartParameters,
+    ModelParameters,
+    PostprocessParameters,
+    PreprocessParameters,
+    TextEncoderParameters,
+)
+from dart_triton.contract.specs import GraphDims, ModelSpec
+from dart_triton.export import pbtxt
+from dart_triton.export.backends import get_backend
 
 DEFAULT_INSTANCES = {
     # Two `dart` instances keep two frames in flight: one in the backbone while the
@@ -49,13 +55,11 @@ class RepoOptions:
             self.gpu = True
 
 
-def python_model_config(spec: ModelSpec, opts: RepoOptions, params: dict[str, object]) -> str:
+def python_model_config(spec: ModelSpec, opts: RepoOptions, params: ModelParameters) -> str:
     text = pbtxt.header(spec.name, "backend: \"python\"\n") + pbtxt.io(spec)
     text += pbtxt.instances(opts.instances[spec.name], opts.gpu, gpus=opts.gpus)
-    if opts.gpu:
-        # Let GPU tensors reach the python model as they are (DLPack), not via host memory.
-        params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
-    return text + pbtxt.params(params)
+    # On a GPU, tensors reach the python model as they are (DLPack), not via host memory.
+    return text + pbtxt.params(params.to_strings(gpu_inputs=opts.gpu))
 
 
 def ensemble_config(opts: RepoOptions) -> str:
@@ -98,18 +102,17 @@ def all_configs(opts: RepoOptions) -> dict[str, str]:
     d = opts.dims
     s = specs.all_specs(d)
     backend = get_backend(opts.backend)
-    common = {"imgsz": d.imgsz, "max_classes": d.max_classes}
     return {
-        specs.PREPROCESS: python_model_config(s[specs.PREPROCESS], opts, common),
+        specs.PREPROCESS: python_model_config(
+            s[specs.PREPROCESS], opts, PreprocessParameters(d.imgsz, d.max_classes)),
         specs.TEXT_ENCODER: python_model_config(
-            s[specs.TEXT_ENCODER], opts, {"warm_vocabulary": opts.warm_vocabulary,
-                                          "max_classes": specs.MAX_REQUEST_CLASSES}),
+            s[specs.TEXT_ENCODER], opts, TextEncoderParameters(opts.warm_vocabulary)),
         **{name: backend.graph_config(s[name], opts) for name in specs.GRAPH_MODELS},
-        specs.POSTPROCESS: python_model_config(s[specs.POSTPROCESS], opts, {}),
+        specs.POSTPROCESS: python_model_config(s[specs.POSTPROCESS], opts,
+                                               PostprocessParameters()),
         specs.DART: python_model_config(
-            s[specs.DART], opts, {**common,
-                                  "enc_dec_buckets": ",".join(map(str, opts.enc_dec_buckets)),
-                                  "backbone": opts.backbone}),
+            s[specs.DART], opts, DartParameters(d.imgsz, d.max_classes, opts.enc_dec_buckets,
+                                                opts.backbone)),
         specs.DART_ENSEMBLE: ensemble_config(opts),
     }
 

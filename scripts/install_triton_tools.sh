@@ -4,7 +4,7 @@
 #     tritonserver 2.51 binary with the python backend;
 #   * .tools/triton-python: a venv over the project venv whose only own package is
 #     numpy<2. The bundled python-backend stub is built against numpy 1.x (pybind11)
-#     and corrupts BYTES tensors when numpy 2 is imported; dart_triton.server runs
+#     and corrupts BYTES tensors when numpy 2 is imported; dart_triton.serving.server runs
 #     the stub with this env's python3, which sees every other package of the venv;
 #   * perf_analyzer, taken from the tritonclient 2.49.0 wheel (the last one that
 #     ships it) and kept in .tools/, outside the venv, because the project needs
@@ -12,7 +12,7 @@
 # Idempotent: a second run only checks and exits.
 #
 # Usage: scripts/install_triton_tools.sh   (env: VENV=.venv, DART_TRITON_TOOLS=.tools;
-# dart_triton.server and dart_triton.perf_analyzer read the same DART_TRITON_TOOLS)
+# dart_triton.serving.server and dart_triton.benchmarks.perf_analyzer read the same DART_TRITON_TOOLS)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,8 +79,8 @@ fi
 "$STUB_ENV/bin/python3" -c 'import numpy, dart_triton; assert numpy.__version__ < "2"' \
     || die "stub python env $STUB_ENV is broken: remove it and rerun"
 # Packages of the venv built for numpy>=2 only (scipy 1.18 on Python 3.12, say) cannot
-# import under numpy<2: hide them from the stub python (dart_triton/stub_env.py).
-"$STUB_ENV/bin/python3" -m dart_triton.stub_env \
+# import under numpy<2: hide them from the stub python (dart_triton/serving/stub_env.py).
+"$STUB_ENV/bin/python3" -m dart_triton.serving.stub_env \
     "$("$STUB_ENV/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     | sed 's/^/[install_triton_tools] /' \
     || die "stub python env $STUB_ENV cannot import what the python models need (see above)"

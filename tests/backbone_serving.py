@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from dart_triton import specs
 from dart_triton.client import DartClient
+from dart_triton.contract import specs
 
 from .test_detection_level import EVERY_QUERY, assert_served_same
 from .test_triton_server import NAMES
@@ -21,9 +21,9 @@ MAX_CLASSES = 4
 
 
 def reference_pipeline(checkpoint, backbone: str):
-    from dart_triton.backbone_choice import with_backbone
-    from dart_triton.model_parts import load_parts
-    from dart_triton.pipelines import DartPipeline
+    from dart_triton.backbones.choice import with_backbone
+    from dart_triton.model.parts import load_parts
+    from dart_triton.pipeline.detectors import DartPipeline
 
     parts = with_backbone(load_parts(checkpoint, max_classes=MAX_CLASSES), backbone)
     return DartPipeline.from_parts(parts), parts
@@ -71,9 +71,9 @@ def dart_backbone_parameter(server) -> str:
 
 def torch_backend_detections(repo, parts, photo, n: int):
     """The torch backend's modules from `repo`, in process, through DartPipeline."""
-    from dart_triton.pipelines import DartPipeline
-    from dart_triton.text_encoder import TextEncoder
-    from dart_triton.torch_graphs import TorchGraphs
+    from dart_triton.graphs.torch_graphs import TorchGraphs
+    from dart_triton.model.text_encoder import TextEncoder
+    from dart_triton.pipeline.detectors import DartPipeline
 
     graphs = TorchGraphs.from_repository(repo)
     pipeline = DartPipeline(graphs, TextEncoder.from_sam3(parts.model, parts.tokenizer),

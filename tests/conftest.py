@@ -22,14 +22,14 @@ TEST_MAX_CLASSES = 4
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    from dart_triton.checkpoint import write_tiny_checkpoint
+    from dart_triton.model.checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_a"), seed=0, variant="a")
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint_b(tmp_path_factory):
-    from dart_triton.checkpoint import write_tiny_checkpoint
+    from dart_triton.model.checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_b"), seed=1, variant="b")
 
@@ -37,7 +37,7 @@ def tiny_checkpoint_b(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint_c(tmp_path_factory):
     """FPN scales [4, 2, 1]: Sam3Model detects on the 2x level (stride 7), not imgsz / 14."""
-    from dart_triton.checkpoint import write_tiny_checkpoint
+    from dart_triton.model.checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_c"), seed=2, variant="c")
 
@@ -45,7 +45,7 @@ def tiny_checkpoint_c(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint_d(tmp_path_factory):
     """6 ViT blocks, 2 of them global (2 and 5): deep enough for backbone pruning."""
-    from dart_triton.checkpoint import write_tiny_checkpoint
+    from dart_triton.model.checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("sam3_tiny_d"), seed=3, variant="d")
 
@@ -66,7 +66,7 @@ def any_tiny_checkpoint(request):
 
 @pytest.fixture(scope="session")
 def parts(tiny_checkpoint):
-    from dart_triton.model_parts import load_parts
+    from dart_triton.model.parts import load_parts
 
     return load_parts(tiny_checkpoint, max_classes=TEST_MAX_CLASSES)
 
@@ -81,7 +81,7 @@ def photo() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def naive(parts):
-    from dart_triton.pipelines import NaivePipeline
+    from dart_triton.pipeline.detectors import NaivePipeline
 
     return NaivePipeline(parts.model, parts.tokenizer)
 
@@ -109,7 +109,7 @@ def torch_repository(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def triton_server(python_repository):
-    from dart_triton.server import TritonServer
+    from dart_triton.serving.server import TritonServer
 
     with TritonServer(python_repository, startup_timeout=180,
                       extra_args=["--exit-timeout-secs=5"]) as server:
@@ -137,7 +137,7 @@ def backbone_reference(tiny_checkpoint_d, spec):
 @pytest.fixture(scope="module")
 def backbone_server(tiny_checkpoint_d, spec, tmp_path_factory):
     """A tritonserver on a python-backend repository built with the module's backbone."""
-    from dart_triton.server import TritonServer
+    from dart_triton.serving.server import TritonServer
 
     from .backbone_serving import build
 

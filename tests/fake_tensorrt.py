@@ -1,6 +1,6 @@
 """A recording stand-in for the `tensorrt` Python module (TensorRT 10 or 11 shaped).
 
-Everything `export.tensorrt_build` and `export.plan_runner` call exists here with the
+Everything `export.tensorrt_build` and `export.plan_executor` call exists here with the
 TensorRT 10/11 Python API's names and is recorded in `FakeTensorRT.calls`, so tests can
 assert what the builder was told (flags per precision, workspace bytes, optimisation
 level, one profile per bucket with min/opt/max on the dynamic inputs only) and in which
@@ -382,7 +382,7 @@ class FakeTensorRT(types.ModuleType):
 
 
 class HostBuffers:
-    """`plan_runner.DeviceBuffers` in host memory: what the fake context reads and writes."""
+    """`plan_executor.DeviceBuffers` in host memory: what the fake context reads and writes."""
 
     stream_handle = 0xC0FFEE
 

@@ -1,12 +1,16 @@
-"""Small helpers shared by test modules: running a command's entry point in process, and
-waiting for a server process to answer readiness."""
+"""Small helpers shared by test modules: running a command's entry point in process,
+waiting for a server process to answer readiness, and reading what the product wrote
+(CSV files, process command lines, ONNX graphs)."""
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def run_cli(main: Callable, argv, capsys) -> tuple[int, str, list[str]]:
@@ -37,3 +41,48 @@ def wait_http_ready(proc: subprocess.Popen, http_port: int, timeout: float,
             pass
         time.sleep(0.5)
     raise AssertionError(f"not ready after {timeout:.0f} s:\n{output()[-4000:]}")
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """A CSV written by `benchmarks.common.write_csv`, numbers parsed back."""
+    def parse(v: str) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def process_args(pid: int) -> list[str]:
+    """The command line of ``pid`` ([] when it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def conv_gelu_pairs(path: str | Path) -> int:
+    """How many Conv outputs of an ONNX graph feed a GELU directly."""
+    import onnx
+
+    from dart_triton.export.conv_gelu import feeds_gelu
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return sum(node.op_type == "Conv" and feeds_gelu(node.output[0], consumers)
+               for node in graph.node)
+
+
+def mask_levels(vision_model) -> list[int]:
+    """Neck indices for detection first, then the finer levels the mask head reads."""
+    from dart_triton.model.backbone import neck_dims
+
+    return list(neck_dims(vision_model, with_mask_levels=True).backbone_levels)

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from dart_triton.backbone import RestructuredBackbone, mask_levels
-from dart_triton.checkpoint import load_sam3
-from dart_triton.model_parts import graph_dims
-from dart_triton.specs import SAM3_SCALE_FACTORS
+from dart_triton.contract.specs import SAM3_SCALE_FACTORS
+from dart_triton.model.backbone import RestructuredBackbone
+from dart_triton.model.checkpoint import load_sam3
+from dart_triton.model.parts import graph_dims
+
+from .helpers import mask_levels
 
 
 @pytest.mark.parametrize("levels", ["detect", "all"])
@@ -55,7 +57,7 @@ def test_resolution_checks(tiny_checkpoint):
 def test_export_at_pretraining_size(tiny_checkpoint, tmp_path):
     """At the ViT's pretraining size the position embedding is the parameter itself."""
     from dart_triton.export.onnx_export import export_backbone
-    from dart_triton.model_parts import load_parts
+    from dart_triton.model.parts import load_parts
 
     parts = load_parts(tiny_checkpoint, imgsz=56)  # tiny variant a: pretrain_image_size 56
     assert export_backbone(parts, tmp_path).is_file()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from dart_triton import specs
+from dart_triton.contract import specs
 
 from .backbone_serving import (
     MAX_CLASSES,
@@ -56,8 +56,8 @@ def test_backbone_serves_the_pruned_features(backbone_server, backbone_reference
 
 def test_torch_backend_serves_the_pruned_backbone(tiny_checkpoint_d, spec, backbone_reference,
                                                   photo, tmp_path):
-    from dart_triton.pruning import removed_parts
-    from dart_triton.torch_graphs import load_graph_module, weights_dir
+    from dart_triton.backbones.pruned import removed_parts
+    from dart_triton.graphs.torch_graphs import load_graph_module, weights_dir
 
     pipeline, parts = backbone_reference
     build(tiny_checkpoint_d, tmp_path, spec, backend="torch")

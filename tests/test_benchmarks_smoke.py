@@ -103,7 +103,7 @@ def test_served_benchmarks(bench_env, triton_server):
     assert "dart_ensemble" in section and "in-process" in section
 
     try:
-        from dart_triton.perf_analyzer import find_perf_analyzer
+        from dart_triton.benchmarks.perf_analyzer import find_perf_analyzer
 
         find_perf_analyzer()
     except FileNotFoundError as exc:

@@ -3,14 +3,14 @@ import json
 import pytest
 import torch
 
-from dart_triton.checkpoint import (
+from dart_triton.cli import main as cli
+from dart_triton.model.checkpoint import (
     CheckpointError,
     load_sam3,
     load_tokenizer,
     validate_checkpoint_dir,
     write_tiny_checkpoint,
 )
-from dart_triton.cli import main as cli
 
 
 def test_tokenizer_is_real_clip_bpe(tiny_checkpoint):
@@ -34,7 +34,7 @@ def test_cli_writes_checkpoint(tmp_path):
 
 def test_cli_variant_c_detects_off_stride_14(tmp_path):
     """Variant c keeps Sam3Model's other valid FPN scales, and the parts follow them."""
-    from dart_triton.model_parts import load_parts
+    from dart_triton.model.parts import load_parts
 
     assert cli(["tiny-checkpoint", str(tmp_path / "ck"), "--variant", "c"]) == 0
     config = json.loads((tmp_path / "ck" / "config.json").read_text())

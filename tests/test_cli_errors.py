@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dart_triton import specs
+from dart_triton.contract import specs
 
 from .helpers import run_cli
 
@@ -91,7 +91,7 @@ def test_no_arguments_is_usage_on_stderr_and_exit_2():
 
 
 def test_tiny_checkpoint_help_describes_every_option(capsys):
-    from dart_triton.checkpoint import tiny_checkpoint_main
+    from dart_triton.model.checkpoint import tiny_checkpoint_main
 
     code, out, _ = run_cli(tiny_checkpoint_main, ["--help"], capsys)
     assert code == 0
@@ -102,7 +102,7 @@ def test_tiny_checkpoint_help_describes_every_option(capsys):
 
 
 def test_serve_help_loads_every_model_in_explicit_mode(capsys):
-    from dart_triton.server import _parser
+    from dart_triton.serving.server import _parser
 
     text = _parser().format_help()
     assert "--load-model=*" in text
@@ -113,7 +113,7 @@ def test_serve_help_loads_every_model_in_explicit_mode(capsys):
 def test_serve_refuses_a_backend_the_server_lacks(tmp_path, capsys):
     """The committed reference repository is TensorRT; the bundled server has only the
     python backend: one line, exit 2, before anything starts (2.51 segfaults otherwise)."""
-    from dart_triton.server import bundled_tritonserver_dir, find_tritonserver, serve_main
+    from dart_triton.serving.server import bundled_tritonserver_dir, find_tritonserver, serve_main
 
     if bundled_tritonserver_dir() is None or find_tritonserver().parent.parent != \
             bundled_tritonserver_dir():
@@ -354,7 +354,7 @@ def test_video_ffmpeg_starts_while_grpc_is_busy(clip, tmp_path, monkeypatch):
 
 # --- the in-process pipeline ----------------------------------------------------------------
 def test_pipeline_takes_read_only_images_without_warning(tiny_checkpoint, photo):
-    from dart_triton.pipelines import DartPipeline
+    from dart_triton.pipeline.detectors import DartPipeline
 
     image = np.asarray(Image.fromarray(photo))  # what np.asarray of a PIL image gives
     assert not image.flags.writeable
@@ -369,7 +369,7 @@ def test_pipeline_takes_read_only_images_without_warning(tiny_checkpoint, photo)
 
 # --- backends: repository_check and demo.sh ------------------------------------------------
 def test_repository_check_names_models_and_missing_backend(python_repository, tmp_path):
-    from dart_triton import repository_check as rc
+    from dart_triton.serving import preflight as rc
 
     assert rc.backend_problem([python_repository]) is None
     problem = rc.backend_problem([ROOT / "model_repository"])  # TensorRT reference configs
@@ -398,7 +398,7 @@ def test_repository_check_names_models_and_missing_backend(python_repository, tm
 
 
 def test_repository_check_command_line(python_repository):
-    cmd = [sys.executable, "-m", "dart_triton.repository_check"]
+    cmd = [sys.executable, "-m", "dart_triton.serving.preflight"]
     ok = subprocess.run([*cmd, str(python_repository)], capture_output=True, text=True,
                         timeout=60)
     assert ok.returncode == 0 and ok.stderr == ""
@@ -409,7 +409,7 @@ def test_repository_check_command_line(python_repository):
 
 
 def test_demo_refuses_a_backend_the_local_server_cannot_load():
-    from dart_triton.repository_check import build_backend_problem
+    from dart_triton.serving.preflight import build_backend_problem
 
     if build_backend_problem("onnxruntime") is None:
         pytest.skip("this tritonserver has the onnxruntime backend: the demo would run")

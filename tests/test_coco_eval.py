@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from dart_triton.benchmarks import coco_eval
-from dart_triton.client.detections import Detections
 from dart_triton.client.errors import DartClientError
+from dart_triton.contract.detections import Detections
 
 # Non-contiguous ids, listed out of order, as in COCO's instances files.
 CATEGORIES = [{"id": 44, "name": "bottle"}, {"id": 1, "name": "person"},

@@ -17,15 +17,15 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from dart_triton import specs
 from dart_triton.client import DartClient
+from dart_triton.contract import specs
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
 def server(python_repository):
-    from dart_triton.server import TritonServer
+    from dart_triton.serving.server import TritonServer
 
     with TritonServer(python_repository, startup_timeout=180,
                       extra_args=["--exit-timeout-secs=5"]) as s:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dart_triton.model_parts import load_parts
-from dart_triton.text_encoder import TextEncoder
+from dart_triton.model.parts import load_parts
+from dart_triton.model.text_encoder import TextEncoder
 
 PROMPTS = ["person", "a red car", "dog", "traffic light", "umbrella", "cup", "kite", "bus"]
 

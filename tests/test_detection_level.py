@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from dart_triton import specs
 from dart_triton.client import DartClient
+from dart_triton.contract import specs
 
 from .conftest import TEST_MAX_CLASSES
 from .test_triton_server import NAMES, assert_same
@@ -34,14 +34,14 @@ def assert_served_same(served, ref, side: int = 512):
 
 @pytest.fixture(scope="module")
 def parts_c(tiny_checkpoint_c):
-    from dart_triton.model_parts import load_parts
+    from dart_triton.model.parts import load_parts
 
     return load_parts(tiny_checkpoint_c, max_classes=TEST_MAX_CLASSES)
 
 
 @pytest.fixture(scope="module")
 def naive_c(parts_c):
-    from dart_triton.pipelines import NaivePipeline
+    from dart_triton.pipeline.detectors import NaivePipeline
 
     return NaivePipeline(parts_c.model, parts_c.tokenizer)
 
@@ -55,7 +55,7 @@ def test_variant_c_detects_at_stride_7(parts_c):
 
 @pytest.mark.parametrize("n", [1, 3, 2 * TEST_MAX_CLASSES + 1])
 def test_in_process_pipeline_equals_naive(parts_c, naive_c, photo, n):
-    from dart_triton.pipelines import DartPipeline
+    from dart_triton.pipeline.detectors import DartPipeline
 
     ours = DartPipeline.from_parts(parts_c)
     assert_same(ours.detect(photo, NAMES[:n]), naive_c.detect(photo, NAMES[:n]))
@@ -67,7 +67,7 @@ def test_in_process_pipeline_equals_naive(parts_c, naive_c, photo, n):
 @pytest.fixture(scope="module")
 def server_c(tiny_checkpoint_c, tmp_path_factory):
     from dart_triton.export.repository import build_repository
-    from dart_triton.server import TritonServer
+    from dart_triton.serving.server import TritonServer
 
     repo = tmp_path_factory.mktemp("repo_python_c")
     build_repository(tiny_checkpoint_c, repo, backend="python", max_classes=TEST_MAX_CLASSES,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dart_triton import specs
+from dart_triton.contract import specs
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 SCRIPTS = [DOCKER / "entrypoint.sh", DOCKER / "install_tensorrt_python.sh"]

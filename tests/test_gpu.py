@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dart_triton.export.onnx_export import cosine
-from dart_triton.preprocess import preprocess_tensor
+from dart_triton.model.preprocess import preprocess_tensor
 
 pytestmark = [
     pytest.mark.gpu,
@@ -76,7 +76,7 @@ def test_from_torch_hands_the_cuda_tensor_itself(monkeypatch):
     from . import fake_pb_utils
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils)
-    from dart_triton.triton import pb
+    from dart_triton.triton_models import pb
 
     monkeypatch.setattr(pb, "pb_utils", fake_pb_utils)
     fake_pb_utils.Tensor.dlpack_given.clear()
@@ -88,7 +88,7 @@ def test_from_torch_hands_the_cuda_tensor_itself(monkeypatch):
 
 
 def test_torch_graphs_fp16_on_gpu_match_fp32_on_cpu(torch_gpu_repository):
-    from dart_triton.torch_graphs import TorchGraphs, TorchSettings
+    from dart_triton.graphs.torch_graphs import TorchGraphs, TorchSettings
 
     cpu = TorchGraphs.from_repository(torch_gpu_repository)
     gpu = TorchGraphs.from_repository(torch_gpu_repository, "cuda",
@@ -110,8 +110,8 @@ def test_torch_graphs_fp16_on_gpu_match_fp32_on_cpu(torch_gpu_repository):
 
 def test_cuda_graphs_replay_what_eager_computes(torch_gpu_repository):
     """Captured buckets (1, 4) and an uncaptured N (3) give eager's outputs."""
-    from dart_triton import specs
-    from dart_triton.torch_graphs import TorchGraph, TorchSettings, weights_dir
+    from dart_triton.contract import specs
+    from dart_triton.graphs.torch_graphs import TorchGraph, TorchSettings, weights_dir
 
     eager = TorchGraph.from_weights(weights_dir(torch_gpu_repository, specs.ENC_DEC),
                                     specs.ENC_DEC, "cuda")
@@ -147,9 +147,9 @@ def test_kernel_profile_sees_the_gpu_kernels(torch_gpu_repository):
 def test_served_torch_gpu_pipeline_stays_on_the_gpu(torch_gpu_repository, naive, photo):
     """The bundled tritonserver serves the GPU torch repository; enc_dec receives the
     backbone's features in GPU memory (DLPack), and detections match the reference."""
-    from dart_triton import specs
     from dart_triton.client import DartClient
-    from dart_triton.server import TritonServer
+    from dart_triton.contract import specs
+    from dart_triton.serving.server import TritonServer
 
     from .test_torch_backend import graph_inputs
     from .test_triton_server import NAMES

@@ -7,6 +7,8 @@ import pytest
 
 from dart_triton.benchmarks import kernel_profile
 
+from .helpers import read_csv
+
 # Names as the PyTorch profiler reports them: CUDA kernels seen on Hopper GPUs (cuBLAS,
 # cuBLASLt's nvjet, flash and memory-efficient SDPA, ATen, Triton from torch.compile) and
 # the CPU's ATen operators.
@@ -62,9 +64,8 @@ def test_profile_of_a_torch_repository_accounts_for_its_time(torch_repository, t
     argv = ["--repo", str(torch_repository), "--classes", "3", "--iters", "2",
             "--stem", "kp", "--out", str(out), "--results", str(results)]
     assert kernel_profile.main(argv) == 0
-    from dart_triton.benchmarks import common
 
-    rows = {r["graph"]: r for r in common.read_csv(out / "kp.csv")}
+    rows = {r["graph"]: r for r in read_csv(out / "kp.csv")}
     assert set(rows) == {"backbone", "enc_dec"} and rows["enc_dec"]["prompts"] == 3
     for row in rows.values():
         assert 0 < row["device_ms"] <= row["wall_ms"] * 1.05
@@ -72,7 +73,7 @@ def test_profile_of_a_torch_repository_accounts_for_its_time(torch_repository, t
         shares = [row[f"{k}_pct"] for k in kernel_profile.KIND_NAMES]
         assert sum(shares) == pytest.approx(100, abs=0.1)
         assert row["matmul_pct"] > 0 and row["attention_pct"] > 0  # SDPA in both graphs
-    kernels = common.read_csv(out / "kp_kernels.csv")
+    kernels = read_csv(out / "kp_kernels.csv")
     assert {k["graph"] for k in kernels} == {"backbone", "enc_dec"}
     assert all(k["device"] == "cpu" and k["kernel"].startswith("aten::") for k in kernels)
     section = results.read_text().split("<!-- BEGIN kp -->")[1].split("<!-- END kp -->")[0]

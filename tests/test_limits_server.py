@@ -9,8 +9,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from dart_triton import specs
 from dart_triton.client import DartClient
+from dart_triton.contract import specs
 
 from .conftest import TEST_MAX_CLASSES
 from .test_triton_server import _raw_inputs, assert_same
@@ -56,7 +56,7 @@ def test_a_10_mb_class_name_is_refused_before_the_text_encoder(grpc, triton_serv
 def test_score_threshold_zero_over_1024_classes(triton_server, parts, photo):
     """Every query of every class goes to NMS (1024 x the tiny model's queries; the in-process
     tests cover SAM3's 200 queries); the answer equals the in-process pipeline's."""
-    from dart_triton.pipelines import DartPipeline
+    from dart_triton.pipeline.detectors import DartPipeline
 
     names = [f"object {i}" for i in range(specs.MAX_REQUEST_CLASSES)]
     with DartClient(triton_server.grpc_url, timeout=TIMEOUT_S) as client:

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from dart_triton import __version__, specs
-from dart_triton.export import manifest, plan_sidecar, tensorrt_build
+from dart_triton import __version__
+from dart_triton.contract import specs
+from dart_triton.export import manifest
 from dart_triton.export.repository import BuildOptions, packaged_vocabulary
-from dart_triton.export.tensorrt_build import TensorRTPath, plan_fields
+from dart_triton.export.tensorrt import build as tensorrt_build
+from dart_triton.export.tensorrt import sidecar as plan_sidecar
+from dart_triton.export.tensorrt.build import TensorRTPath, plan_fields
 
 DIMS = specs.GraphDims(imgsz=112, max_classes=4)
 

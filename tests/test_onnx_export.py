@@ -6,9 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from dart_triton import specs
-from dart_triton.checkpoint import load_sam3
 from dart_triton.cli import main as cli
+from dart_triton.contract import specs
 from dart_triton.export.onnx_export import (
     FUSED_ATTENTION_OPS,
     GRAPHS_JSON,
@@ -17,8 +16,9 @@ from dart_triton.export.onnx_export import (
     fused_attention_nodes,
     read_graphs_meta,
 )
-from dart_triton.export.plan_profiles import graph_dims_from_onnx, read_onnx_io
-from dart_triton.runtime import OrtGraph
+from dart_triton.export.tensorrt.profiles import graph_dims_from_onnx, read_onnx_io
+from dart_triton.graphs.runtime import OrtGraph
+from dart_triton.model.checkpoint import load_sam3
 
 
 @pytest.fixture(scope="module")

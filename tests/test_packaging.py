@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dart_triton import __version__, specs
+from dart_triton import __version__
+from dart_triton.contract import specs
 from dart_triton.export.backends import BACKENDS
 from dart_triton.export.manifest import MANIFEST
 
@@ -63,7 +64,7 @@ def test_dart_triton_comes_from_the_wheel(wheel_env: WheelEnv, tmp_path: Path):
     # The python models import triton_python_backend_utils (only inside Triton): located.
     code = ("import importlib.util, dart_triton, dart_triton.export.repository as r; "
             "print(dart_triton.__file__); print(r.__file__); print(r.packaged_vocabulary()); "
-            "print(importlib.util.find_spec('dart_triton.triton.dart_model').origin)")
+            "print(importlib.util.find_spec('dart_triton.triton_models.dart_model').origin)")
     res = wheel_env.run([str(wheel_env.python), "-c", code], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     for line in res.stdout.splitlines():
@@ -102,7 +103,7 @@ def test_build_writes_a_self_contained_repository(built: tuple[Path, Path]):
     for name in (specs.PREPROCESS, specs.TEXT_ENCODER, specs.BACKBONE, specs.ENC_DEC,
                  specs.POSTPROCESS, specs.DART):
         entry = (repo / name / "1" / "model.py").read_text()
-        assert "from dart_triton.triton." in entry  # generated, importing the package
+        assert "from dart_triton.triton_models." in entry  # generated, importing the package
     assert (repo / specs.TEXT_ENCODER / "1" / "coco80.txt").is_file()
     manifest = json.loads((repo / MANIFEST).read_text())
     assert manifest["dart_triton_version"] == __version__
@@ -112,7 +113,7 @@ def test_build_writes_a_self_contained_repository(built: tuple[Path, Path]):
 
 
 def _free_port() -> int:
-    from dart_triton.server import free_port
+    from dart_triton.serving.server import free_port
 
     return free_port()
 
@@ -132,8 +133,8 @@ def test_serve_and_detect_from_the_decoy_directory(wheel_env: WheelEnv, workdir:
                                                    built: tuple[Path, Path], photo):
     from PIL import Image
 
-    from dart_triton.model_parts import load_parts
-    from dart_triton.pipelines import NaivePipeline
+    from dart_triton.model.parts import load_parts
+    from dart_triton.pipeline.detectors import NaivePipeline
 
     checkpoint, repo = built
     Image.fromarray(photo).save(workdir / "photo.png")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dart_triton.orchestration import plan_passes
-from dart_triton.pipelines import DartPipeline
+from dart_triton.contract.passes import plan_passes
+from dart_triton.pipeline.detectors import DartPipeline
 
 
 @pytest.fixture(scope="module")

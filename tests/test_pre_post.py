@@ -1,9 +1,12 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.ops import box_iou as _box_iou
 
-from dart_triton.postprocess import box_iou, nms, postprocess, select
-from dart_triton.preprocess import preprocess
+from dart_triton.contract.validation import DetectOptions
+from dart_triton.model.postprocess import nms, postprocess, select
+from dart_triton.model.preprocess import preprocess
 
 
 def test_preprocess_matches_pil_bilinear(photo):
@@ -30,15 +33,16 @@ def _raw(n=2, q=3):
 def test_scores_combine_logit_and_presence():
     boxes, logits, presence = _raw(1)
     presence[:] = 0.0  # sigmoid 0.5 gates every query
-    dets = postprocess(boxes, logits, presence, (100, 200), ["x"], score_threshold=0.0,
-                       nms_iou=1.0)
+    dets = postprocess(boxes, logits, presence, (100, 200), ["x"],
+        DetectOptions(score_threshold=0.0, nms_iou=1.0))
     expected = 1 / (1 + np.exp(-logits[0])) * 0.5
     np.testing.assert_allclose(np.sort(dets.scores)[::-1], np.sort(expected)[::-1], rtol=1e-6)
 
 
 def test_boxes_in_pixels_and_clipped():
     boxes, logits, presence = _raw(1)
-    b, s, ids = select(boxes, logits, presence, (100, 200), score_threshold=0.0, nms_iou=1.0)
+    b, s, ids = select(boxes, logits, presence, (100, 200),
+        DetectOptions(score_threshold=0.0, nms_iou=1.0))
     np.testing.assert_allclose(b[0], [20, 10, 100, 50], rtol=1e-5)  # x by W=200, y by H=100
     assert b[:, 3].max() <= 100  # y2 = 1.2 clipped to the image
 
@@ -46,22 +50,30 @@ def test_boxes_in_pixels_and_clipped():
 def test_per_class_and_agnostic_nms():
     boxes, logits, presence = _raw(2)
     kw = dict(score_threshold=0.0, nms_iou=0.7)
-    b, s, ids = select(boxes, logits, presence, (100, 100), **kw)
+    b, s, ids = select(boxes, logits, presence, (100, 100), DetectOptions(**kw))
     assert len(s) == 4  # the near-duplicate is suppressed within each class only
-    b, s, ids = select(boxes, logits, presence, (100, 100), class_agnostic_nms=True, **kw)
+    b, s, ids = select(boxes, logits, presence, (100, 100),
+        DetectOptions(class_agnostic_nms=True, **kw))
     assert len(s) == 2
-    b, s, ids = select(boxes, logits, presence, (100, 100), score_threshold=0.0, nms_iou=1.0)
+    b, s, ids = select(boxes, logits, presence, (100, 100),
+        DetectOptions(score_threshold=0.0, nms_iou=1.0))
     assert len(s) == 6  # 1.0 turns NMS off
 
 
 def test_threshold_cap_and_order():
     boxes, logits, presence = _raw(2)
-    b, s, ids = select(boxes, logits, presence, (100, 100), score_threshold=0.85, nms_iou=1.0)
+    b, s, ids = select(boxes, logits, presence, (100, 100),
+        DetectOptions(score_threshold=0.85, nms_iou=1.0))
     assert np.all(s > 0.85) and len(s) == 4
-    b, s, ids = select(boxes, logits, presence, (100, 100), score_threshold=0.0, nms_iou=1.0,
-                       max_detections=3)
+    b, s, ids = select(boxes, logits, presence, (100, 100),
+        DetectOptions(score_threshold=0.0, nms_iou=1.0, max_detections=3))
     assert len(s) == 3 and np.all(np.diff(s) <= 0)
     assert ids.dtype == np.int32 and s.dtype == np.float32 and b.dtype == np.float32
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of one xyxy box and another (torchvision's)."""
+    return float(_box_iou(torch.from_numpy(a), torch.from_numpy(b))[0, 0])
 
 
 def test_nms_matches_bruteforce():
@@ -73,7 +85,7 @@ def test_nms_matches_bruteforce():
     keep = nms(boxes, scores, groups, 0.5)
     kept: list[int] = []
     for i in np.argsort(-scores, kind="stable"):
-        if all(groups[j] != groups[i] or box_iou(boxes[[i]], boxes[[j]])[0, 0] <= 0.5
+        if all(groups[j] != groups[i] or box_iou(boxes[[i]], boxes[[j]]) <= 0.5
                for j in kept):
             kept.append(int(i))
     assert keep.tolist() == kept
@@ -83,7 +95,7 @@ def test_nms_matches_bruteforce():
                                 dict(max_detections=0)])
 def test_bad_options(kw):
     with pytest.raises(ValueError):
-        select(*_raw(), (10, 10), **kw)
+        select(*_raw(), (10, 10), DetectOptions(**kw))
 
 
 # --- NMS at scale: per-group blocks, candidate caps, bounded memory ----------------------
@@ -93,7 +105,7 @@ def _greedy_reference(boxes, scores, groups, iou):
     """Greedy NMS as written in the textbooks: one box at a time, by descending score."""
     kept: list[int] = []
     for i in np.lexsort((np.arange(len(scores)), -scores)):
-        if all(groups[j] != groups[i] or box_iou(boxes[[i]], boxes[[j]])[0, 0] <= iou
+        if all(groups[j] != groups[i] or box_iou(boxes[[i]], boxes[[j]]) <= iou
                for j in kept):
             kept.append(int(i))
     return kept
@@ -105,30 +117,25 @@ def _random_boxes(rng, n):
 
 
 @pytest.fixture(params=["numpy", "torch"])
-def array_ops(request, monkeypatch):
-    """Each code path: numpy (CPU) and torch (as for GPU tensors, here on the CPU)."""
-    import torch
-
-    from dart_triton import postprocess
-
-    if request.param == "torch":
-        monkeypatch.setattr(postprocess, "_ops_for",
-                            lambda x: postprocess._TorchOps(torch.device("cpu")))
+def array_ops(request):
+    """Each kind of input: numpy arrays, and torch tensors (as on a GPU, here on the CPU)."""
     return request.param
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_blocked_nms_is_greedy_nms(monkeypatch, array_ops, seed):
-    """Groups of unequal sizes, tied scores and tiny blocks (many groups per block, one
-    group per block): the same boxes, in the same order, as the reference."""
-    from dart_triton import postprocess
+def _as(kind: str, *arrays):
+    return tuple(torch.from_numpy(a) for a in arrays) if kind == "torch" else arrays
 
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nms_is_greedy_nms(array_ops, seed):
+    """Groups of unequal sizes and tied scores: the same boxes, in the same order, as the
+    reference."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 300))
     boxes, scores = _random_boxes(rng, n), rng.integers(0, 12, n).astype(np.float64)
     groups = rng.integers(0, int(rng.integers(1, 40)), n)
-    monkeypatch.setattr(postprocess, "NMS_BLOCK_PAIRS", int(rng.integers(1, 3000)))
-    keep = nms(boxes, scores, groups, 0.5, max_candidates=None, max_per_group=None)
+    keep = nms(*_as(array_ops, boxes, scores, groups), 0.5, max_candidates=None,
+               max_per_group=None)
     assert keep.tolist() == _greedy_reference(boxes, scores, groups, 0.5)
 
 
@@ -141,8 +148,9 @@ def test_torch_in_torch_out(array_ops):
     assert isinstance(keep, torch.Tensor) and keep.device == torch.device("cpu")
     assert keep.tolist() == _greedy_reference(boxes, scores, groups, 0.5)
     raw = _sam3_like_raw(3, 20)
-    from_torch = select(*(torch.from_numpy(a) for a in raw), torch.tensor([48, 64]), 0.2)
-    for a, b in zip(from_torch, select(*raw, (48, 64), 0.2), strict=True):
+    from_torch = select(*(torch.from_numpy(a) for a in raw), torch.tensor([48, 64]),
+        DetectOptions(0.2))
+    for a, b in zip(from_torch, select(*raw, (48, 64), DetectOptions(0.2)), strict=True):
         assert isinstance(a, np.ndarray)
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
@@ -151,20 +159,21 @@ def test_candidate_caps(array_ops):
     rng = np.random.default_rng(3)
     n = 2000
     boxes, scores, groups = _random_boxes(rng, n), rng.uniform(0, 1, n), rng.integers(0, 5, n)
-    full = nms(boxes, scores, groups, 0.5, max_candidates=None, max_per_group=None)
+    inputs = _as(array_ops, boxes, scores, groups)
+    full = nms(*inputs, 0.5, max_candidates=None, max_per_group=None)
     # Overall cap: NMS over the best 300 boxes is exactly the start of uncapped NMS.
-    capped = nms(boxes, scores, groups, 0.5, max_candidates=300, max_per_group=None)
+    capped = nms(*inputs, 0.5, max_candidates=300, max_per_group=None)
     assert 0 < len(capped) < len(full) and capped.tolist() == full[: len(capped)].tolist()
     assert set(capped.tolist()) <= set(np.argsort(-scores)[:300].tolist())
     # Per-group cap: each group's best 50 boxes take part, and exactly those.
-    per_group = nms(boxes, scores, groups, 0.5, max_candidates=None, max_per_group=50)
+    per_group = nms(*inputs, 0.5, max_candidates=None, max_per_group=50)
     best = np.concatenate([np.flatnonzero(groups == g)[np.argsort(-scores[groups == g])[:50]]
                            for g in range(5)])
     ref = best[nms(boxes[best], scores[best], groups[best], 0.5, max_candidates=None,
                    max_per_group=None)]
     assert per_group.tolist() == ref.tolist()
     # NMS off: every index, sorted; no cap applies.
-    assert len(nms(boxes, scores, groups, 1.0, max_candidates=10)) == n
+    assert len(nms(*inputs, 1.0, max_candidates=10)) == n
 
 
 def _sam3_like_raw(n, q=200, seed=0):
@@ -180,10 +189,10 @@ def _sam3_like_raw(n, q=200, seed=0):
 def test_score_threshold_zero_at_scale(n):
     """SCORE_THRESHOLD 0 sends every one of n x 200 boxes to NMS; the answer is the start
     of what NMS over all of them (no overall cap) returns."""
-    from dart_triton import specs
+    from dart_triton.contract import specs
 
     raw = _sam3_like_raw(n)
-    boxes, scores, ids = select(*raw, (480, 640), score_threshold=0.0)
+    boxes, scores, ids = select(*raw, (480, 640), DetectOptions(score_threshold=0.0))
     assert len(scores) == specs.DEFAULT_MAX_DETECTIONS and np.all(np.diff(scores) <= 0)
     logits, presence = raw[1].astype(np.float64), raw[2].astype(np.float64)
     all_scores = (1 / (1 + np.exp(-logits)) / (1 + np.exp(-presence))).reshape(-1)
@@ -199,7 +208,8 @@ def test_score_threshold_zero_at_scale(n):
 _MEMORY_PROBE = """
 import resource
 import numpy as np
-from dart_triton.postprocess import nms, select
+from dart_triton.contract.validation import DetectOptions
+from dart_triton.model.postprocess import nms, select
 
 def _sam3_like_raw(n, q=200):
     rng = np.random.default_rng(0)
@@ -212,10 +222,11 @@ def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 raw = _sam3_like_raw(1024)
-select(*_sam3_like_raw(2), (480, 640), score_threshold=0.0)  # load torch's kernels first
+select(*_sam3_like_raw(2), (480, 640),
+    DetectOptions(score_threshold=0.0))  # load torch's kernels first
 before = peak_mb()
-select(*raw, (480, 640), score_threshold=0.0)
-select(*raw, (480, 640), score_threshold=0.0, max_detections=10**6)
+select(*raw, (480, 640), DetectOptions(score_threshold=0.0))
+select(*raw, (480, 640), DetectOptions(score_threshold=0.0, max_detections=10**6))
 # No overall cap: all 204,800 boxes go through NMS, a block of groups at a time.
 boxes = raw[0].reshape(-1, 4).astype(np.float64)
 nms(boxes, raw[1].reshape(-1), np.repeat(np.arange(1024), 200), 0.7, max_candidates=None)

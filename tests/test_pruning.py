@@ -13,16 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dart_triton.pruning import (
-    PlanError,
-    PruningPlan,
-    candidates,
-    greedy_search,
-    image_files,
-    load_pixels,
-    prune,
-    removed_parts,
-)
+from dart_triton.backbones.pruned import PlanError, PruningPlan, prune, removed_parts
+from dart_triton.compression.pruning import candidates, greedy_search, image_files, load_pixels
 
 GLOBAL = (2, 5)
 NUM_BLOCKS = 6
@@ -30,7 +22,7 @@ NUM_BLOCKS = 6
 
 @pytest.fixture(scope="module")
 def parts_d(tiny_checkpoint_d):
-    from dart_triton.model_parts import load_parts
+    from dart_triton.model.parts import load_parts
 
     return load_parts(tiny_checkpoint_d, max_classes=4)
 
@@ -154,7 +146,7 @@ def test_block_unit_removes_both_parts_together(parts_d, pixels):
 
 
 def test_k0_reproduces_the_unpruned_backbone(parts_d, plan_file):
-    from dart_triton.backbone_choice import served_backbone
+    from dart_triton.backbones.choice import served_backbone
 
     x = torch.randn(1, 3, parts_d.dims.imgsz, parts_d.dims.imgsz)
     same = served_backbone(f"pruned:{plan_file}:0", parts_d)
@@ -177,8 +169,8 @@ class _Zero(nn.Module):
 
 def test_pruned_equals_transformers_with_the_same_branches_skipped(parts_d, plan_file,
                                                                    tiny_checkpoint_d):
-    from dart_triton.backbone_choice import served_backbone
-    from dart_triton.checkpoint import load_sam3
+    from dart_triton.backbones.choice import served_backbone
+    from dart_triton.model.checkpoint import load_sam3
 
     k = 4
     plan = PruningPlan.load(plan_file)
@@ -224,9 +216,9 @@ def test_pruned_onnx_equals_pruned_pytorch(tiny_checkpoint_d, plan_file, tmp_pat
 
 
 def test_plan_refuses_other_weights(plan_file, tiny_checkpoint_d, tmp_path):
-    from dart_triton.backbone_choice import served_backbone
-    from dart_triton.checkpoint import write_tiny_checkpoint
-    from dart_triton.model_parts import load_parts
+    from dart_triton.backbones.choice import served_backbone
+    from dart_triton.model.checkpoint import write_tiny_checkpoint
+    from dart_triton.model.parts import load_parts
 
     other = load_parts(write_tiny_checkpoint(tmp_path / "other", seed=9, variant="d"))
     with pytest.raises(PlanError, match="other weights"):
@@ -255,7 +247,7 @@ def test_prune_cli_errors_in_one_line(tiny_checkpoint_d, photo_dir, tmp_path, ca
 def test_pixels_match_served_preprocessing(parts_d, photo_dir):
     from PIL import Image
 
-    from dart_triton.preprocess import preprocess
+    from dart_triton.model.preprocess import preprocess
 
     path = image_files(photo_dir)[0]
     want = preprocess(np.asarray(Image.open(path).convert("RGB")), parts_d.dims.imgsz)[0]

@@ -18,7 +18,7 @@ from . import fake_pb_utils
 @pytest.fixture(scope="module")
 def models(python_repository):
     sys.modules["triton_python_backend_utils"] = fake_pb_utils
-    from dart_triton.triton import (
+    from dart_triton.triton_models import (
         dart_model,
         graph_model,
         postprocess_model,
@@ -220,8 +220,8 @@ def _text_encoder_copy(python_repository, tmp_path):
 @pytest.mark.parametrize("case", ["old npz", "pickle as safetensors", "other weights"])
 def test_text_encoder_refuses_a_bad_cache_and_rebuilds(models, python_repository, tmp_path,
                                                        capfd, case):
-    from dart_triton.text_encoder import CACHE_FILE, cache_index_path
-    from dart_triton.triton import text_encoder_model
+    from dart_triton.model.text_encoder import CACHE_FILE, cache_index_path
+    from dart_triton.triton_models import text_encoder_model
 
     from .test_text_encoder import PickleBomb, write_pickle_npz
 
@@ -253,8 +253,8 @@ def test_text_encoder_refuses_a_bad_cache_and_rebuilds(models, python_repository
 
 
 def test_text_encoder_loads_the_built_cache_silently(models, capfd, python_repository):
-    from dart_triton.text_encoder import CACHE_FILE, cache_index_path
-    from dart_triton.triton import text_encoder_model
+    from dart_triton.model.text_encoder import CACHE_FILE, cache_index_path
+    from dart_triton.triton_models import text_encoder_model
 
     version = python_repository / "text_encoder" / "1"
     assert (version / CACHE_FILE).is_file() and cache_index_path(version / CACHE_FILE).is_file()

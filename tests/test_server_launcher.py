@@ -1,7 +1,7 @@
 """The tritonserver launcher, `dart-triton serve` and perf_analyzer, against a real server.
 
 The models are throwaway python-backend models written to a temporary repository:
-`echo` imports numpy, torch and dart_triton.specs (so loading it proves the stub runs
+`echo` imports numpy, torch and dart_triton.contract.specs (so loading it proves the stub runs
 in this environment and sees the project), echoes IMAGE and counts CLASSES.
 """
 
@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dart_triton import server as server_module
-from dart_triton.perf_analyzer import (
+from dart_triton.benchmarks.perf_analyzer import (
     PerfAnalyzerError,
     PerfAnalyzerUnstable,
     find_perf_analyzer,
@@ -28,7 +27,8 @@ from dart_triton.perf_analyzer import (
     run_perf_analyzer,
     write_input_data,
 )
-from dart_triton.server import (
+from dart_triton.serving import server as server_module
+from dart_triton.serving.server import (
     TritonServer,
     TritonServerError,
     failure_reasons,
@@ -38,7 +38,7 @@ from dart_triton.server import (
     shm_regions,
     stub_python_bin,
 )
-from dart_triton.server import serve_main as serve
+from dart_triton.serving.server import serve_main as serve
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 BOOM = "checkpoint missing: boom-5791"
@@ -66,7 +66,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from dart_triton import specs
+from dart_triton.contract import specs
 
 
 class TritonPythonModel:
@@ -159,9 +159,9 @@ def test_echo_over_http_and_grpc(server: TritonServer, protocol: str) -> None:
     info = json.loads(result.as_numpy("INFO")[0])
     import torch
 
-    import dart_triton.specs
+    import dart_triton.contract.specs
 
-    assert info == {"torch": torch.__version__, "specs": dart_triton.specs.__file__}
+    assert info == {"torch": torch.__version__, "specs": dart_triton.contract.specs.__file__}
 
 
 @pytest.mark.server
@@ -395,7 +395,7 @@ def test_sweep_orphans_of_a_dead_launcher(tmp_path):
     """A SIGKILLed launcher cannot clean up: tritonserver goes (parent-death signal), its
     stubs ignore SIGTERM and stay, with their /dev/shm regions. The next start removes
     them, and leaves alone what belongs to a live launcher."""
-    from dart_triton.server import SHM_DIR, sweep_orphans
+    from dart_triton.serving.server import SHM_DIR, sweep_orphans
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer runs: the dead launcher

@@ -1,4 +1,4 @@
-"""dart_triton.stub_env: a package that cannot import in the stub's Python is hidden, so
+"""dart_triton.serving.stub_env: a package that cannot import in the stub's Python is hidden, so
 an optional import of it (transformers' pattern) takes the not-installed path."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dart_triton import stub_env
+from dart_triton.serving import stub_env
 
 # transformers' pattern: import an optional package only when find_spec finds it.
 OPTIONAL_USER = """import importlib.util

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from .helpers import conv_gelu_pairs, read_csv
+
 if not os.environ.get("CI"):  # CI installs timm (scripts/setup.sh): there it must run
     pytest.importorskip("timm", reason="timm students need timm + torchvision")
 
@@ -34,19 +36,19 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
 
 @pytest.fixture(scope="module")
 def parts_d(tiny_checkpoint_d):
-    from dart_triton.model_parts import load_parts
+    from dart_triton.model.parts import load_parts
 
     return load_parts(tiny_checkpoint_d, max_classes=4)
 
 
 def teacher_sizes(dims) -> list[int]:
-    from dart_triton.students import teacher_levels
+    from dart_triton.backbones.students import teacher_levels
 
     return [dims.level_hw(dims.scale_factors[lv]) for lv in teacher_levels(dims)]
 
 
 def test_adapter_student_matches_the_teacher_levels(parts_d):
-    from dart_triton.students import TimmStudent
+    from dart_triton.backbones.students import TimmStudent
 
     d = parts_d.dims
     student = TimmStudent(SMALL, d, pretrained="none").eval()
@@ -68,7 +70,7 @@ def test_adapter_student_matches_the_teacher_levels(parts_d):
 
 def test_student_renormalises_sam3_pixels_for_the_trunk(parts_d):
     """Served pixels are (p - 0.5) / 0.5; the trunk must see (p - mean) / std."""
-    from dart_triton.students import TimmStudent
+    from dart_triton.backbones.students import TimmStudent
 
     student = TimmStudent(SMALL, parts_d.dims, pretrained="none")
     p = torch.rand(1, 3, 8, 8)
@@ -82,7 +84,7 @@ def test_pretrained_weights_from_a_local_file(parts_d, tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from dart_triton.students import StudentError, TimmStudent
+    from dart_triton.backbones.students import StudentError, TimmStudent
 
     full = timm.create_model(SMALL, pretrained=False)
     file = tmp_path / "weights.safetensors"
@@ -102,11 +104,11 @@ def test_pretrained_weights_from_a_local_file(parts_d, tmp_path):
 def test_student_onnx_has_no_conv_gelu_pair_and_matches_pytorch(parts_d, tmp_path):
     """TensorRT 10 cannot build FP16 Conv+GELU: an Identity separates them; ONNX Runtime
     still computes what PyTorch does."""
-    from dart_triton.backbone_choice import with_backbone
-    from dart_triton.export.conv_gelu import conv_gelu_pairs, separate_conv_gelu
+    from dart_triton.backbones.choice import with_backbone
+    from dart_triton.backbones.students import TimmStudent, save_student
+    from dart_triton.export.conv_gelu import separate_conv_gelu
     from dart_triton.export.onnx_export import MIN_COSINE, cosine, export_backbone
-    from dart_triton.runtime import OrtGraph
-    from dart_triton.students import TimmStudent, save_student
+    from dart_triton.graphs.runtime import OrtGraph
 
     student = TimmStudent(WITH_GELU, parts_d.dims, pretrained="none").eval()
     save_student(tmp_path / "student", student,
@@ -208,9 +210,9 @@ def test_interrupted_run_resumes_to_the_same_weights(distilled, tiny_checkpoint_
 
 def test_pruned_student_distils_its_remaining_blocks(tiny_checkpoint_d, photo_dir, parts_d,
                                                      tmp_path):
-    from dart_triton.backbone_choice import served_backbone
+    from dart_triton.backbones.choice import served_backbone
+    from dart_triton.backbones.pruned import removed_parts
     from dart_triton.cli import main as cli
-    from dart_triton.pruning import removed_parts
 
     plan = tmp_path / "plan.json"
     assert cli(["prune", "--checkpoint", str(tiny_checkpoint_d), "--images", str(photo_dir),
@@ -234,10 +236,10 @@ def test_pruned_student_distils_its_remaining_blocks(tiny_checkpoint_d, photo_di
 
 
 def test_student_refuses_another_checkpoint(distilled, tmp_path):
-    from dart_triton.backbone_choice import served_backbone
-    from dart_triton.checkpoint import write_tiny_checkpoint
-    from dart_triton.model_parts import load_parts
-    from dart_triton.students import StudentError
+    from dart_triton.backbones.choice import served_backbone
+    from dart_triton.backbones.students import StudentError
+    from dart_triton.model.checkpoint import write_tiny_checkpoint
+    from dart_triton.model.parts import load_parts
 
     other_d = load_parts(write_tiny_checkpoint(tmp_path / "d", seed=5, variant="d"))
     with pytest.raises(StudentError, match="other weights"):
@@ -271,12 +273,12 @@ def test_distill_cli_errors_in_one_line(tiny_checkpoint_d, photo_dir, tmp_path, 
 
 def test_backbones_benchmark_smoke(tmp_path):
     """`benchmarks.backbones` end to end at the tiny size: every row timed, a section written."""
-    from dart_triton.benchmarks import backbones, common
+    from dart_triton.benchmarks import backbones
 
     results = tmp_path / "RESULTS.md"
     assert backbones.main(["--config", "tiny", "--iters", "1", "--warmup", "0", "--students",
                            SMALL, "--out", str(tmp_path), "--results", str(results)]) == 0
-    rows = common.read_csv(tmp_path / "backbones.csv")
+    rows = read_csv(tmp_path / "backbones.csv")
     labels = [r["backbone"] for r in rows]
     assert labels[:6] == ["ViT-H (vit)", "SBP-8", "SBP-16", "block-pruned-8",
                           "block-pruned-16", f"{SMALL} + adapter"]

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from dart_triton import specs
+from dart_triton.contract import specs
 
 from .backbone_serving import (
     MAX_CLASSES,
@@ -67,8 +67,8 @@ def test_backbone_serves_the_student(backbone_server, backbone_reference, studen
 
 def test_torch_backend_serves_the_student(tiny_checkpoint_d, spec, backbone_reference, photo,
                                           tmp_path):
-    from dart_triton.students import TimmStudent
-    from dart_triton.torch_graphs import load_graph_module, weights_dir
+    from dart_triton.backbones.students import TimmStudent
+    from dart_triton.graphs.torch_graphs import load_graph_module, weights_dir
 
     pipeline, parts = backbone_reference
     build(tiny_checkpoint_d, tmp_path, spec, backend="torch")

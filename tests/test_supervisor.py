@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dart_triton.client.detections import Detections
 from dart_triton.client.errors import DartClientError
 from dart_triton.client.triton_client import DartClient
-from dart_triton.server import (
+from dart_triton.contract.detections import Detections
+from dart_triton.serving.server import (
     SHM_DIR,
     PortInUseError,
     RestartPolicy,
@@ -39,8 +39,9 @@ from dart_triton.server import (
     fatal_lines,
     free_port,
     group_members,
-    process_args,
 )
+
+from .helpers import process_args
 
 CLASSES = ["person", "rocket"]
 RESTORE_S = 90.0  # what the issue asks: service back within 90 s of a fault

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dart_triton import specs
-from dart_triton.buckets import (
+from dart_triton.contract import specs
+from dart_triton.contract.passes import (
     ProfileRange,
     bucket_for,
     pad_to_bucket,
@@ -22,8 +22,9 @@ from dart_triton.buckets import (
     profile_ranges,
     unpad,
 )
-from dart_triton.export import plan_sidecar, tensorrt_build
-from dart_triton.export.plan_profiles import (
+from dart_triton.export.tensorrt import build as tensorrt_build
+from dart_triton.export.tensorrt import sidecar as plan_sidecar
+from dart_triton.export.tensorrt.profiles import (
     check_graph_matches_spec,
     graph_dims_from_onnx,
     model_profiles,
@@ -31,7 +32,7 @@ from dart_triton.export.plan_profiles import (
     read_onnx_io,
     trtexec_command,
 )
-from dart_triton.export.plan_verify import (
+from dart_triton.export.tensorrt.verify import (
     Tolerances,
     VerificationError,
     backbone_cases,
@@ -160,10 +161,10 @@ def test_bucket_for_and_passes():
         bucket_for(17, b)
     with pytest.raises(ValueError):
         bucket_for(0, b)
-    assert plan_passes(3, b) == [(0, 3, 4)]
-    assert plan_passes(80, b) == [(0, 16, 16)] * 1 + [(16, 32, 16), (32, 48, 16), (48, 64, 16),
+    assert plan_passes(3, 16, b) == [(0, 3, 4)]
+    assert plan_passes(80, 16, b) == [(0, 16, 16)] * 1 + [(16, 32, 16), (32, 48, 16), (48, 64, 16),
                                                       (64, 80, 16)]
-    assert plan_passes(18, b) == [(0, 16, 16), (16, 18, 4)]
+    assert plan_passes(18, 16, b) == [(0, 16, 16), (16, 18, 4)]
 
 
 def test_pad_to_bucket_numpy_and_unpad():
@@ -560,11 +561,11 @@ def test_missing_tensorrt_message(monkeypatch, onnx_dir: Path, tmp_path: Path, c
 
 def test_plan_runner_needs_cuda_torch(monkeypatch):
     torch = pytest.importorskip("torch")
-    from dart_triton.export.plan_runner import PlanRunner
+    from dart_triton.export.tensorrt.executor import PlanExecutor
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"torch with CUDA .* or pass --skip-verify"):
-        PlanRunner(b"", trt=None)
+        PlanExecutor(b"", trt=None)
 
 
 def test_options_coerce():
@@ -586,7 +587,7 @@ def test_cli_dispatches_build_plans():
     from dart_triton.cli import COMMANDS
 
     module, func, _ = COMMANDS["build-plans"]
-    assert (module, func) == ("dart_triton.export.tensorrt_build", "main")
+    assert (module, func) == ("dart_triton.export.tensorrt.build", "main")
 
 
 # build_plans orchestration with the recording TensorRT stand-in (CPU) --------------------
@@ -596,12 +597,12 @@ FAKE_GPU = {"gpu_name": "Fake GPU", "compute_capability": "8.9"}
 
 @pytest.fixture
 def fake_trt(monkeypatch) -> FakeTensorRT:
-    """A TensorRT 10 stand-in; plans are run by the real PlanRunner in host memory."""
-    from dart_triton.export import plan_runner
+    """A TensorRT 10 stand-in; plans are run by the real PlanExecutor in host memory."""
+    from dart_triton.export.tensorrt import executor as plan_executor
 
     fake = FakeTensorRT("10.9.0.34")
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(plan_runner, "TorchCudaBuffers", HostBuffers)
+    monkeypatch.setattr(plan_executor, "TorchCudaBuffers", HostBuffers)
     monkeypatch.setattr(tensorrt_build, "current_device", lambda: dict(FAKE_GPU))
     return fake
 
@@ -709,13 +710,13 @@ def test_gpu_build_buckets_and_run_padded(onnx_dir: Path, tmp_path: Path):
     _need_gpu_tensorrt()
     import tensorrt as trt
 
-    from dart_triton.export.plan_runner import PlanRunner
+    from dart_triton.export.tensorrt.executor import PlanExecutor
 
     repo = tmp_path / "repo"
     res = tensorrt_build.build_plans(onnx_dir, repo, {"buckets": (1, 4, 16),
                                                       "models": ("enc_dec",)})
     assert [p["opt"] for p in res["enc_dec"]["profiles"]] == [1, 4, 16]
-    runner = PlanRunner((repo / "enc_dec" / "1" / "model.plan").read_bytes(), trt)
+    runner = PlanExecutor((repo / "enc_dec" / "1" / "model.plan").read_bytes(), trt)
     assert runner.num_profiles == 3
     ref = onnx_reference(onnx_dir / "enc_dec.onnx")
     fpn = np.random.default_rng(0).normal(size=(1, 8, 4, 4)).astype(np.float32)

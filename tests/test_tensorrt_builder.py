@@ -11,10 +11,12 @@ import numpy as np
 import onnx
 import pytest
 
-from dart_triton import specs
-from dart_triton.export import plan_runner, plan_sidecar, tensorrt_build
-from dart_triton.export.plan_runner import PlanRunner
-from dart_triton.export.tensorrt_build import PlanBuildOptions, TensorRTPath
+from dart_triton.contract import specs
+from dart_triton.export.tensorrt import build as tensorrt_build
+from dart_triton.export.tensorrt import executor as plan_executor
+from dart_triton.export.tensorrt import sidecar as plan_sidecar
+from dart_triton.export.tensorrt.build import PlanBuildOptions, TensorRTPath
+from dart_triton.export.tensorrt.executor import PlanExecutor
 
 from .fake_tensorrt import FakeTensorRT, HostBuffers, read_plan
 from .test_tensorrt_build import FAKE_GPU
@@ -25,7 +27,7 @@ TRT10, TRT11 = "10.9.0.34", "11.4.0.106"
 def install(monkeypatch, version: str) -> FakeTensorRT:
     fake = FakeTensorRT(version)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(plan_runner, "TorchCudaBuffers", HostBuffers)
+    monkeypatch.setattr(plan_executor, "TorchCudaBuffers", HostBuffers)
     monkeypatch.setattr(tensorrt_build, "current_device", lambda: dict(FAKE_GPU))
     return fake
 
@@ -38,7 +40,7 @@ def build_one(fake: FakeTensorRT, onnx_dir: Path, tmp_path: Path, model: str, **
     graph = job.onnx
     if job.fp16_graph:
         graph = tmp_path / "graph.fp16.onnx"
-        from dart_triton.export import fp16
+        from dart_triton.export.tensorrt import fp16
 
         fp16.convert_file(job.onnx, graph)
     blob = tensorrt_build.build_engine(fake, job, opts, fake.Logger(), graph)
@@ -92,7 +94,7 @@ def test_tensorrt_11_never_touches_the_removed_flags(monkeypatch, onnx_dir, tmp_
         assert info["fp16_graph"]["pass_version"] >= 1
         assert info["fp16_report"]["fp16_nodes"] > 0
         prepare, line = info["trtexec"]
-        assert prepare.startswith("python -m dart_triton.export.fp16 ")
+        assert prepare.startswith("python -m dart_triton.export.tensorrt.fp16 ")
         args = shlex.split(line)
         assert "--stronglyTyped" in args and "--fp16" not in args
         assert args[1].endswith(f"{model}.fp16.onnx")
@@ -163,7 +165,7 @@ def test_binding_exceptions_become_one_line(monkeypatch, onnx_dir, tmp_path, cap
 
 def test_fp16_graph_errors_are_one_line(monkeypatch, onnx_dir, tmp_path, capsys):
     install(monkeypatch, TRT11)
-    from dart_triton.export import fp16
+    from dart_triton.export.tensorrt import fp16
 
     fp16.convert_file(onnx_dir / "backbone.onnx", onnx_dir / "half.onnx")
     (onnx_dir / "half.onnx").replace(onnx_dir / "backbone.onnx")  # an FP16 graph as input
@@ -172,7 +174,7 @@ def test_fp16_graph_errors_are_one_line(monkeypatch, onnx_dir, tmp_path, capsys)
     assert rc == 1 and err.count("\n") == 1 and "already holds FP16 weights" in err
 
 
-# PlanRunner against the recording context -------------------------------------------------
+# PlanExecutor against the recording context -------------------------------------------------
 
 
 def _enc_dec_plan(fake: FakeTensorRT, onnx_dir: Path, tmp_path: Path) -> bytes:
@@ -189,11 +191,11 @@ def _inputs(n: int) -> dict[str, np.ndarray]:
 
 
 def test_plan_runner_call_order(monkeypatch, onnx_dir, tmp_path):
-    from dart_triton.export.plan_verify import onnx_reference
+    from dart_triton.export.tensorrt.verify import onnx_reference
 
     fake = install(monkeypatch, TRT10)
     buffers = HostBuffers()
-    runner = PlanRunner(_enc_dec_plan(fake, onnx_dir, tmp_path), fake, buffers=buffers)
+    runner = PlanExecutor(_enc_dec_plan(fake, onnx_dir, tmp_path), fake, buffers=buffers)
     assert runner.inputs == [specs.FPN_FEATURES, specs.TEXT_FEATURES, specs.TEXT_MASK]
     assert runner.num_profiles == 3
     fake.calls.clear()
@@ -225,7 +227,7 @@ def test_plan_runner_call_order(monkeypatch, onnx_dir, tmp_path):
 
 def test_plan_runner_refuses_shapes_outside_the_profile(monkeypatch, onnx_dir, tmp_path):
     fake = install(monkeypatch, TRT10)
-    runner = PlanRunner(_enc_dec_plan(fake, onnx_dir, tmp_path), fake, buffers=HostBuffers())
+    runner = PlanExecutor(_enc_dec_plan(fake, onnx_dir, tmp_path), fake, buffers=HostBuffers())
     with pytest.raises(ValueError, match=r"text_features shape \[4, 6, 8\] outside profile 0 "
                                          r"\(min \[1, 6, 8\], max \[1, 6, 8\]\)"):
         runner(_inputs(4), profile=0)
@@ -335,7 +337,7 @@ def test_dry_run_prints_the_lines_of_the_version(onnx_dir, tmp_path, capsys):
     assert tensorrt_build.main([*base, "--tensorrt-version", "11.4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["python", "trtexec", "python", "trtexec"]
-    assert lines[0] == (f"python -m dart_triton.export.fp16 {onnx_dir / 'backbone.onnx'} "
+    assert lines[0] == (f"python -m dart_triton.export.tensorrt.fp16 {onnx_dir / 'backbone.onnx'} "
                         f"{onnx_dir / 'backbone.fp16.onnx'}")
     for line in lines[1::2]:
         args = shlex.split(line)

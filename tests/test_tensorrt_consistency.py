@@ -11,11 +11,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from dart_triton import specs
-from dart_triton.buckets import parse_buckets
-from dart_triton.export import plan_runner, tensorrt_build
+from dart_triton.contract import specs
+from dart_triton.contract.passes import parse_buckets, plan_passes
+from dart_triton.export.tensorrt import build as tensorrt_build
+from dart_triton.export.tensorrt import executor as plan_executor
 from dart_triton.export.triton_config import RepoOptions, all_configs
-from dart_triton.orchestration import plan_passes
 
 from .fake_tensorrt import FakeTensorRT, HostBuffers, read_plan
 from .test_tensorrt_build import FAKE_GPU, TINY
@@ -31,7 +31,7 @@ def _within(shape, lo, hi) -> bool:
 def test_profiles_buckets_and_graph_specs_agree(monkeypatch, onnx_dir, tmp_path, buckets,
                                                 max_classes):
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.9.0.34"))
-    monkeypatch.setattr(plan_runner, "TorchCudaBuffers", HostBuffers)
+    monkeypatch.setattr(plan_executor, "TorchCudaBuffers", HostBuffers)
     monkeypatch.setattr(tensorrt_build, "current_device", lambda: dict(FAKE_GPU))
     repo = tmp_path / "repo"
     dims = specs.GraphDims(**{**TINY.__dict__, "max_classes": max_classes})

@@ -13,8 +13,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dart_triton import specs
-from dart_triton.export import fp16, plan_runner, plan_verify, tensorrt_build
+from dart_triton.contract import specs
+from dart_triton.export.tensorrt import build as tensorrt_build
+from dart_triton.export.tensorrt import executor as plan_executor
+from dart_triton.export.tensorrt import fp16
+from dart_triton.export.tensorrt import verify as plan_verify
 
 from .fake_tensorrt import FakeTensorRT, HostBuffers
 from .test_tensorrt_build import FAKE_GPU
@@ -49,7 +52,7 @@ def _dims(export: Path) -> specs.GraphDims:
 @pytest.fixture(scope="module")
 def real_inputs(export, tiny_checkpoint) -> dict[str, dict[str, np.ndarray]]:
     """The photo through the FP32 backbone, and the text features of real class names."""
-    from dart_triton.text_encoder import TextEncoder
+    from dart_triton.model.text_encoder import TextEncoder
 
     dims = _dims(export)
     pixels = plan_verify.photo_pixels(dims.imgsz)
@@ -225,7 +228,7 @@ def test_build_plans_on_the_real_export(export, tmp_path, monkeypatch, capsys, v
     """The exporter's graphs through profiles, (FP16 conversion,) the builder calls, the
     runner and verification on the photo and real class names."""
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(version))
-    monkeypatch.setattr(plan_runner, "TorchCudaBuffers", HostBuffers)
+    monkeypatch.setattr(plan_executor, "TorchCudaBuffers", HostBuffers)
     monkeypatch.setattr(tensorrt_build, "current_device", lambda: dict(FAKE_GPU))
     # The tiny random SAM3 is ~10x touchier than a trained one (1e-3 relative noise on its
     # FPN features moves boxes by 0.01), so its FP16 boxes get a looser bar here.
@@ -277,7 +280,7 @@ def test_reference_on_the_gpu_matches_onnxruntime(export, tiny_checkpoint, real_
 def test_build_verifies_against_the_gpu_reference(export, tmp_path, monkeypatch):
     _need_cuda()
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("11.4.0.106"))
-    monkeypatch.setattr(plan_runner, "TorchCudaBuffers", HostBuffers)
+    monkeypatch.setattr(plan_executor, "TorchCudaBuffers", HostBuffers)
     monkeypatch.setattr(tensorrt_build, "current_device", lambda: dict(FAKE_GPU))
     res = tensorrt_build.build_plans(export, tmp_path / "repo", {
         "buckets": (1, 4), "tolerances": {"max_abs_boxes": 0.1}})
@@ -292,7 +295,7 @@ def test_build_plans_into_a_repository_uses_its_text_encoder(export, tiny_checkp
     from dart_triton.export.repository import build_repository
 
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.9.0.34"))
-    monkeypatch.setattr(plan_runner, "TorchCudaBuffers", HostBuffers)
+    monkeypatch.setattr(plan_executor, "TorchCudaBuffers", HostBuffers)
     monkeypatch.setattr(tensorrt_build, "current_device", lambda: dict(FAKE_GPU))
     repo = tmp_path / "repo"
     build_repository(tiny_checkpoint, repo, backend="tensorrt", max_classes=4,

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dart_triton import specs
-from dart_triton.text_encoder import TextEncoder, cache_index_path, read_vocabulary
-from dart_triton.validation import check_classes, decode_class_names
+from dart_triton.contract import specs
+from dart_triton.contract.validation import check_classes, decode_class_names
+from dart_triton.model.text_encoder import TextEncoder, cache_index_path, read_vocabulary
 
 
 @pytest.fixture()

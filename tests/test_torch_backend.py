@@ -20,8 +20,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from dart_triton import specs
 from dart_triton.client import DartClient
+from dart_triton.contract import specs
 
 from . import fake_pb_utils
 from .conftest import TEST_MAX_CLASSES
@@ -30,7 +30,7 @@ from .test_triton_server import NAMES, _raw_inputs, assert_same
 
 @pytest.fixture(scope="module")
 def torch_server(torch_repository):
-    from dart_triton.server import TritonServer
+    from dart_triton.serving.server import TritonServer
 
     with TritonServer(torch_repository, startup_timeout=180,
                       extra_args=["--exit-timeout-secs=5"]) as server:
@@ -82,8 +82,8 @@ def test_torch_ensemble_refuses_more_than_max(torch_server):
 @pytest.mark.server
 def test_torch_enc_dec_refuses_more_prompts_than_max_and_keeps_serving(torch_server):
     """Called directly, enc_dec names its limit (INVALID_ARG) and stays ready."""
-    from dart_triton.specs import GraphDims
-    from dart_triton.torch_graphs import example_inputs
+    from dart_triton.contract.specs import GraphDims
+    from dart_triton.graphs.torch_graphs import example_inputs
 
     c = grpcclient.InferenceServerClient(torch_server.grpc_url)
     cfg = c.get_model_config(specs.ENC_DEC, as_json=True)["config"]
@@ -133,7 +133,7 @@ def test_torch_config_carries_the_torch_settings(torch_server):
 
 
 def test_torch_repository_holds_safetensors_not_pickles(torch_repository):
-    from dart_triton.torch_graphs import WEIGHTS_DIR
+    from dart_triton.graphs.torch_graphs import WEIGHTS_DIR
 
     for model in specs.GRAPH_MODELS:
         files = sorted(p.name for p in (torch_repository / model / "1" / WEIGHTS_DIR).iterdir())
@@ -146,7 +146,7 @@ def test_torch_repository_holds_safetensors_not_pickles(torch_repository):
 def test_torch_modules_compute_what_they_were_built_from(torch_repository, parts):
     """The weights round-trip: the head's outputs are bit for bit the same; the backbone,
     whose attention runs as SDPA here, agrees to float rounding."""
-    from dart_triton.torch_graphs import TorchGraphs
+    from dart_triton.graphs.torch_graphs import TorchGraphs
 
     graphs = TorchGraphs.from_repository(torch_repository)
     d = parts.dims
@@ -165,7 +165,7 @@ def test_torch_modules_compute_what_they_were_built_from(torch_repository, parts
 
 
 def test_weights_of_one_model_are_refused_for_the_other(torch_repository):
-    from dart_triton.torch_graphs import TorchGraphError, load_graph_module, weights_dir
+    from dart_triton.graphs.torch_graphs import TorchGraphError, load_graph_module, weights_dir
 
     with pytest.raises(TorchGraphError, match="expected 'backbone'"):
         load_graph_module(weights_dir(torch_repository, specs.ENC_DEC), specs.BACKBONE)
@@ -237,7 +237,7 @@ class _DeviceTensor:
 
 def test_from_torch_gives_python_backend_the_tensor_not_a_capsule(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils)
-    from dart_triton.triton import pb
+    from dart_triton.triton_models import pb
 
     monkeypatch.setattr(pb, "pb_utils", fake_pb_utils)
     fake_pb_utils.Tensor.dlpack_given.clear()
@@ -255,7 +255,7 @@ def test_from_torch_gives_python_backend_the_tensor_not_a_capsule(monkeypatch):
 def test_enc_dec_with_cuda_graphs_runs_an_unpadded_n_at_the_next_warm_shape(torch_repository):
     """dart_ensemble passes N as it comes: a graphed enc_dec pads it to the next captured
     bucket (no compile mid-serving) and returns N rows, the ones eager computes."""
-    from dart_triton.torch_graphs import TorchGraph, TorchSettings, weights_dir
+    from dart_triton.graphs.torch_graphs import TorchGraph, TorchSettings, weights_dir
 
     path = weights_dir(torch_repository, specs.ENC_DEC)
     eager = TorchGraph.from_weights(path, specs.ENC_DEC)

@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from dart_triton.client.detections import Detections
+from dart_triton.contract.detections import Detections
 
 pytest.importorskip("trackers")
 pytest.importorskip("supervision")

@@ -1,4 +1,4 @@
-"""Every config.pbtxt against the one source of truth (dart_triton.specs)."""
+"""Every config.pbtxt against the one source of truth (dart_triton.contract.specs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from dart_triton import specs
+from dart_triton.contract import specs
 from dart_triton.export.backends import BACKENDS
 from dart_triton.export.triton_config import (
     RepoOptions,
@@ -123,7 +123,7 @@ def test_bundled_server_accepts_tensorrt_repository_configs(tiny_checkpoint, tmp
     import tritonclient.http as httpclient
 
     from dart_triton.export.repository import build_repository
-    from dart_triton.server import TritonServer
+    from dart_triton.serving.server import TritonServer
 
     build_repository(tiny_checkpoint, tmp_path, backend="tensorrt", max_classes=4,
                      buckets=(1, 4), build_plans=False, log=lambda *_: None)
@@ -166,7 +166,7 @@ def test_instances_spread_over_listed_gpus(backend):
 def test_serve_sizes_the_cuda_pool_for_the_gpus_a_repository_uses(tmp_path):
     """serve passes --cuda-memory-pool-byte-size for every GPU the configs place models on."""
     from dart_triton.export.triton_config import write_repository_files
-    from dart_triton.repository_check import gpu_ids
+    from dart_triton.serving.preflight import gpu_ids
 
     write_repository_files(tmp_path / "cpu", RepoOptions("python", DIMS))
     write_repository_files(tmp_path / "two", RepoOptions("python", DIMS, gpus=(0, 1)))

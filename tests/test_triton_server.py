@@ -17,8 +17,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from dart_triton import specs
 from dart_triton.client import DartClient
+from dart_triton.contract import specs
 
 from .conftest import TEST_MAX_CLASSES
 
@@ -215,7 +215,11 @@ def test_model_config_exposes_build_parameters(triton_server):
 
 
 def test_perf_analyzer_against_dart(triton_server, photo, tmp_path):
-    from dart_triton.perf_analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
+    from dart_triton.benchmarks.perf_analyzer import (
+        find_perf_analyzer,
+        run_perf_analyzer,
+        write_input_data,
+    )
 
     try:
         find_perf_analyzer()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import run_cli
+from .helpers import read_csv, run_cli
 
 pytest.importorskip("av")
 pytest.importorskip("trackers")
@@ -288,11 +288,11 @@ def test_video_latency_smoke(triton_server, tmp_path, monkeypatch):
         "--config", "tiny", "--url", triton_server.grpc_url, "--frames", "3", "--warmup", "1",
         "--runs", "2", "--classes", "1", "2", "--in-flight", "1", "2", "--clip-size", "96x64",
         "--out", str(out), "--results", str(results)]) == 0
-    rows = common.read_csv(out / "video_latency.csv")
+    rows = read_csv(out / "video_latency.csv")
     assert [(r["classes"], r["in_flight"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all(r["runs"] == 2 and 0 < r["fps_min"] <= r["fps_median"] <= r["fps_max"]
                for r in rows)
-    assert len(common.read_csv(out / "video_latency_runs.csv")) == 8
+    assert len(read_csv(out / "video_latency_runs.csv")) == 8
     assert (out / "video_latency.png").read_bytes()[:4] == b"\x89PNG"
     section = common.read_section(results, "video_latency")
     assert "- command:" in section and "--frames 3" in section and "|---" in section

@@ -33,7 +33,7 @@ KEY="$(python3 - <<'PY'
 import hashlib, os, re
 
 from dart_triton import __version__
-from dart_triton.export.plan_sidecar import current_device, tensorrt_version
+from dart_triton.export.tensorrt.sidecar import current_device, tensorrt_version
 
 # No GPU: only a CPU backend can be built (DART_BUILD_ARGS="--backend python"); a
 # TensorRT build fails there with its own message.

@@ -1,0 +1,129 @@
+"""SAM3's DETR encoder-decoder as a batched, detection-only head (DART §3.2).
+
+One image's detection-level FPN features are broadcast to N class prompts inside the graph, so
+all prompts are decoded in one pass. Text enters only through cross-attention, which
+is independent across the batch axis, so row i equals SAM3 run alone on prompt i.
+The mask head is gone; shape-only tensors (image position encoding, the coordinate
+grids of the box relative-position bias) are constants for the build resolution.
+Only the last decoder layer is scored: earlier layers' logits are training signals.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from dart_triton.contract.specs import GraphDims
+
+# Additive mask value for padded text tokens: finite in FP16, exp() underflows to 0.
+MASK_NEG = -65504.0
+
+
+def _cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def _signed_log(d: torch.Tensor) -> torch.Tensor:
+    d = d * 8
+    return torch.sign(d) * torch.log2(d.abs() + 1.0) / math.log2(8)
+
+
+class BatchedDetectionHead(nn.Module):
+    """(fpn_features [1,C,h,w], text_features [N,L,D], text_mask [N,L]) -> boxes, logits, presence.
+
+    Outputs: boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence logits [N,1].
+    """
+
+    def __init__(self, sam3_model, dims: GraphDims, attn_implementation: str = "eager"):
+        """`dims.feat_hw` sizes the shape-only constants (the side of the level `Sam3Model`
+        reads, from the checkpoint's scale factors); `attn_implementation`: "eager"
+        (explicit softmax attention: what is exported) or
+        "sdpa" for the PyTorch runtime, where a fused kernel avoids materialising the
+        [N, heads, h*w, h*w] encoder attention (GBs at 1008 px and 16 prompts)."""
+        super().__init__()
+        self.encoder_layers = sam3_model.detr_encoder.layers
+        dec = sam3_model.detr_decoder
+        self.decoder_layers = dec.layers
+        if attn_implementation != "eager":
+            # Own copies: the layers read the attention kind from their (shared) config,
+            # and the reference model must keep its own.
+            self.encoder_layers = copy.deepcopy(self.encoder_layers)
+            self.decoder_layers = copy.deepcopy(self.decoder_layers)
+            for layers in (self.encoder_layers, self.decoder_layers):
+                layers[0].self_attn.config._attn_implementation = attn_implementation
+        self.output_norm = dec.output_layer_norm
+        self.box_head = dec.box_head
+        self.presence_head, self.presence_norm = dec.presence_head, dec.presence_layer_norm
+        self.presence_clamp = float(dec.clamp_presence_logit_max_val)
+        self.ref_point_head = dec.ref_point_head
+        self.rpb_x, self.rpb_y = dec.box_rpb_embed_x, dec.box_rpb_embed_y
+        self.box_sine = dec.position_encoding
+        self.scoring = sam3_model.dot_product_scoring
+
+        neck = sam3_model.vision_encoder.neck
+        c = sam3_model.config.vision_config.fpn_hidden_size
+        feat_hw = dims.feat_hw
+        with torch.no_grad():
+            pos = neck.position_encoding((1, c, feat_hw, feat_hw), "cpu", torch.float32)
+            grid = torch.arange(feat_hw, dtype=torch.float32) / feat_hw
+        self.register_buffer("vision_pos", pos.flatten(2).transpose(1, 2).clone(), persistent=False)
+        self.register_buffer("grid", grid, persistent=False)
+        self.register_buffer("queries", dec.query_embed.weight.detach().clone(), persistent=False)
+        self.register_buffer(
+            "ref_boxes", dec.reference_points.weight.detach().sigmoid().clone(), persistent=False
+        )
+        self.register_buffer(
+            "presence_token", dec.presence_token.weight.detach().clone(), persistent=False
+        )
+
+    def _rpb(self, boxes_cxcywh: torch.Tensor) -> torch.Tensor:
+        """Box relative-position bias [N, heads, Q, h*w] (log-scale distances to box edges)."""
+        xyxy = _cxcywh_to_xyxy(boxes_cxcywh)  # [N, Q, 4]
+        dx = self.grid[None, None, :, None] - xyxy[:, :, None, 0::2]  # [N, Q, w, 2]
+        dy = self.grid[None, None, :, None] - xyxy[:, :, None, 1::2]  # [N, Q, h, 2]
+        bx = self.rpb_x(_signed_log(dx))  # [N, Q, w, heads]
+        by = self.rpb_y(_signed_log(dy))  # [N, Q, h, heads]
+        bias = by.unsqueeze(3) + bx.unsqueeze(2)  # [N, Q, h, w, heads]
+        return bias.flatten(2, 3).permute(0, 3, 1, 2)
+
+    def forward(
+        self, fpn_features: torch.Tensor, text_features: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = text_features.shape[0]
+        vision = fpn_features.flatten(2).transpose(1, 2)  # [1, h*w, C]
+        vision = vision.expand(n, -1, -1)  # the backbone ran once; every prompt shares it
+        pos = self.vision_pos.expand(n, -1, -1)
+        valid = text_mask.to(text_features.dtype)  # [N, L], 1 = token
+        text_bias = ((1.0 - valid) * MASK_NEG)[:, None, None, :]  # [N, 1, 1, L]
+
+        for layer in self.encoder_layers:
+            vision = layer(vision, prompt_feats=text_features, vision_pos_encoding=pos,
+                           prompt_cross_attn_mask=text_bias)
+
+        q = self.queries.shape[0]
+        hidden = torch.cat((self.presence_token, self.queries), dim=0)[None].expand(n, -1, -1)
+        boxes = self.ref_boxes[None].expand(n, -1, -1)
+        presence_pad = torch.zeros_like(self._rpb(boxes)[:, :, :1])
+        for layer in self.decoder_layers:
+            query_pos = self.ref_point_head(self.box_sine.encode_boxes(boxes))
+            rpb = torch.cat((presence_pad, self._rpb(boxes)), dim=2)  # presence row: no bias
+            hidden = layer(hidden, query_pos=query_pos, text_features=text_features,
+                           vision_features=vision, vision_pos_encoding=pos,
+                           text_cross_attn_mask=text_bias, vision_cross_attn_mask=rpb)
+            query_hidden = self.output_norm(hidden[:, 1:])
+            boxes = (self.box_head(query_hidden) + _inverse_sigmoid(boxes)).sigmoid()
+
+        presence = self.presence_head(self.presence_norm(hidden[:, :1])).squeeze(-1)
+        presence = presence.clamp(-self.presence_clamp, self.presence_clamp)
+        logits = self.scoring(query_hidden[None], text_features, valid)[0].squeeze(-1)
+        assert logits.shape[-1] == q
+        return _cxcywh_to_xyxy(boxes), logits, presence

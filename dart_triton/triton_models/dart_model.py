@@ -1,0 +1,121 @@
+"""dart: the public detector, a BLS pipeline over the other models.
+
+The orchestration (backbone ∥ text, enc_dec passes, padding, merging) is
+`dart_triton.pipeline.orchestration`, shared with the in-process `DartPipeline`; this module only
+binds its steps to BLS calls (`BlsRunner`) and maps errors to Triton codes. Frames
+overlap across `dart` instances: while one instance waits on `backbone`, another's
+`enc_dec` runs (inter-frame pipelining).
+
+Errors: a bad request -> INVALID_ARGUMENT; a called model that fails -> INTERNAL naming
+it, or UNAVAILABLE when it is down (a dead stub: retrying after a restart helps).
+tritonserver 2.51's python backend counts an error *response* as a success in
+`nv_inference_request_success` (a raised exception is counted as a failure but always
+reaches the client as INTERNAL with a traceback), so `dart` counts its failures itself:
+`dart_request_failures_total{code=...}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import torch
+
+from dart_triton.contract import specs
+from dart_triton.contract.parameters import DartParameters
+from dart_triton.contract.passes import plan_passes
+from dart_triton.model.postprocess import select
+from dart_triton.model.preprocess import preprocess_tensor
+from dart_triton.pipeline.orchestration import HeadOutputs, ModelCallError, run_graphs
+from dart_triton.triton_models import pb
+from dart_triton.triton_models.postprocess_model import detection_tensors
+
+# What a called model says when its stub is gone or not loaded: retrying later can help.
+_UNAVAILABLE_SIGNS = ("not healthy", "not ready", "unavailable", "stub process")
+
+
+def _unavailable(code: int | None, message: str) -> bool:
+    return code == getattr(pb.pb_utils.TritonError, "UNAVAILABLE", None) or any(
+        s in message.lower() for s in _UNAVAILABLE_SIGNS)
+
+
+async def call_model(model: str, inputs: list, outputs: tuple[str, ...]) -> list:
+    """One BLS call; any failure becomes a `ModelCallError` naming the model."""
+    request = pb.pb_utils.InferenceRequest(model_name=model, inputs=inputs,
+                                           requested_output_names=list(outputs))
+    try:
+        response = await request.async_exec()
+    except Exception as exc:  # the call itself failed (e.g. the model is not loaded)
+        raise ModelCallError(model, str(exc), _unavailable(None, str(exc))) from None
+    if response.has_error():
+        error = response.error()
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        raise ModelCallError(model, error.message(), _unavailable(code, error.message()))
+    tensors = [pb.pb_utils.get_output_tensor_by_name(response, name) for name in outputs]
+    missing = [n for n, t in zip(outputs, tensors, strict=True) if t is None]
+    if missing:
+        raise ModelCallError(model, f"returned no {', '.join(missing)}")
+    return tensors
+
+
+class BlsRunner:
+    """The orchestration's steps as BLS calls. FPN features stay a Triton tensor from
+    backbone to enc_dec (no copy); text features become torch tensors for slicing."""
+
+    async def backbone(self, pixel_values: torch.Tensor):
+        (features,) = await call_model(
+            specs.BACKBONE, [pb.from_torch(specs.PIXEL_VALUES, pixel_values)],
+            (specs.FPN_FEATURES,))
+        return features
+
+    async def text(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = np.array([n.encode("utf-8") for n in names], dtype=object)
+        features, mask = await call_model(
+            specs.TEXT_ENCODER, [pb.pb_utils.Tensor(specs.CLASSES, classes)],
+            (specs.TEXT_FEATURES, specs.TEXT_MASK))
+        return pb.as_torch(features), pb.as_torch(mask)
+
+    async def enc_dec(self, features, text_features: torch.Tensor,
+                      text_mask: torch.Tensor) -> HeadOutputs:
+        outs = await call_model(specs.ENC_DEC, [
+            features,
+            pb.from_torch(specs.TEXT_FEATURES, text_features),
+            pb.from_torch(specs.TEXT_MASK, text_mask),
+        ], specs.HEAD_OUTPUTS)
+        # Zero-copy torch views: GPU outputs (the torch backend) stay on the GPU, and
+        # `select` runs NMS there; CPU outputs are numpy underneath.
+        return HeadOutputs(*(pb.as_torch(t) for t in outs))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.params = pb.model_parameters(args, DartParameters)
+        self.device = pb.device_of(args)
+        self.runner = BlsRunner()
+        family = pb.pb_utils.MetricFamily
+        # The family must outlive its metrics: keep both on the instance.
+        self.failure_family = family(
+            name="dart_request_failures_total",
+            description="dart requests answered with an error, by Triton error code",
+            kind=family.COUNTER)
+        self.failures = {code: self.failure_family.Metric(labels={"code": code})
+                         for code in ("INVALID_ARG", "INTERNAL", "UNAVAILABLE")}
+
+    async def _run(self, request) -> list:
+        req = pb.read_request(request)
+        pixels = preprocess_tensor(torch.from_numpy(req.image).to(self.device),
+                                   self.params.imgsz)
+        passes = plan_passes(len(req.names), self.params.max_classes,
+                             self.params.enc_dec_buckets)
+        head = await run_graphs(self.runner, pixels, req.names, passes)
+        return detection_tensors(*select(*head, req.original_size, req.options))
+
+    def _error(self, exc: BaseException):
+        self.failures[pb.error_code(exc)].increment(1)
+        return pb.error_response(exc)
+
+    async def execute(self, requests):
+        results = await asyncio.gather(*(self._run(r) for r in requests),
+                                       return_exceptions=True)
+        return [self._error(r) if isinstance(r, BaseException)
+                else pb.pb_utils.InferenceResponse(output_tensors=r) for r in results]
