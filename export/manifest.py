@@ -9,7 +9,7 @@ the build wrote.
 
 * ``dart-triton serve`` refuses, in one line, a repository built by another version:
   the generated ``model.py`` entry points import this package's modules and its configs
-  follow this version's specs (:func:`version_refusal`).
+  follow this version's specs (`contract.manifest.version_refusal`).
 * ``dart-triton check-repository REPO --checkpoint DIR -- BUILD ARGS`` exits 0 when REPO
   is what ``dart-triton build --checkpoint DIR --output REPO BUILD ARGS`` would write
   now, else prints why and exits 1; the container entrypoint rebuilds on 1. It covers
@@ -30,7 +30,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,21 +38,17 @@ from typing import TYPE_CHECKING, Any
 from dart_triton import __version__
 from dart_triton.backbones.choice import BackboneChoice
 from dart_triton.contract import specs
+from dart_triton.contract.manifest import MANIFEST, ManifestError, read_manifest
 
 if TYPE_CHECKING:
     from dart_triton.export.repository import BuildOptions
 
-MANIFEST = "dart_repository.json"
 FORMAT = 1
 # Plan options that do not change what is written (logging), or that the build takes from
 # the repository's own options (BuildOptions.plan_options) and are compared there.
 _PLAN_NOT_COMPARED = {"verbose", "imgsz", "max_classes", "buckets"}
 # A graph model Triton serves from a TensorRT plan (GPU- and TensorRT-version-specific).
 _PLAN_PLATFORM = re.compile(r'^\s*platform:\s*"tensorrt_plan"', re.M)
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be read."""
 
 
 def _sha256(path: Path) -> str:
@@ -155,41 +151,7 @@ def invalidate(repo: str | Path) -> None:
         (Path(repo) / MANIFEST).unlink()
 
 
-def read_manifest(repo: str | Path) -> dict[str, Any] | None:
-    """The manifest, or None when the repository has none (not built by `dart-triton build`)."""
-    path = Path(repo) / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"{path} is unreadable ({exc})") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path} is not a manifest")
-    return data
-
-
 # Checks ---------------------------------------------------------------------------------
-
-
-def version_refusal(repositories: Iterable[str | Path]) -> str | None:
-    """One line when a repository was built by another dart-triton version, else None.
-
-    A repository without a manifest (written by hand, or by another tool) is not refused.
-    """
-    for repo in repositories:
-        try:
-            manifest = read_manifest(repo)
-        except ManifestError as exc:
-            return f"{exc}: rebuild the repository with `dart-triton build`"
-        if manifest is None:
-            continue
-        built = manifest.get("dart_triton_version")
-        if built != __version__:
-            by = f"dart-triton {built}" if built else "an earlier dart-triton"
-            return (f"{repo} was built by {by} and this is {__version__}: rebuild it with "
-                    "`dart-triton build`")
-    return None
 
 
 def _differences(prefix: str, built: Any, wanted: Any) -> list[str]:

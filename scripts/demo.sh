@@ -17,7 +17,7 @@ BACKEND="${DART_BACKEND:-python}"
 # failures wait for setup to fix the venv), and again after it.
 check_backend() {
     local problem rc=0
-    problem="$("$1" -m dart_triton.serving.preflight --backend "$BACKEND" 2>&1)" || rc=$?
+    problem="$("$1" -m dart_triton.export.server_check "$BACKEND" 2>&1)" || rc=$?
     if [[ $rc -eq 2 || ( $rc -ne 0 && "$2" == after ) ]]; then
         echo "demo.sh: DART_BACKEND=$BACKEND: $problem" >&2
         exit 2

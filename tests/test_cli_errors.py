@@ -369,6 +369,7 @@ def test_pipeline_takes_read_only_images_without_warning(tiny_checkpoint, photo)
 
 # --- backends: repository_check and demo.sh ------------------------------------------------
 def test_repository_check_names_models_and_missing_backend(python_repository, tmp_path):
+    from dart_triton.export import server_check
     from dart_triton.serving import preflight as rc
 
     assert rc.backend_problem([python_repository]) is None
@@ -391,10 +392,10 @@ def test_repository_check_names_models_and_missing_backend(python_repository, tm
         (ngc / "backends" / name / f"libtriton_{name}.so").write_bytes(b"")
     binary = ngc / "bin" / "tritonserver"
     assert rc.available_backends(binary) == {"python", "onnxruntime"}
-    assert rc.build_backend_problem("onnxruntime", binary) is None
-    assert rc.build_backend_problem("torch", binary) is None  # python models only
-    assert "no tensorrt backend" in rc.build_backend_problem("tensorrt", binary)
-    assert rc.build_backends("tensorrt") == {"python", "tensorrt"}
+    assert server_check.build_backend_problem("onnxruntime", binary) is None
+    assert server_check.build_backend_problem("torch", binary) is None  # python models only
+    assert "no tensorrt backend" in server_check.build_backend_problem("tensorrt", binary)
+    assert server_check.build_backends("tensorrt") == {"python", "tensorrt"}
 
 
 def test_repository_check_command_line(python_repository):
@@ -409,7 +410,7 @@ def test_repository_check_command_line(python_repository):
 
 
 def test_demo_refuses_a_backend_the_local_server_cannot_load():
-    from dart_triton.serving.preflight import build_backend_problem
+    from dart_triton.export.server_check import build_backend_problem
 
     if build_backend_problem("onnxruntime") is None:
         pytest.skip("this tritonserver has the onnxruntime backend: the demo would run")

@@ -14,6 +14,7 @@ import pytest
 
 from dart_triton import __version__
 from dart_triton.contract import specs
+from dart_triton.contract.manifest import version_refusal
 from dart_triton.export import manifest
 from dart_triton.export.repository import BuildOptions, packaged_vocabulary
 from dart_triton.export.tensorrt import build as tensorrt_build
@@ -127,19 +128,19 @@ def test_tensorrt_plans_of_another_tensorrt_are_stale(tmp_path, checkpoint, monk
 def test_unfinished_and_foreign_repositories(tmp_path, checkpoint):
     build = BuildOptions(backend="python", max_classes=4)
     repo = _repo(tmp_path, checkpoint, build)
-    assert manifest.version_refusal([repo]) is None
+    assert version_refusal([repo], __version__) is None
     data = json.loads((repo / manifest.MANIFEST).read_text())
     (repo / manifest.MANIFEST).write_text(json.dumps({**data, "dart_triton_version": "0.0.1"}))
-    assert manifest.version_refusal([repo]) == (
+    assert version_refusal([repo], __version__) == (
         f"{repo} was built by dart-triton 0.0.1 and this is {__version__}: rebuild it with "
         "`dart-triton build`")
     assert f"built by dart-triton 0.0.1, this is {__version__}" in _stale(repo, checkpoint, build)
     (repo / manifest.MANIFEST).write_text("{not json")
-    assert "is unreadable" in manifest.version_refusal([repo])
+    assert "is unreadable" in version_refusal([repo], __version__)
     manifest.invalidate(repo)  # what a build does first
     assert _stale(repo, checkpoint, build) == [
         f"no {manifest.MANIFEST} in {repo} (never built, or the build was interrupted)"]
-    assert manifest.version_refusal([repo]) is None  # not a dart-triton build: served as is
+    assert version_refusal([repo], __version__) is None  # not a dart-triton build: served as is
 
 
 def test_check_repository_command(tmp_path, checkpoint, capsys):

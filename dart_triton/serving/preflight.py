@@ -9,7 +9,6 @@ the backends found in its backend directory (``/opt/tritonserver/backends`` in N
 container). Comparing the two answers in one line, before any model loads.
 
     python -m dart_triton.serving.preflight REPO [--tritonserver BIN]
-    python -m dart_triton.serving.preflight --backend onnxruntime     # before building
 """
 
 from __future__ import annotations
@@ -52,20 +51,6 @@ def config_backend(text: str) -> str | None:
     if cfg.backend:
         return cfg.backend
     return PLATFORM_BACKENDS.get(cfg.platform, cfg.platform or None)
-
-
-def build_backends(build_backend: str) -> set[str] | None:
-    """Triton backends a ``dart-triton build --backend X`` repository needs; None if no such X.
-
-    Its pre/post-processing, text encoder and `dart` models are python models; the graph
-    models use the runtime line of X's entry in the build's backend table.
-    """
-    from dart_triton.export.backends import BACKENDS
-
-    entry = BACKENDS.get(build_backend)
-    if entry is None:
-        return None
-    return {"python"} | {b for b in [config_backend(entry.runtime)] if b}
 
 
 def model_backend(model_dir: Path) -> str | None:
@@ -193,44 +178,22 @@ def backend_problem(
             f"{f' in {directory}' if directory else ''}; {NGC_HINT}")
 
 
-def build_backend_problem(build_backend: str, binary: str | Path | None = None) -> str | None:
-    """Like `backend_problem`, for a repository ``dart-triton build --backend X`` would write."""
-    needed = build_backends(build_backend)
-    if needed is None:
-        from dart_triton.export.backends import BACKENDS
-
-        return f"unknown backend {build_backend!r}: choose one of {', '.join(BACKENDS)}"
-    have = available_backends(binary)
-    if have is None:
-        return None
-    missing = sorted(needed - have)
-    if not missing:
-        return None
-    return (f"{describe_server(binary)} has no {', '.join(missing)} backend (only: "
-            f"{', '.join(sorted(have)) or 'none'}); {NGC_HINT}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m dart_triton.serving.preflight",
         description="Exit 0 if tritonserver has every backend the repository needs, else say "
                     "which model needs which backend in one line and exit 2.",
     )
-    p.add_argument("repositories", nargs="*", metavar="REPO", help="model repository")
-    p.add_argument("--backend", metavar="X",
-                   help="check a repository `dart-triton build --backend X` would write")
+    p.add_argument("repositories", nargs="+", metavar="REPO", help="model repository")
     p.add_argument("--tritonserver", metavar="BIN",
                    help="binary to check (default: the one `dart-triton serve` runs)")
     args, extra = p.parse_known_args(argv)
-    if not args.repositories and not args.backend:
-        p.error("give a REPO or --backend")
     missing = [r for r in args.repositories if not Path(r).is_dir()]
     if missing:
         print(f"{p.prog}: no such model repository: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        problem = build_backend_problem(args.backend, args.tritonserver) if args.backend else None
-        problem = problem or backend_problem(args.repositories, args.tritonserver, extra)
+        problem = backend_problem(args.repositories, args.tritonserver, extra)
     except FileNotFoundError as e:  # no tritonserver at all
         print(f"{p.prog}: {e}", file=sys.stderr)
         return 2

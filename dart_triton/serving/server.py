@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from dart_triton.export.manifest import version_refusal
+from dart_triton import __version__
+from dart_triton.contract.manifest import version_refusal
 
 DEFAULT_HOST = "127.0.0.1"
 GPU_MEMORY_POOL_BYTES = 1 << 30  # --cuda-memory-pool-byte-size per GPU (see serve_main)
@@ -1065,7 +1066,8 @@ def serve_main(argv: list[str]) -> int:
     if missing:
         print(f"dart-triton serve: no such model repository: {', '.join(missing)}", file=sys.stderr)
         return 2
-    if refusal := version_refusal(args.model_repository):  # built by another dart-triton
+    # A repository built by another dart-triton version is refused in one line.
+    if refusal := version_refusal(args.model_repository, __version__):
         print(f"dart-triton serve: {refusal}", file=sys.stderr)
         return 2
     # A model whose backend this tritonserver lacks would fail at load (the bundled 2.51
