@@ -22,6 +22,7 @@ from dart_triton.export.backends import BACKENDS
 from dart_triton.export.manifest import MANIFEST
 
 from .helpers import wait_http_ready
+from .tolerances import BOX_ATOL_PER_PIXEL, SCORE_ATOL
 from .wheel_env import WheelEnv, sdist_members
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -163,9 +164,9 @@ def test_serve_and_detect_from_the_decoy_directory(wheel_env: WheelEnv, workdir:
     ref = NaivePipeline(parts.model, parts.tokenizer).detect(photo, CLASSES).to_coco(0)
     assert [d["category_id"] for d in served] == [d["category_id"] for d in ref]
     np.testing.assert_allclose([d["score"] for d in served], [d["score"] for d in ref],
-                               atol=1e-5)
+                               atol=SCORE_ATOL)
     np.testing.assert_allclose([d["bbox"] for d in served], [d["bbox"] for d in ref],
-                               atol=1e-4 * 512)
+                               atol=BOX_ATOL_PER_PIXEL * 512)
 
 
 def test_serve_refuses_a_repository_of_another_version(wheel_env: WheelEnv, workdir: Path,

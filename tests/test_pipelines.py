@@ -6,6 +6,8 @@ import pytest
 from dart_triton.contract.passes import plan_passes
 from dart_triton.pipeline.detectors import DartPipeline
 
+from .tolerances import BOX_ATOL_PER_PIXEL, SCORE_ATOL
+
 
 @pytest.fixture(scope="module")
 def dart(parts):
@@ -15,8 +17,8 @@ def dart(parts):
 def assert_same(a, b, image_side: int):
     assert len(a) == len(b)
     np.testing.assert_array_equal(a.class_ids, b.class_ids)
-    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
-    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-4 * image_side)
+    np.testing.assert_allclose(a.scores, b.scores, atol=SCORE_ATOL)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=BOX_ATOL_PER_PIXEL * image_side)
 
 
 @pytest.mark.parametrize("classes", [

@@ -8,11 +8,13 @@ import asyncio
 import json
 import pickle
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from . import fake_pb_utils
+from .tolerances import SCORE_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,8 @@ def test_dart_bls_matches_naive(models, naive, photo):
 
 def test_tensorrt_buckets_pad_and_drop_rows(models, naive, photo):
     dart = models["dart"]
-    dart.buckets = [1, 2, 4]  # as `dart-triton build --backend tensorrt --buckets 1,2,4`
+    # as `dart-triton build --backend tensorrt --buckets 1,2,4`
+    dart.params = replace(dart.params, enc_dec_buckets=(1, 2, 4))
     try:
         fake_pb_utils.InferenceRequest.calls.clear()
         classes = ["person", "rocket", "flag", "helmet", "sky"]  # 4 + 1 -> buckets 4 and 1
@@ -95,9 +98,9 @@ def test_tensorrt_buckets_pad_and_drop_rows(models, naive, photo):
         ref = naive.detect(photo, classes, score_threshold=0.0, nms_iou=1.0,
                            max_detections=100000)
         assert set(ids.tolist()) == {0, 1, 2}
-        np.testing.assert_allclose(np.sort(scores), np.sort(ref.scores), atol=1e-5)
+        np.testing.assert_allclose(np.sort(scores), np.sort(ref.scores), atol=SCORE_ATOL)
     finally:
-        dart.buckets = []
+        dart.params = replace(dart.params, enc_dec_buckets=())
 
 
 def test_text_encoder_counts_cache_hits(models):

@@ -21,6 +21,7 @@ from dart_triton.client import DartClient
 from dart_triton.contract import specs
 
 from .conftest import TEST_MAX_CLASSES
+from .tolerances import BOX_ATOL_PER_PIXEL, SCORE_ATOL
 
 pytestmark = pytest.mark.server
 
@@ -31,8 +32,8 @@ NAMES = ["person", "rocket", "flag", "helmet", "sky", "glove", "tree", "car", "c
 def assert_same(served, ref, side: int = 512):
     assert len(served) == len(ref)
     np.testing.assert_array_equal(served.class_ids, ref.class_ids)
-    np.testing.assert_allclose(served.scores, ref.scores, atol=1e-5)
-    np.testing.assert_allclose(served.boxes, ref.boxes, atol=1e-4 * side)
+    np.testing.assert_allclose(served.scores, ref.scores, atol=SCORE_ATOL)
+    np.testing.assert_allclose(served.boxes, ref.boxes, atol=BOX_ATOL_PER_PIXEL * side)
 
 
 @pytest.fixture(scope="module")
