@@ -52,7 +52,7 @@ EOF
     # --no-deps: only the bundled binaries are used, never the pytriton package, and
     # its numpy<2 pin would downgrade the venv's numpy (the stub gets numpy<2 in step 2).
     log "installing $serve_spec (binaries only, --no-deps) into $VENV"
-    "$PY" -m pip install --quiet --no-deps "$serve_spec"
+    "$PY" -m pip install --quiet --no-deps --constraint "$ROOT/constraints.txt" "$serve_spec"
 fi
 
 # 2. The stub's Python: numpy<2 first, then everything in the project venv (a .pth

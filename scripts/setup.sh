@@ -6,6 +6,8 @@
 #     on a CPU; pip takes both from this machine's disk where they lie there), 2.9.1 /
 #     0.24.1 (CPU builds) on aarch64,
 #   * the project, editable, with its extras,
+#   every package at the version constraints.txt pins (tested; refreshed on purpose with
+#   scripts/update_constraints.sh), so a fresh install today is the install CI tested,
 #   * the CLIP BPE vocabulary (open_clip_torch, --no-deps: only its vocab file is used),
 #   * tritonserver + python backend, perf_analyzer, libb64 (scripts/install_triton_tools.sh).
 set -euo pipefail
@@ -21,7 +23,8 @@ log() { printf '[setup] %s\n' "$*"; }
 PY="$VENV/bin/python"
 
 # Reinstall only when the dependency list changed.
-want="$(sha256sum "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)"
+want="$(sha256sum "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" "$ROOT/constraints.txt" \
+    | sha256sum | cut -c1-16)"
 if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     # A full disk otherwise shows up minutes later as a test's "No space left on device".
     free_gb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print int($4 / 1048576)}')
@@ -31,13 +34,14 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     "$PY" -m pip install --quiet --upgrade pip
     if [[ "$(uname -m)" == aarch64 ]]; then torch_pair=("torch==2.9.1" "torchvision==0.24.1")
     else torch_pair=("torch==2.14.1" "torchvision==0.29.1"); fi
-    "$PY" - "${torch_pair[@]}" <<'PYCHECK' 2>/dev/null || "$PY" -m pip install --quiet "${torch_pair[@]}"
+    "$PY" - "${torch_pair[@]}" <<'PYCHECK' 2>/dev/null || "$PY" -m pip install --quiet --constraint "$ROOT/constraints.txt" "${torch_pair[@]}"
 import sys, torch, torchvision  # the pinned pair, and torchvision's ops load beside torch
 from torchvision.ops import nms  # noqa: F401
 want = [a.split("==")[1] for a in sys.argv[1:]]
 sys.exit([torch.__version__.split("+")[0], torchvision.__version__.split("+")[0]] != want)
 PYCHECK
-    "$PY" -m pip install --quiet -e "${ROOT}[video,draw,eval,bench,dev,students]"
+    "$PY" -m pip install --quiet --constraint "$ROOT/constraints.txt" \
+        -e "${ROOT}[video,draw,eval,bench,dev,students]"
     "$PY" -m pip install --quiet --no-deps "open_clip_torch==3.3.0"
     echo "$want" > "$STAMP"
 fi

