@@ -6,6 +6,12 @@ is independent across the batch axis, so row i equals SAM3 run alone on prompt i
 The mask head is gone; shape-only tensors (image position encoding, the coordinate
 grids of the box relative-position bias) are constants for the build resolution.
 Only the last decoder layer is scored: earlier layers' logits are training signals.
+
+Work that does not depend on the prompt runs once per pass, not once per prompt, and is
+then broadcast: the first encoder layer's self-attention (it sees only image tokens,
+before any text enters: 60% of that layer's FLOPs at 1008 px) and the first decoder
+layer's self-attention, query positions and box bias (every prompt starts from the same
+learned queries and reference boxes). The arithmetic is the same, so the outputs are.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dart_triton.contract.specs import GraphDims
 
@@ -35,6 +42,49 @@ def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
 def _signed_log(d: torch.Tensor) -> torch.Tensor:
     d = d * 8
     return torch.sign(d) * torch.log2(d.abs() + 1.0) / math.log2(8)
+
+
+# The layers of transformers' Sam3DetrEncoderLayer / Sam3DetrDecoderLayer, split where
+# text first enters, so that the part before runs on one image and is broadcast.
+
+
+def _encoder_self_attention(layer: nn.Module, vision: torch.Tensor,
+                            pos: torch.Tensor) -> torch.Tensor:
+    """Pre-norm self-attention over image tokens, with its residual (no text involved)."""
+    hidden = layer.layer_norm1(vision)
+    with_pos = hidden + pos
+    out, _ = layer.self_attn(query=with_pos, key=with_pos, value=hidden)
+    return layer.dropout(out) + vision
+
+
+def _encoder_text_and_mlp(layer: nn.Module, vision: torch.Tensor, text: torch.Tensor,
+                          text_bias: torch.Tensor) -> torch.Tensor:
+    """The rest of the encoder layer: cross-attention to the prompt's tokens, then the MLP."""
+    hidden = layer.layer_norm2(vision)
+    out, _ = layer.cross_attn(query=hidden, key=text, value=text, attention_mask=text_bias)
+    vision = layer.dropout(out) + vision
+    return layer.dropout(layer.mlp(layer.layer_norm3(vision))) + vision
+
+
+def _decoder_self_attention(layer: nn.Module, hidden: torch.Tensor,
+                            query_pos: torch.Tensor) -> torch.Tensor:
+    """Post-norm self-attention among the queries (and the presence token)."""
+    with_pos = hidden + query_pos
+    out, _ = layer.self_attn(query=with_pos, key=with_pos, value=hidden, attention_mask=None)
+    return layer.self_attn_layer_norm(hidden + layer.self_attn_dropout(out))
+
+
+def _decoder_cross_and_mlp(layer: nn.Module, hidden: torch.Tensor, query_pos: torch.Tensor,
+                           text: torch.Tensor, text_bias: torch.Tensor, vision: torch.Tensor,
+                           vision_pos: torch.Tensor, rpb: torch.Tensor) -> torch.Tensor:
+    """The rest of the decoder layer: text cross-attention, vision cross-attention, MLP."""
+    out, _ = layer.text_cross_attn(query=hidden + query_pos, key=text, value=text,
+                                   attention_mask=text_bias)
+    hidden = layer.text_cross_attn_layer_norm(hidden + layer.text_cross_attn_dropout(out))
+    out, _ = layer.vision_cross_attn(query=hidden + query_pos, key=vision + vision_pos,
+                                     value=vision, attention_mask=rpb)
+    hidden = layer.vision_cross_attn_layer_norm(hidden + layer.vision_cross_attn_dropout(out))
+    return layer.mlp_layer_norm(hidden + layer.mlp_dropout(layer.mlp(hidden)))
 
 
 class BatchedDetectionHead(nn.Module):
@@ -99,26 +149,38 @@ class BatchedDetectionHead(nn.Module):
         self, fpn_features: torch.Tensor, text_features: torch.Tensor, text_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = text_features.shape[0]
-        vision = fpn_features.flatten(2).transpose(1, 2)  # [1, h*w, C]
-        vision = vision.expand(n, -1, -1)  # the backbone ran once; every prompt shares it
-        pos = self.vision_pos.expand(n, -1, -1)
         valid = text_mask.to(text_features.dtype)  # [N, L], 1 = token
         text_bias = ((1.0 - valid) * MASK_NEG)[:, None, None, :]  # [N, 1, 1, L]
+        pos = self.vision_pos.expand(n, -1, -1)
 
-        for layer in self.encoder_layers:
+        # Encoder. The backbone ran once; the first layer's self-attention runs once too,
+        # and every prompt continues from its result.
+        first, *rest = self.encoder_layers
+        vision = fpn_features.flatten(2).transpose(1, 2)  # [1, h*w, C]
+        vision = _encoder_self_attention(first, vision, self.vision_pos).expand(n, -1, -1)
+        vision = _encoder_text_and_mlp(first, vision, text_features, text_bias)
+        for layer in rest:
             vision = layer(vision, prompt_feats=text_features, vision_pos_encoding=pos,
                            prompt_cross_attn_mask=text_bias)
 
+        # Decoder. Layer 1 starts from the same queries and boxes for every prompt.
         q = self.queries.shape[0]
-        hidden = torch.cat((self.presence_token, self.queries), dim=0)[None].expand(n, -1, -1)
-        boxes = self.ref_boxes[None].expand(n, -1, -1)
-        presence_pad = torch.zeros_like(self._rpb(boxes)[:, :, :1])
-        for layer in self.decoder_layers:
-            query_pos = self.ref_point_head(self.box_sine.encode_boxes(boxes))
-            rpb = torch.cat((presence_pad, self._rpb(boxes)), dim=2)  # presence row: no bias
-            hidden = layer(hidden, query_pos=query_pos, text_features=text_features,
-                           vision_features=vision, vision_pos_encoding=pos,
-                           text_cross_attn_mask=text_bias, vision_cross_attn_mask=rpb)
+        hidden = torch.cat((self.presence_token, self.queries), dim=0)[None]  # [1, 1+Q, C]
+        boxes = self.ref_boxes[None]  # [1, Q, 4]
+        rpb = self._rpb(boxes)
+        presence_pad = torch.zeros_like(rpb[:, :, :1])
+        for i, layer in enumerate(self.decoder_layers):
+            if i:
+                rpb = self._rpb(boxes)
+            query_pos = F.pad(self.ref_point_head(self.box_sine.encode_boxes(boxes)),
+                              (0, 0, 1, 0))  # the presence token has no position
+            rpb = torch.cat((presence_pad.expand(rpb.shape[0], -1, -1, -1), rpb), dim=2)
+            hidden = _decoder_self_attention(layer, hidden, query_pos)
+            if i == 0:  # from here on, each prompt's own
+                hidden, query_pos = hidden.expand(n, -1, -1), query_pos.expand(n, -1, -1)
+                rpb = rpb.expand(n, -1, -1, -1)
+            hidden = _decoder_cross_and_mlp(layer, hidden, query_pos, text_features, text_bias,
+                                            vision, pos, rpb)
             query_hidden = self.output_norm(hidden[:, 1:])
             boxes = (self.box_head(query_hidden) + _inverse_sigmoid(boxes)).sigmoid()
 
