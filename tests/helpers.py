@@ -86,3 +86,17 @@ def mask_levels(vision_model) -> list[int]:
     from dart_triton.model.backbone import neck_dims
 
     return list(neck_dims(vision_model, with_mask_levels=True).backbone_levels)
+
+
+def metric_total(metrics_url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's values over the lines whose labels include
+    `labels` (0 when none), read from a tritonserver's metrics endpoint."""
+    import re
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total

@@ -19,8 +19,12 @@ from tritonclient.utils import InferenceServerException
 
 from dart_triton.client import DartClient
 from dart_triton.contract import specs
+from dart_triton.contract.metrics import STEP_CALLS as CALLS
+from dart_triton.contract.metrics import STEP_SECONDS as SECONDS
+from dart_triton.contract.metrics import STEPS
 
 from .conftest import TEST_MAX_CLASSES
+from .helpers import metric_total
 from .tolerances import BOX_ATOL_PER_PIXEL, SCORE_ATOL
 
 pytestmark = pytest.mark.server
@@ -83,6 +87,20 @@ def test_repeated_class_set_comes_from_text_cache(triton_server, client, photo):
     assert _metric(triton_server, "dart_text_cache_hits_total") == hits0 + 2
     assert _metric(triton_server, "dart_text_cache_misses_total") == misses0 + 2
     assert_same(second, first)
+
+
+def test_dart_times_its_steps(triton_server, client, photo):
+    """dart_step_seconds_total / dart_step_calls_total: every step of every request, and
+    enc_dec once per pass."""
+    url = triton_server.metrics_url
+    before = {s: metric_total(url, CALLS, step=s) for s in STEPS}
+    seconds = {s: metric_total(url, SECONDS, step=s) for s in STEPS}
+    for _ in range(2):
+        client.detect(photo, NAMES[: 2 * TEST_MAX_CLASSES + 1])  # three enc_dec passes
+    for step in STEPS:
+        want = 6 if step == specs.ENC_DEC else 2
+        assert metric_total(url, CALLS, step=step) == before[step] + want, step
+        assert metric_total(url, SECONDS, step=step) > seconds[step], step
 
 
 def test_coco_vocabulary_is_warm(triton_server, client, photo):

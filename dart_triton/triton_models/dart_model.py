@@ -21,7 +21,7 @@ import asyncio
 import numpy as np
 import torch
 
-from dart_triton.contract import specs
+from dart_triton.contract import metrics, specs
 from dart_triton.contract.parameters import DartParameters
 from dart_triton.contract.passes import plan_passes
 from dart_triton.model.postprocess import select
@@ -29,6 +29,7 @@ from dart_triton.model.preprocess import preprocess_tensor
 from dart_triton.pipeline.orchestration import HeadOutputs, ModelCallError, run_graphs
 from dart_triton.triton_models import pb
 from dart_triton.triton_models.postprocess_model import detection_tensors
+from dart_triton.triton_models.step_metrics import StepMetrics
 
 # What a called model says when its stub is gone or not loaded: retrying later can help.
 _UNAVAILABLE_SIGNS = ("not healthy", "not ready", "unavailable", "stub process")
@@ -59,25 +60,33 @@ async def call_model(model: str, inputs: list, outputs: tuple[str, ...]) -> list
 
 
 class BlsRunner:
-    """The orchestration's steps as BLS calls. FPN features stay a Triton tensor from
-    backbone to enc_dec (no copy); text features become torch tensors for slicing."""
+    """The orchestration's steps as BLS calls, each timed under its model's name. FPN
+    features stay a Triton tensor from backbone to enc_dec (no copy); text features
+    become torch tensors for slicing."""
+
+    def __init__(self, steps: StepMetrics):
+        self.steps = steps
+
+    async def _call(self, model: str, inputs: list, outputs: tuple[str, ...]) -> list:
+        with self.steps.time(model):
+            return await call_model(model, inputs, outputs)
 
     async def backbone(self, pixel_values: torch.Tensor):
-        (features,) = await call_model(
+        (features,) = await self._call(
             specs.BACKBONE, [pb.from_torch(specs.PIXEL_VALUES, pixel_values)],
             (specs.FPN_FEATURES,))
         return features
 
     async def text(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         classes = np.array([n.encode("utf-8") for n in names], dtype=object)
-        features, mask = await call_model(
+        features, mask = await self._call(
             specs.TEXT_ENCODER, [pb.pb_utils.Tensor(specs.CLASSES, classes)],
             (specs.TEXT_FEATURES, specs.TEXT_MASK))
         return pb.as_torch(features), pb.as_torch(mask)
 
     async def enc_dec(self, features, text_features: torch.Tensor,
                       text_mask: torch.Tensor) -> HeadOutputs:
-        outs = await call_model(specs.ENC_DEC, [
+        outs = await self._call(specs.ENC_DEC, [
             features,
             pb.from_torch(specs.TEXT_FEATURES, text_features),
             pb.from_torch(specs.TEXT_MASK, text_mask),
@@ -91,24 +100,31 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.params = pb.model_parameters(args, DartParameters)
         self.device = pb.device_of(args)
-        self.runner = BlsRunner()
+        self.steps = StepMetrics()
+        self.runner = BlsRunner(self.steps)
         family = pb.pb_utils.MetricFamily
         # The family must outlive its metrics: keep both on the instance.
         self.failure_family = family(
-            name="dart_request_failures_total",
+            name=metrics.REQUEST_FAILURES,
             description="dart requests answered with an error, by Triton error code",
             kind=family.COUNTER)
         self.failures = {code: self.failure_family.Metric(labels={"code": code})
-                         for code in ("INVALID_ARG", "INTERNAL", "UNAVAILABLE")}
+                         for code in metrics.FAILURE_CODES}
 
     async def _run(self, request) -> list:
-        req = pb.read_request(request)
-        pixels = preprocess_tensor(torch.from_numpy(req.image).to(self.device),
-                                   self.params.imgsz)
+        steps = self.steps
+        with steps.time("read"):
+            req = pb.read_request(request)
+        with steps.time("preprocess"):
+            pixels = preprocess_tensor(torch.from_numpy(req.image).to(self.device),
+                                       self.params.imgsz)
         passes = plan_passes(len(req.names), self.params.max_classes,
                              self.params.enc_dec_buckets)
         head = await run_graphs(self.runner, pixels, req.names, passes)
-        return detection_tensors(*select(*head, req.original_size, req.options))
+        with steps.time("select"):
+            kept = select(*head, req.original_size, req.options)
+        with steps.time("respond"):
+            return detection_tensors(*kept)
 
     def _error(self, exc: BaseException):
         self.failures[pb.error_code(exc)].increment(1)

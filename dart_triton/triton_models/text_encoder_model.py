@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dart_triton.contract import specs
+from dart_triton.contract import metrics, specs
 from dart_triton.contract.parameters import TextEncoderParameters
 from dart_triton.contract.validation import check_classes
 from dart_triton.model.text_encoder import CACHE_FILE, TextEncoder, read_vocabulary
@@ -33,10 +33,10 @@ class TritonPythonModel:
         self.encoder.stats.hits = self.encoder.stats.misses = 0  # count requests only
         family = pb.pb_utils.MetricFamily
         # The families must outlive their metrics: keep both on the instance.
-        self.hit_family = family(name="dart_text_cache_hits_total",
+        self.hit_family = family(name=metrics.TEXT_CACHE_HITS,
                                  description="class names served from the text embedding cache",
                                  kind=family.COUNTER)
-        self.miss_family = family(name="dart_text_cache_misses_total",
+        self.miss_family = family(name=metrics.TEXT_CACHE_MISSES,
                                   description="class names run through the text encoder",
                                   kind=family.COUNTER)
         self.hits = self.hit_family.Metric(labels={})

@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from dart_triton.contract import specs
+from dart_triton.contract import metrics, specs
 from dart_triton.contract.parameters import TorchGraphParameters
 from dart_triton.contract.passes import check_pass_rows
 from dart_triton.graphs.torch_graphs import WEIGHTS_DIR, TorchGraph, TorchSettings
@@ -44,7 +44,7 @@ class TritonPythonModel:
         family = pb.pb_utils.MetricFamily
         # The family must outlive its metrics: keep both on the instance.
         self.input_family = family(
-            name="dart_graph_inputs_total",
+            name=metrics.GRAPH_INPUTS,
             description="inputs received by the torch graph models, by memory (cpu/gpu)",
             kind=family.COUNTER)
         self.input_counts = {
