@@ -22,7 +22,8 @@ class TritonPythonModel:
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
         self.max_classes = params.max_classes
-        self.graph = OrtGraph(pb.version_dir(args) / params.graph, params.ort_threads)
+        self.graph = OrtGraph(pb.version_dir(args) / params.graph, params.ort_threads,
+                              spin=False)
         if self.graph.output_names != self.output_names:
             raise ValueError(f"graph outputs {self.graph.output_names} != config "
                              f"{self.output_names}")
