@@ -265,7 +265,7 @@ def test_enc_dec_with_cuda_graphs_runs_an_unpadded_n_at_the_next_warm_shape(torc
 
     def recording(*inputs):
         seen.append(int(inputs[1].shape[0]))
-        return graphed._forward(*inputs)
+        return graphed.module(*inputs)
 
     graphed._fn = recording
     graphed._warm = [1, 4]  # what warm_up((1, 4)) records

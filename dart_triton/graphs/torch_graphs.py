@@ -31,6 +31,7 @@ from dart_triton.contract import specs
 from dart_triton.contract.parameters import TorchGraphParameters
 from dart_triton.contract.passes import pad_to_bucket, unpad
 from dart_triton.contract.specs import GraphDims
+from dart_triton.graphs import aot
 from dart_triton.model.tensor_io import TensorsMismatch, assign_tensors, module_tensors, storable
 
 WEIGHTS_DIR = "weights"  # inside <model>/1/
@@ -136,20 +137,33 @@ def skeleton(name: str, sam3_config, dims: GraphDims, backbone: dict | None = No
         return BatchedDetectionHead(sam3, dims, "sdpa")
 
 
+def _read_meta(root: Path, name: str) -> dict:
+    try:
+        meta = json.loads((root / META_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise TorchGraphError(f"{root} is not a torch graph weights directory: {exc}") from None
+    if meta.get("format") != FORMAT or meta.get("model") != name:
+        raise TorchGraphError(f"{root / META_FILE} holds {meta.get('model')!r} (format "
+                              f"{meta.get('format')}), expected {name!r} (format {FORMAT})")
+    return meta
+
+
+def read_dims(weights_dir: str | Path, name: str) -> GraphDims:
+    """The graph dims a weights directory was written for."""
+    return GraphDims.from_dict(_read_meta(Path(weights_dir), name)["dims"])
+
+
 def load_graph_module(weights_dir: str | Path, name: str) -> tuple[nn.Module, GraphDims]:
     """(module on the CPU in FP32 or as saved, graph dims) from a weights directory."""
     from safetensors.torch import load_file
     from transformers import Sam3Config
 
     root = Path(weights_dir)
+    meta = _read_meta(root, name)
     try:
-        meta = json.loads((root / META_FILE).read_text())
         config = Sam3Config.from_dict(json.loads((root / CONFIG_FILE).read_text()))
     except (OSError, ValueError) as exc:
         raise TorchGraphError(f"{root} is not a torch graph weights directory: {exc}") from None
-    if meta.get("format") != FORMAT or meta.get("model") != name:
-        raise TorchGraphError(f"{root / META_FILE} holds {meta.get('model')!r} (format "
-                              f"{meta.get('format')}), expected {name!r} (format {FORMAT})")
     dims = GraphDims.from_dict(meta["dims"])
     module = skeleton(name, config, dims, meta.get("backbone"))
     try:
@@ -215,10 +229,14 @@ class _CapturedGraph:
 
 
 class TorchGraph:
-    """One graph module on one device: tensors in (any device, spec dtypes), FP32 out."""
+    """One graph module on one device: tensors in (any device, spec dtypes), FP32 out.
 
-    def __init__(self, name: str, module: nn.Module, dims: GraphDims,
-                 device: torch.device | str = "cpu", settings: TorchSettings | None = None):
+    With `compiled` (an ahead-of-time package, `graphs.aot`), that runs instead of the
+    module, which may then be None."""
+
+    def __init__(self, name: str, module: nn.Module | None, dims: GraphDims,
+                 device: torch.device | str = "cpu", settings: TorchSettings | None = None,
+                 compiled: Callable | None = None):
         self.name, self.dims = name, dims
         self.device = torch.device(device)
         self.settings = settings or TorchSettings()
@@ -226,19 +244,19 @@ class TorchGraph:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # streams, graphs and pools follow it
         self.dtype = PRECISIONS[self.settings.precision]
-        self.module = module.to(device=self.device, dtype=self.dtype).eval()
+        self.module = None if module is None else aot.ServedModule(
+            module.to(device=self.device, dtype=self.dtype), self.dtype).eval()
         mode = COMPILE_MODES[self.settings.compile]
-        self._fn: Callable = self._forward
-        if mode is not None:
+        self._fn: Callable = self.module
+        self.compiled_ahead = compiled is not None
+        if compiled is not None:
+            self._fn = compiled
+        elif mode is not None:
             # enc_dec's N varies: fixed shapes only where CUDA graphs pin them anyway.
             dynamic = False if (name == specs.BACKBONE or self.settings.cuda_graphs) else None
-            self._fn = torch.compile(self._forward, mode=mode, dynamic=dynamic)
+            self._fn = torch.compile(self.module, mode=mode, dynamic=dynamic)
         self._graphs: dict[tuple, _CapturedGraph] = {}
         self._warm: list[int] = []  # prompt counts compiled (and captured) at load
-
-    def _forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cast = [t.to(self.dtype) if t.is_floating_point() else t for t in inputs]
-        return tuple(t.float() for t in self.module(*cast))
 
     def _on_device(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [t.to(self.device, non_blocking=True) for t in inputs]
@@ -288,6 +306,15 @@ class TorchGraph:
     def from_weights(cls, weights_dir: str | Path, name: str,
                      device: torch.device | str = "cpu",
                      settings: TorchSettings | None = None) -> TorchGraph:
+        """The module from its weights directory; compiled, from the repository's
+        ahead-of-time package when there is one (`graphs.aot`: then the safetensors are
+        not read), else by `torch.compile` at load."""
+        settings = settings or TorchSettings()
+        if settings.compile != "none":
+            settings.check_device(device)
+            compiled = aot.load_package(weights_dir, name, device)
+            if compiled is not None:
+                return cls(name, None, read_dims(weights_dir, name), device, settings, compiled)
         module, dims = load_graph_module(weights_dir, name)
         return cls(name, module, dims, device, settings)
 

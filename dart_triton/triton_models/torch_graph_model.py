@@ -38,9 +38,11 @@ class TritonPythonModel:
         self.graph = TorchGraph.from_weights(pb.version_dir(args) / WEIGHTS_DIR, self.name,
                                              device, settings)
         warmed = self.graph.warm_up(buckets)
+        compiled = ("ahead of time" if self.graph.compiled_ahead else "at load") if (
+            settings.compile != "none") else "no"
         pb.log(f"{self.name}: ready on {device} ({settings.precision}, compile "
-             f"{settings.compile}, CUDA graphs {'on' if settings.cuda_graphs else 'off'}; "
-             f"warmed for N = {warmed})")
+               f"{settings.compile} ({compiled}), CUDA graphs "
+               f"{'on' if settings.cuda_graphs else 'off'}; warmed for N = {warmed})")
         family = pb.pb_utils.MetricFamily
         # The family must outlive its metrics: keep both on the instance.
         self.input_family = family(
