@@ -80,8 +80,8 @@ def ensemble_config(opts: RepoOptions) -> str:
     step = pbtxt.ensemble_step
     steps = [
         step(specs.PREPROCESS,
-             same(specs.IMAGE, specs.CLASSES, specs.SCORE_THRESHOLD, specs.NMS_IOU,
-                  specs.MAX_DETECTIONS),
+             same(specs.IMAGE, specs.IMAGE_BYTES, specs.CLASSES, specs.SCORE_THRESHOLD,
+                  specs.NMS_IOU, specs.MAX_DETECTIONS),
              same(specs.PIXEL_VALUES, specs.ORIGINAL_SIZE, specs.CHECKED_CLASSES)),
         step(specs.TEXT_ENCODER, {specs.CLASSES: specs.CHECKED_CLASSES},
              same(specs.TEXT_FEATURES, specs.TEXT_MASK)),

@@ -147,8 +147,10 @@ def test_preprocess_gates_the_whole_request_for_the_ensemble(models, photo):
     out = _preprocess(models, [T("IMAGE", photo), T("CLASSES", names)])
     assert out["original_size"].as_numpy().tolist() == list(photo.shape[:2])
     assert out["checked_classes"].as_numpy().tolist() == names.tolist()
-    # IMAGE alone (a direct call) still works and hands on no class names.
-    assert _preprocess(models, [T("IMAGE", photo)])["checked_classes"] is None
+    # IMAGE alone: refused by name (the image inputs are optional since IMAGE_BYTES, and
+    # tritonserver 2.51 only counts inputs: preprocess must say what is missing).
+    with pytest.raises(ValueError, match="missing required input CLASSES"):
+        _preprocess(models, [T("IMAGE", photo)])
     with pytest.raises(ValueError, match=r"CLASSES\[1\] is not valid UTF-8"):
         _preprocess(models, [T("IMAGE", photo),
                              T("CLASSES", np.array([b"ok", b"\xff"], dtype=object))])

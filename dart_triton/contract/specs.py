@@ -27,6 +27,8 @@ DEFAULT_MAX_CLASSES = 16
 MAX_REQUEST_CLASSES = 1024
 # Largest accepted input image, in pixels per side (an 8K frame fits; 16384² RGB is 768 MiB).
 MAX_IMAGE_SIDE = 8192
+# Largest image file accepted as IMAGE_BYTES (an 8192 x 8192 JPEG at quality 100 is ~40 MB).
+MAX_IMAGE_FILE_BYTES = 64 << 20
 # Longest class name accepted, in UTF-8 bytes. SAM3 reads 32 CLIP tokens per prompt (start,
 # at most 30 name tokens, end) and the longest token in CLIP's BPE vocabulary is 32 bytes, so
 # a name that fits holds at most 30 x 32 = 960 bytes; 1024 (32 tokens x 32 bytes) leaves a
@@ -174,6 +176,7 @@ GRAPH_MODELS = (BACKBONE, ENC_DEC)  # the two exported graphs (ONNX / plans / to
 
 # Tensor names shared across models ------------------------------------------------
 IMAGE = "IMAGE"
+IMAGE_BYTES = "IMAGE_BYTES"  # the bytes of a JPEG, PNG or WebP file: instead of IMAGE
 CLASSES = "CLASSES"
 SCORE_THRESHOLD = "SCORE_THRESHOLD"
 NMS_IOU = "NMS_IOU"
@@ -238,8 +241,9 @@ def preprocess_spec(d: GraphDims) -> ModelSpec:
     return ModelSpec(
         PREPROCESS,
         (
-            TensorSpec(IMAGE, "TYPE_UINT8", (-1, -1, 3)),
-            TensorSpec(CLASSES, "TYPE_STRING", (-1,), optional=True),
+            TensorSpec(IMAGE, "TYPE_UINT8", (-1, -1, 3), optional=True),
+            TensorSpec(CLASSES, "TYPE_STRING", (-1,), optional=True),  # see dart_spec
+            TensorSpec(IMAGE_BYTES, "TYPE_STRING", (1,), optional=True),
             *_request_options(),
         ),
         (
@@ -291,8 +295,13 @@ def dart_spec(d: GraphDims, name: str = DART) -> ModelSpec:
     return ModelSpec(
         name,
         (
-            TensorSpec(IMAGE, "TYPE_UINT8", (-1, -1, 3)),
-            TensorSpec(CLASSES, "TYPE_STRING", (-1,)),
+            TensorSpec(IMAGE, "TYPE_UINT8", (-1, -1, 3), optional=True),  # or IMAGE_BYTES
+            # Required, but declared optional to Triton: with the image inputs optional,
+            # tritonserver 2.51 checks a request's input count, not names, and an ensemble
+            # would wait forever for a missing required input. `dart` and preprocess (the
+            # ensemble's gate) refuse a request without CLASSES by name.
+            TensorSpec(CLASSES, "TYPE_STRING", (-1,), optional=True),
+            TensorSpec(IMAGE_BYTES, "TYPE_STRING", (1,), optional=True),  # or IMAGE
             *_request_options(),
         ),
         _detections(),

@@ -16,6 +16,7 @@ from dart_triton.contract.specs import (
     DEFAULT_NMS_IOU,
     DEFAULT_SCORE_THRESHOLD,
     MAX_CLASS_NAME_BYTES,
+    MAX_IMAGE_FILE_BYTES,
     MAX_IMAGE_SIDE,
     MAX_REQUEST_CLASSES,
 )
@@ -30,12 +31,32 @@ def check_image(image: object) -> np.ndarray:
         raise ValueError(f"IMAGE must be UINT8 RGB, got dtype {image.dtype}")
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"IMAGE must have shape [H, W, 3] (RGB), got {list(image.shape)}")
-    h, w = image.shape[:2]
-    if min(h, w) < MIN_IMAGE_SIDE:
-        raise ValueError(f"IMAGE is {h}x{w}: each side must be at least {MIN_IMAGE_SIDE} pixels")
-    if max(h, w) > MAX_IMAGE_SIDE:
-        raise ValueError(f"IMAGE is {h}x{w}: each side must be at most {MAX_IMAGE_SIDE} pixels")
+    check_image_size(*image.shape[:2])
     return image
+
+
+def check_image_size(h: int, w: int, what: str = "IMAGE") -> None:
+    """Each side `MIN_IMAGE_SIDE` to `MAX_IMAGE_SIDE` pixels (for a file: as its header
+    declares, checked before decoding)."""
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{what} is {h}x{w}: each side must be at least {MIN_IMAGE_SIDE} pixels")
+    if max(h, w) > MAX_IMAGE_SIDE:
+        raise ValueError(f"{what} is {h}x{w}: each side must be at most {MAX_IMAGE_SIDE} pixels")
+
+
+def image_file_bytes(raw: object) -> bytes:
+    """The one element of an IMAGE_BYTES tensor ([1] BYTES), size-checked."""
+    items = list(np.asarray(raw, dtype=object).reshape(-1))
+    if len(items) != 1 or not isinstance(items[0], bytes | np.bytes_):
+        raise ValueError(f"IMAGE_BYTES must hold exactly one file's bytes, got {len(items)} "
+                         "element(s)")
+    data = bytes(items[0])
+    if not data:
+        raise ValueError("IMAGE_BYTES is empty")
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise ValueError(f"IMAGE_BYTES is {len(data)} bytes; an image file is at most "
+                         f"{MAX_IMAGE_FILE_BYTES} bytes")
+    return data
 
 
 def decode_class_names(raw: Sequence[object]) -> list[str]:
@@ -109,13 +130,20 @@ class DetectOptions:
 
 @dataclass(frozen=True)
 class DetectRequest:
-    """One detection request, read and checked: the image (UINT8 [H, W, 3]), the class
-    names (1 to `MAX_REQUEST_CLASSES`), the options."""
+    """One detection request, read and checked: the image, as pixels (UINT8 [H, W, 3],
+    checked) or as the bytes of an image file (decoded, and its header checked, by
+    `model.image_files`); the class names (1 to `MAX_REQUEST_CLASSES`); the options."""
 
-    image: np.ndarray
+    image: np.ndarray | None
     names: list[str]
     options: DetectOptions = field(default_factory=DetectOptions)
+    image_bytes: bytes | None = None
 
-    @property
-    def original_size(self) -> tuple[int, int]:
-        return int(self.image.shape[0]), int(self.image.shape[1])
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.image_bytes is None):
+            raise ValueError(ONE_IMAGE)
+
+
+# A request's image comes one way or the other, never both.
+ONE_IMAGE = ("give exactly one of IMAGE (UINT8 [H, W, 3] RGB pixels) and IMAGE_BYTES (the "
+             "bytes of a JPEG, PNG or WebP file)")

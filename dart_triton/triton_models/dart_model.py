@@ -24,6 +24,7 @@ import torch
 from dart_triton.contract import metrics, specs
 from dart_triton.contract.parameters import DartParameters
 from dart_triton.contract.passes import plan_passes
+from dart_triton.model import image_files
 from dart_triton.model.postprocess import select
 from dart_triton.model.preprocess import preprocess_tensor
 from dart_triton.pipeline.orchestration import HeadOutputs, ModelCallError, run_graphs
@@ -115,14 +116,15 @@ class TritonPythonModel:
         steps = self.steps
         with steps.time("read"):
             req = pb.read_request(request)
-        with steps.time("preprocess"):
-            pixels = preprocess_tensor(torch.from_numpy(req.image).to(self.device),
-                                       self.params.imgsz)
+        with steps.time("preprocess"):  # an image file is decoded here too
+            image = (torch.from_numpy(req.image).to(self.device) if req.image is not None
+                     else image_files.decode(req.image_bytes, self.device))
+            pixels = preprocess_tensor(image, self.params.imgsz)
         passes = plan_passes(len(req.names), self.params.max_classes,
                              self.params.enc_dec_buckets)
         head = await run_graphs(self.runner, pixels, req.names, passes)
         with steps.time("select"):
-            kept = select(*head, req.original_size, req.options)
+            kept = select(*head, image.shape[:2], req.options)
         with steps.time("respond"):
             return detection_tensors(*kept)
 

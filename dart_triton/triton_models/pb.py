@@ -14,10 +14,12 @@ import triton_python_backend_utils as pb_utils
 from dart_triton.contract import specs
 from dart_triton.contract.parameters import ModelParameters
 from dart_triton.contract.validation import (
+    ONE_IMAGE,
     DetectOptions,
     DetectRequest,
     check_image,
     decode_class_names,
+    image_file_bytes,
 )
 from dart_triton.pipeline.orchestration import ModelCallError
 
@@ -109,10 +111,21 @@ def read_classes(request, name: str = specs.CLASSES) -> list[str]:
     return decode_class_names(as_numpy(required_input(request, name)))
 
 
+def read_image(request) -> tuple[np.ndarray | None, bytes | None]:
+    """(IMAGE pixels checked, None) or (None, IMAGE_BYTES): exactly one is given."""
+    pixels, data = optional_input(request, specs.IMAGE), optional_input(request, specs.IMAGE_BYTES)
+    if (pixels is None) == (data is None):
+        raise ValueError(ONE_IMAGE)
+    if pixels is not None:
+        return check_image(as_numpy(pixels)), None
+    return None, image_file_bytes(as_numpy(data))
+
+
 def read_request(request) -> DetectRequest:
-    """The public contract's request (IMAGE, CLASSES, options), read and checked once."""
-    return DetectRequest(check_image(as_numpy(required_input(request, specs.IMAGE))),
-                         read_classes(request), read_options(request))
+    """The public contract's request (IMAGE or IMAGE_BYTES, CLASSES, options), read and
+    checked once (an image file's header is checked when it is decoded)."""
+    image, data = read_image(request)
+    return DetectRequest(image, read_classes(request), read_options(request), data)
 
 
 def error_code(exc: BaseException) -> str:

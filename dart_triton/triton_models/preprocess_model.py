@@ -13,7 +13,8 @@ import torch
 
 from dart_triton.contract import specs
 from dart_triton.contract.parameters import PreprocessParameters
-from dart_triton.contract.validation import check_class_count, check_image, decode_class_names
+from dart_triton.contract.validation import check_class_count, decode_class_names
+from dart_triton.model import image_files
 from dart_triton.model.preprocess import preprocess_tensor
 from dart_triton.triton_models import pb
 
@@ -35,19 +36,20 @@ class TritonPythonModel:
                 "which splits them into passes")
 
     def _run(self, request) -> list:
-        classes = pb.optional_input(request, specs.CLASSES)
-        if classes is not None:  # the ensemble's gate: its limit before any other work
-            self._check_count(pb.as_numpy(classes))
-        image = check_image(pb.as_numpy(pb.required_input(request, specs.IMAGE)))
-        if classes is not None:
-            decode_class_names(pb.as_numpy(classes))
+        # CLASSES is checked here although Triton's config declares it required: with the
+        # image inputs optional, tritonserver 2.51 counts a request's inputs, not their
+        # names, and lets one without CLASSES into the ensemble (which then deadlocks).
+        classes = pb.as_numpy(pb.required_input(request, specs.CLASSES))
+        self._check_count(classes)  # the ensemble's gate: its limit before any other work
+        pixels, data = pb.read_image(request)
+        decode_class_names(classes)
         pb.read_options(request)  # checked here, at the gate; postprocess reads them again
-        pixels = preprocess_tensor(torch.from_numpy(image).to(self.device), self.imgsz)
+        image = (torch.from_numpy(pixels).to(self.device) if pixels is not None
+                 else image_files.decode(data, self.device))  # the costly part, last
         size = np.array(image.shape[:2], dtype=np.int32)
-        outputs = [pb.from_torch(specs.PIXEL_VALUES, pixels),
+        outputs = [pb.from_torch(specs.PIXEL_VALUES, preprocess_tensor(image, self.imgsz)),
                    pb.pb_utils.Tensor(specs.ORIGINAL_SIZE, size)]
-        if classes is not None:
-            outputs.append(pb.pb_utils.Tensor(specs.CHECKED_CLASSES, pb.as_numpy(classes)))
+        outputs.append(pb.pb_utils.Tensor(specs.CHECKED_CLASSES, classes))
         return outputs
 
     def execute(self, requests):
