@@ -57,7 +57,9 @@ def files(photo, tmp_path_factory) -> dict[str, bytes]:
     }
 
 
-def _inputs(image: np.ndarray | None, data: bytes | None, options=EVERY):
+def _inputs(image: np.ndarray | None, data: bytes | None, options=EVERY,
+            names: list[str] = CLASSES):
+    """IMAGE and/or IMAGE_BYTES, `names` as CLASSES, and `options`."""
     inputs = []
     if image is not None:
         inputs.append(grpcclient.InferInput(specs.IMAGE, list(image.shape), "UINT8"))
@@ -65,8 +67,8 @@ def _inputs(image: np.ndarray | None, data: bytes | None, options=EVERY):
     if data is not None:
         inputs.append(grpcclient.InferInput(specs.IMAGE_BYTES, [1], "BYTES"))
         inputs[-1].set_data_from_numpy(np.array([data], dtype=object))
-    inputs.append(grpcclient.InferInput(specs.CLASSES, [len(CLASSES)], "BYTES"))
-    inputs[-1].set_data_from_numpy(np.array([c.encode() for c in CLASSES], dtype=object))
+    inputs.append(grpcclient.InferInput(specs.CLASSES, [len(names)], "BYTES"))
+    inputs[-1].set_data_from_numpy(np.array([c.encode() for c in names], dtype=object))
     for name, value in options.items():
         dtype = "INT32" if name == specs.MAX_DETECTIONS else "FP32"
         inputs.append(grpcclient.InferInput(name, [1], dtype))
@@ -189,3 +191,27 @@ def test_bad_files_are_refused_in_one_line(triton_server, files, photo, model, c
             client.infer(model, [two, *inputs])
         assert "IMAGE_BYTES" in err.value.message(), err.value.message()
     _still_serving(triton_server, photo)
+
+
+def test_readme_curl_with_a_jpeg_file(triton_server, files, tmp_path):
+    """The README's IMAGE_BYTES example, word for word but for the address."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("An image file is smaller still"):]
+    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    assert "IMAGE_BYTES" in commands and "base64 -w0 photo.jpg" in commands
+    (tmp_path / "photo.jpg").write_bytes(files["jpeg"])
+    proc = subprocess.run(["bash", "-c", commands.replace("127.0.0.1:8000",
+                                                          triton_server.http_url)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True)
+    outputs = {o["name"]: o for o in json.loads(proc.stdout)["outputs"]}
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    pixels = load_image(tmp_path / "photo.jpg")
+    want = client.infer(specs.DART, _inputs(pixels, None, {}, ["person", "flag"]))
+    for name in specs.DETECTION_OUTPUTS:
+        np.testing.assert_array_equal(
+            np.array(outputs[name]["data"]).reshape(want.as_numpy(name).shape),
+            want.as_numpy(name))
