@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dart_triton.serving.server import tools_dir
+from dart_triton.serving.binaries import tools_dir
 
 
 class PerfAnalyzerError(RuntimeError):

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "greedy sub-block/block pruning search of the ViT backbone -> PLAN.json"),
     "distill": ("dart_triton.compression.distill", "main",
                 "distil a student backbone (timm + adapter, or pruned ViT) from the teacher"),
-    "serve": ("dart_triton.serving.server", "serve_main", "start tritonserver on a repository"),
+    "serve": ("dart_triton.serving.serve", "serve_main", "start tritonserver on a repository"),
     "health": ("dart_triton.serving.health", "main", "deep health check: one tiny real inference"),
     "detect": ("dart_triton.client.cli", "detect_main", "detect objects in images via Triton"),
     "video": ("dart_triton.client.cli", "video_main",

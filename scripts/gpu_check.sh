@@ -205,7 +205,7 @@ step_tools() {
     "$PY" - <<'EOF'
 # What the bundled tritonserver needs on this machine (README notes for GPU serving).
 import subprocess, sys, sysconfig
-from dart_triton.serving import server
+from dart_triton.serving import binaries as server
 root = server.bundled_tritonserver_dir()
 if root is None:
     sys.exit("nvidia-pytriton is not installed (carry artifacts/gpu-wheels/big)")

@@ -4,7 +4,7 @@
 #     tritonserver 2.51 binary with the python backend;
 #   * .tools/triton-python: a venv over the project venv whose only own package is
 #     numpy<2. The bundled python-backend stub is built against numpy 1.x (pybind11)
-#     and corrupts BYTES tensors when numpy 2 is imported; dart_triton.serving.server runs
+#     and corrupts BYTES tensors when numpy 2 is imported; dart_triton.serving.binaries runs
 #     the stub with this env's python3, which sees every other package of the venv;
 #   * perf_analyzer, taken from the tritonclient 2.49.0 wheel (the last one that
 #     ships it) and kept in .tools/, outside the venv, because the project needs
@@ -12,7 +12,7 @@
 # Idempotent: a second run only checks and exits.
 #
 # Usage: scripts/install_triton_tools.sh   (env: VENV=.venv, DART_TRITON_TOOLS=.tools;
-# dart_triton.serving.server and dart_triton.benchmarks.perf_analyzer read the same DART_TRITON_TOOLS)
+# dart_triton.serving.binaries and dart_triton.benchmarks.perf_analyzer read the same DART_TRITON_TOOLS)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

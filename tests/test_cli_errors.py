@@ -102,9 +102,9 @@ def test_tiny_checkpoint_help_describes_every_option(capsys):
 
 
 def test_serve_help_loads_every_model_in_explicit_mode(capsys):
-    from dart_triton.serving.server import _parser
+    from dart_triton.serving.serve import build_parser
 
-    text = _parser().format_help()
+    text = build_parser().format_help()
     assert "--load-model=*" in text
     assert "--load-model=dart," not in text  # loads `dart` alone: ready, yet every request fails
 
@@ -113,7 +113,8 @@ def test_serve_help_loads_every_model_in_explicit_mode(capsys):
 def test_serve_refuses_a_backend_the_server_lacks(tmp_path, capsys):
     """The committed reference repository is TensorRT; the bundled server has only the
     python backend: one line, exit 2, before anything starts (2.51 segfaults otherwise)."""
-    from dart_triton.serving.server import bundled_tritonserver_dir, find_tritonserver, serve_main
+    from dart_triton.serving.binaries import bundled_tritonserver_dir, find_tritonserver
+    from dart_triton.serving.serve import serve_main
 
     if bundled_tritonserver_dir() is None or find_tritonserver().parent.parent != \
             bundled_tritonserver_dir():

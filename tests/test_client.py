@@ -533,7 +533,7 @@ def test_retry_unavailable_never_retries_other_failures(status):
 def test_client_retries_until_a_late_server_answers(protocol):
     """Nothing listens at first (a restarting server): the request waits for it."""
     from dart_triton.client.triton_client import DartClient
-    from dart_triton.serving.server import free_port
+    from dart_triton.serving.processes import free_port
 
     port, recorder = free_port(), _Recorder()
     with DartClient(f"127.0.0.1:{port}", protocol, retries=0) as client:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from dart_triton.export.manifest import MANIFEST
-from dart_triton.serving.server import free_port
+from dart_triton.serving.processes import free_port
 
 from .helpers import wait_http_ready
 from .wheel_env import ROOT, WheelEnv

@@ -114,7 +114,7 @@ def test_build_writes_a_self_contained_repository(built: tuple[Path, Path]):
 
 
 def _free_port() -> int:
-    from dart_triton.serving.server import free_port
+    from dart_triton.serving.processes import free_port
 
     return free_port()
 

@@ -34,7 +34,7 @@ from dart_triton.benchmarks.coco_eval import main as coco_eval
 from dart_triton.client.endpoints import Endpoints, call_spread
 from dart_triton.client.errors import DartClientError
 from dart_triton.client.triton_client import is_unavailable, retry_unavailable
-from dart_triton.serving.server import free_port, kill_group, remove_shm_regions
+from dart_triton.serving.processes import free_port, kill_group, remove_shm_regions
 
 GONE = DartClientError("connection refused", "UNAVAILABLE")
 NO_MODEL = DartClientError("Request for unknown model: 'dart' has no available versions",

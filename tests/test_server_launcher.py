@@ -27,18 +27,12 @@ from dart_triton.benchmarks.perf_analyzer import (
     run_perf_analyzer,
     write_input_data,
 )
-from dart_triton.serving import server as server_module
-from dart_triton.serving.server import (
-    TritonServer,
-    TritonServerError,
-    failure_reasons,
-    find_tritonserver,
-    free_port,
-    group_members,
-    shm_regions,
-    stub_python_bin,
-)
-from dart_triton.serving.server import serve_main as serve
+from dart_triton.serving import binaries as server_module
+from dart_triton.serving.binaries import TritonServerError, find_tritonserver, stub_python_bin
+from dart_triton.serving.logs import failure_reasons
+from dart_triton.serving.processes import free_port, group_members, shm_regions
+from dart_triton.serving.serve import serve_main as serve
+from dart_triton.serving.server import TritonServer
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 BOOM = "checkpoint missing: boom-5791"
@@ -395,7 +389,7 @@ def test_sweep_orphans_of_a_dead_launcher(tmp_path):
     """A SIGKILLed launcher cannot clean up: tritonserver goes (parent-death signal), its
     stubs ignore SIGTERM and stay, with their /dev/shm regions. The next start removes
     them, and leaves alone what belongs to a live launcher."""
-    from dart_triton.serving.server import SHM_DIR, sweep_orphans
+    from dart_triton.serving.processes import SHM_DIR, sweep_orphans
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer runs: the dead launcher

@@ -28,18 +28,16 @@ import pytest
 from dart_triton.client.errors import DartClientError
 from dart_triton.client.triton_client import DartClient
 from dart_triton.contract.detections import Detections
-from dart_triton.serving.server import (
+from dart_triton.serving.binaries import TritonServerError
+from dart_triton.serving.logs import failure_reasons, fatal_lines
+from dart_triton.serving.processes import (
     SHM_DIR,
     PortInUseError,
-    RestartPolicy,
-    Supervisor,
-    TritonServerError,
     check_ports_free,
-    failure_reasons,
-    fatal_lines,
     free_port,
     group_members,
 )
+from dart_triton.serving.supervisor import RestartPolicy, Supervisor
 
 from .helpers import process_args
 

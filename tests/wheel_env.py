@@ -11,7 +11,7 @@ the session fixture `wheel_env` (tests/conftest.py).
   does not run that directory's own ``.pth`` files, so the editable install's finder
   (which maps ``dart_triton`` onto the checkout) never loads; ``dart_triton`` can only
   come from the wheel.
-* The bundled tritonserver's python-backend stub needs numpy<2 (see dart_triton.serving.server).
+* The bundled tritonserver's python-backend stub needs numpy<2 (see dart_triton.serving.binaries).
   For the project venv, scripts/install_triton_tools.sh makes ``.tools/triton-python``;
   this venv gets the same kind of overlay at the default place an installed package looks
   for it (``<venv>/dart-triton-tools``), with the same numpy 1.26 files, then this venv's
@@ -101,7 +101,7 @@ def build_distributions(src: Path, out: Path) -> tuple[Path, Path, str]:
 
 def _stub_overlay(venv: Path, project_purelib: Path) -> None:
     """``<venv>/dart-triton-tools/triton-python``: numpy 1.x first, then the venv's packages."""
-    from dart_triton.serving.server import tools_dir
+    from dart_triton.serving.binaries import tools_dir
 
     numpy1 = tools_dir() / "triton-python"
     numpy1_site = next((numpy1 / "lib").glob("python3.*/site-packages"), None)

@@ -49,6 +49,9 @@ PRE_NMS_TOPK = 10_000
 # class-agnostic NMS it acts as the overall cap (again only shortening the answer).
 PRE_NMS_TOPK_PER_GROUP = 1_000
 
+# Triton's default ports (`tritonserver`, `dart-triton serve`, the clients' default URLs).
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
 DEFAULT_SCORE_THRESHOLD = 0.3
 DEFAULT_NMS_IOU = 0.7
 DEFAULT_MAX_DETECTIONS = 100

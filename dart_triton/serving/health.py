@@ -18,8 +18,10 @@ import time
 
 import numpy as np
 
-from dart_triton.client.triton_client import DEFAULT_URLS, DartClient
 from dart_triton.contract import specs
+
+DEFAULT_URLS = {protocol: f"127.0.0.1:{port}" for protocol, port in specs.DEFAULT_PORTS.items()
+                if protocol != "metrics"}
 
 # Small (preprocess resizes it anyway) but not flat, so every stage has real work.
 _SIDE = 32
@@ -31,10 +33,52 @@ def probe_image() -> np.ndarray:
     return np.stack([x * 8, y * 8, (x + y) * 4], axis=-1).astype(np.uint8)
 
 
+def _client(url: str, protocol: str, timeout: float):
+    """A tritonclient for `protocol` (tritonclient directly: no retries, so that a check
+    sees the server as it is)."""
+    if protocol == "grpc":
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient, grpcclient.InferenceServerClient(url)
+    import tritonclient.http as httpclient
+
+    return httpclient, httpclient.InferenceServerClient(
+        url, connection_timeout=timeout, network_timeout=timeout)
+
+
 def _infer(url: str, protocol: str, model: str, timeout: float) -> None:
-    # No retries: a check must see the server as it is.
-    with DartClient(url, protocol, model, timeout=timeout, concurrency=1, retries=0) as client:
-        client.detect(probe_image(), list(_CLASSES))
+    """One request of the public contract; raises unless it is answered, well formed."""
+    module, client = _client(url, protocol, timeout)
+    try:
+        image = probe_image()
+        names = np.array([n.encode() for n in _CLASSES], dtype=object)
+        inputs = [module.InferInput(specs.IMAGE, list(image.shape), "UINT8"),
+                  module.InferInput(specs.CLASSES, [len(names)], "BYTES")]
+        inputs[0].set_data_from_numpy(image)
+        inputs[1].set_data_from_numpy(names)
+        outputs = [module.InferRequestedOutput(n) for n in specs.DETECTION_OUTPUTS]
+        kwargs = {"client_timeout": timeout} if protocol == "grpc" else {}
+        result = client.infer(model, inputs, outputs=outputs, **kwargs)
+        boxes, scores, ids = (result.as_numpy(n) for n in specs.DETECTION_OUTPUTS)
+        if boxes is None or boxes.ndim != 2 or boxes.shape[1:] != (4,) or \
+                scores is None or ids is None or not len(boxes) == len(scores) == len(ids):
+            raise ValueError("the answer is not BOXES [K, 4], SCORES [K], CLASS_IDS [K]")
+    finally:
+        client.close()
+
+
+def model_ready(url: str, protocol: str, model: str, timeout: float = 10.0) -> bool:
+    """Whether a server at `url` is live with `model` loaded (False when none answers)."""
+    try:
+        _, client = _client(url, protocol, timeout)
+    except Exception:
+        return False
+    try:
+        return bool(client.is_server_live() and client.is_model_ready(model))
+    except Exception:
+        return False
+    finally:
+        client.close()
 
 
 def check(
@@ -61,14 +105,14 @@ def check(
     err = outcome[0]
     if err is None:
         return None
-    status = getattr(err, "status", None)
+    status = err.status() if callable(getattr(err, "status", None)) else None
     message = " ".join(str(err).split()) or type(err).__name__
     if len(message) > 300:
         message = message[:297] + "..."
     return f"{model!r} at {url}: {f'[{status}] ' if status else ''}{message}"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dart-triton health",
         description="Deep health check: send one tiny real inference (a small image, one "
@@ -92,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.timeout > 0:
         parser.error(f"--timeout must be > 0, got {args.timeout:g}")

@@ -107,11 +107,11 @@ def available_backends(
 ) -> set[str] | None:
     """Backends ``binary`` can load (default: the one `dart-triton serve` runs); None if unknown.
 
-    The bundled binary runs with the python backend only (dart_triton.serving.server lays out
+    The bundled binary runs with the python backend only (dart_triton.serving.binaries lays out
     its backend directory). Another binary's default directory is ``../backends``
     next to its ``bin/``, as in NVIDIA's container, unless ``backend_directory`` says.
     """
-    from dart_triton.serving import server
+    from dart_triton.serving import binaries as server
 
     binary = Path(binary) if binary else server.find_tritonserver()
     if backend_directory is None:
@@ -127,7 +127,7 @@ def available_backends(
 
 
 def describe_server(binary: str | Path | None = None) -> str:
-    from dart_triton.serving import server
+    from dart_triton.serving import binaries as server
 
     binary = Path(binary) if binary else server.find_tritonserver()
     return ("the tritonserver bundled in nvidia-pytriton" if server.is_bundled(binary)
