@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dart_triton.contract import specs
 from dart_triton.export.tensorrt import build as tensorrt_build
 from dart_triton.export.tensorrt import executor as plan_executor
-from dart_triton.export.tensorrt import fp16
+from dart_triton.export.tensorrt import fp16, onnx_graph
 from dart_triton.export.tensorrt import verify as plan_verify
 
 from .fake_tensorrt import FakeTensorRT, HostBuffers
@@ -91,7 +91,7 @@ def test_attention_is_left_in_the_form_tensorrt_fuses(converted):
             assert scores.op_type == "MatMul", (model, scores.op_type)
             assert all(types[i] == HALF for i in scores.input)
             assert producers[scores.input[0]].op_type == "Mul"  # Q·scale, then Q·Kᵀ
-        assert not any(n.op_type in fp16._CONSTANT_FOLDABLE and n.input[0] in {
+        assert not any(n.op_type in onnx_graph.SCALE_OPS and n.input[0] in {
             o for m in graph.graph.node if m.op_type == "MatMul" for o in m.output}
             and any(c.op_type == "Softmax" for c in graph.graph.node if n.output[0] in c.input)
             for n in graph.graph.node), model
@@ -108,9 +108,15 @@ def test_islands_weights_and_contract(converted, export):
         for n in graph.graph.node:  # the box position encodings of the decoder
             if n.op_type in ("Sin", "Cos", "Log"):
                 assert types[n.input[0]] == FLOAT, (model, n.name)
-        matmuls = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
-        assert all(types[n.output[0]] == HALF for n in matmuls), model
-        weights = [t for t in graph.graph.initializer if t.data_type in (HALF, FLOAT)]
+        # What depends on a graph input is FP16; what is computed from weights alone (the
+        # decoder's prompt-independent start, folded by TensorRT at build) stays FP32.
+        constant = onnx_graph.constant_outputs(graph.graph)
+        varying = [n for n in graph.graph.node if not set(n.output) & constant]
+        matmuls = [n for n in varying if n.op_type in ("MatMul", "Gemm", "Conv")]
+        assert matmuls and all(types[n.output[0]] == HALF for n in matmuls), model
+        fed = {i for n in varying for i in n.input}
+        weights = [t for t in graph.graph.initializer if t.data_type in (HALF, FLOAT)
+                   and t.name in fed]
         big = [t for t in weights if np.prod(t.dims) > 1024]
         assert big and all(t.data_type == HALF for t in big), model  # weights halved
         # the Triton contract is unchanged: FP32 (and INT32) in and out, same names/shapes
