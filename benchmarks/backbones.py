@@ -106,12 +106,12 @@ def paired(fn, baseline, args) -> tuple[list[float], list[float]]:
 
 def ort_graph(module, pixels: torch.Tensor, workdir: Path):
     """Export (opset 18, as `build` does) into workdir and open in ONNX Runtime."""
-    from dart_triton.export.onnx_export import _export
+    from dart_triton.export.onnx_export import export_module
     from dart_triton.graphs.runtime import OrtGraph
 
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "backbone.onnx"
-    _export(module, (torch.zeros_like(pixels),), path, ["pixel_values"], ["fpn_features"])
+    export_module(module, (torch.zeros_like(pixels),), path, ["pixel_values"], ["fpn_features"])
     return OrtGraph(path)
 
 

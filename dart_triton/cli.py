@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "checkpoint -> servable Triton model repository"),
     "build-plans": ("dart_triton.export.tensorrt.build", "main",
                     "ONNX graphs -> TensorRT plans, verified (GPU + TensorRT)"),
-    "check-repository": ("dart_triton.export.manifest", "check_main",
+    "check-repository": ("dart_triton.export.check", "check_main",
                          "is a built repository what `build` would write now? (exit 0: yes)"),
     "prune": ("dart_triton.compression.pruning", "main",
               "greedy sub-block/block pruning search of the ViT backbone -> PLAN.json"),

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from dart_triton.backbones.choice import BackboneChoice
 from dart_triton.contract import specs
 from dart_triton.contract.parameters import OnnxGraphParameters
 from dart_triton.contract.specs import GraphDims, ModelSpec
 from dart_triton.export import pbtxt, torch_weights
-
-if TYPE_CHECKING:
-    from dart_triton.export.repository import BuildOptions
-    from dart_triton.export.triton_config import RepoOptions
+from dart_triton.export.options import BuildOptions, RepoOptions, packaged_vocabulary
 
 # The python models every repository has, and the module that implements each.
 PYTHON_MODELS: dict[str, str] = {
@@ -60,6 +57,20 @@ class Backend:
     export: Callable[[Path, Path, BuildOptions, Callable], GraphDims] | None = None
     # The build options this backend's graph models take, checked -> RepoOptions.graph_settings.
     graph_settings: Callable[[BuildOptions], dict[str, object]] = lambda build: {}
+
+    def configure(self, opts: RepoOptions) -> RepoOptions:
+        """`opts` as this backend serves them: on a GPU whatever `--gpu` said, where the
+        backend only runs there."""
+        return replace(opts, gpu=True) if self.gpu_only and not opts.gpu else opts
+
+    def repo_options(self, build: BuildOptions, dims: GraphDims) -> RepoOptions:
+        """The repository's options for `build` at `dims`."""
+        vocab = build.vocabulary or packaged_vocabulary()
+        return self.configure(RepoOptions(
+            backend=build.backend, dims=dims, instances=dict(build.instances), gpu=build.gpu,
+            gpus=build.gpus, enc_dec_buckets=build.buckets, warm_vocabulary=vocab.name,
+            ort_threads=build.ort_threads, graph_settings=self.graph_settings(build),
+            backbone=BackboneChoice.parse(build.backbone).describe()))
 
     def python_models(self) -> dict[str, str]:
         """Every python model of a repository with this backend -> implementing module."""
@@ -194,6 +205,14 @@ BACKENDS: dict[str, Backend] = {
         ),
     )
 }
+
+
+def check_build(build: BuildOptions) -> Backend:
+    """The entry of `build.backend`, with the build's backend options checked (one line
+    naming what is wrong): the one place a build looks its backend up."""
+    backend = get_backend(build.backend)
+    backend.graph_settings(build)
+    return backend
 
 
 def get_backend(name: str) -> Backend:

@@ -10,7 +10,8 @@ the build wrote.
 * ``dart-triton serve`` refuses, in one line, a repository built by another version:
   the generated ``model.py`` entry points import this package's modules and its configs
   follow this version's specs (`contract.manifest.version_refusal`).
-* ``dart-triton check-repository REPO --checkpoint DIR -- BUILD ARGS`` exits 0 when REPO
+* ``dart-triton check-repository REPO --checkpoint DIR -- BUILD ARGS`` (`export.check`)
+  exits 0 when REPO
   is what ``dart-triton build --checkpoint DIR --output REPO BUILD ARGS`` would write
   now, else prints why and exits 1; the container entrypoint rebuilds on 1. It covers
   every backend; TensorRT plans are also checked against this GPU and TensorRT through
@@ -21,27 +22,23 @@ This module imports nothing heavy at load time: `serve` calls it before starting
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dart_triton import __version__
 from dart_triton.backbones.choice import BackboneChoice
 from dart_triton.contract import specs
 from dart_triton.contract.manifest import MANIFEST, ManifestError, read_manifest
-
-if TYPE_CHECKING:
-    from dart_triton.export.repository import BuildOptions
+from dart_triton.export.options import BuildOptions
 
 FORMAT = 1
 # Plan options that do not change what is written (logging), or that the build takes from
@@ -218,53 +215,3 @@ def stale_reasons(repo: str | Path, checkpoint: str | Path, build: BuildOptions,
                                   installed_path())
         reasons += plan_stale(repo, models, device=current_device(), want=want)
     return reasons
-
-
-# `dart-triton check-repository` ---------------------------------------------------------
-
-
-def _check_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dart-triton check-repository",
-        description="Exit 0 if REPO is what `dart-triton build --checkpoint DIR --output REPO "
-                    "BUILD_ARGS` would write now (same dart-triton version, options, "
-                    "checkpoint; TensorRT plans built for this GPU and TensorRT), else print "
-                    "why and exit 1.",
-        usage="dart-triton check-repository REPO --checkpoint DIR [-- BUILD_ARGS...]")
-    p.add_argument("repo", help="model repository written by `dart-triton build`")
-    p.add_argument("--checkpoint", required=True,
-                   help="the checkpoint the build would read (not compared when absent)")
-    p.add_argument("--quiet", action="store_true", help="print nothing when current")
-    return p
-
-
-def check_main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    args = _check_parser().parse_args(argv[:split])
-    build_args = argv[split + 1:]
-    from dart_triton.export.repository import BuildOptions, packaged_vocabulary
-    from dart_triton.export.repository import _parser as build_parser
-
-    parsed = build_parser().parse_args(
-        ["--checkpoint", args.checkpoint, "--output", args.repo, *build_args])
-    try:
-        build = BuildOptions.from_args(parsed)
-        vocabulary = build.vocabulary or packaged_vocabulary()
-        if not vocabulary.is_file():
-            raise ValueError(f"no vocabulary file {vocabulary}")
-    except ValueError as exc:
-        print(f"dart-triton check-repository: error: {exc}", file=sys.stderr)
-        return 2
-    reasons = stale_reasons(args.repo, args.checkpoint, build, vocabulary)
-    for reason in reasons:
-        print(f"stale: {reason}")
-    if not reasons and not args.quiet:
-        note = "" if Path(args.checkpoint).is_dir() else \
-            f" (checkpoint {args.checkpoint} absent: not compared)"
-        print(f"{args.repo} is current{note}")
-    return 1 if reasons else 0
-
-
-if __name__ == "__main__":
-    sys.exit(check_main())

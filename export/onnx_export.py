@@ -59,7 +59,7 @@ def _save(model_path: Path, tmp_path: Path) -> None:
                     all_tensors_to_one_file=True, location=data_name)
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
+def export_module(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
             output_names: list[str], dynamic_axes: dict | None = None) -> None:
     tmp = path.with_suffix(".tmp.onnx")
     with torch.no_grad(), warnings.catch_warnings():
@@ -92,7 +92,7 @@ def export_backbone(parts: Sam3Parts, out_dir: Path) -> Path:
     spec = specs.backbone_spec(parts.dims)
     path = out_dir / "backbone.onnx"
     pixels = torch.zeros(spec.inputs[0].dims)
-    _export(parts.backbone, (pixels,), path, [t.name for t in spec.inputs],
+    export_module(parts.backbone, (pixels,), path, [t.name for t in spec.inputs],
             [t.name for t in spec.outputs])
     return path
 
@@ -106,7 +106,7 @@ def export_enc_dec(parts: Sam3Parts, out_dir: Path) -> Path:
                torch.zeros(n, d.text_len, d.text_dim),
                torch.ones(n, d.text_len, dtype=torch.int32))
     dynamic = {t.name: {0: "N"} for t in (*spec.inputs[1:], *spec.outputs)}
-    _export(parts.head, example, path, [t.name for t in spec.inputs],
+    export_module(parts.head, example, path, [t.name for t in spec.inputs],
             [t.name for t in spec.outputs], dynamic)
     return path
 

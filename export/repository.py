@@ -17,105 +17,24 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
-from importlib import resources
+from dataclasses import replace
 from pathlib import Path
 
 from dart_triton.backbones.choice import BackboneChoice
 from dart_triton.contract import specs
-from dart_triton.contract.passes import parse_buckets
 from dart_triton.export import manifest
-from dart_triton.export.backends import BACKENDS, get_backend
+from dart_triton.export.backends import BACKENDS, check_build
 from dart_triton.export.onnx_export import GRAPHS_JSON, export_graphs, read_graphs_meta
-from dart_triton.export.tensorrt.build import PlanBuildOptions, add_plan_arguments
-from dart_triton.export.triton_config import DEFAULT_INSTANCES, RepoOptions, write_repository_files
+from dart_triton.export.options import (
+    DEFAULT_INSTANCES,
+    BuildOptions,
+    RepoOptions,
+    packaged_vocabulary,
+)
+from dart_triton.export.tensorrt.options import add_plan_arguments
+from dart_triton.export.triton_config import write_repository_files
 from dart_triton.model.checkpoint import CheckpointError
 from dart_triton.model.text_encoder import TextEncoder, read_vocabulary
-
-MANIFEST = manifest.MANIFEST
-DEFAULT_VOCABULARY = "coco80.txt"
-
-
-def packaged_vocabulary(name: str = DEFAULT_VOCABULARY) -> Path:
-    """A vocabulary shipped as package data (``dart_triton/assets``)."""
-    return Path(str(resources.files("dart_triton") / "assets" / name))
-
-
-def parse_instances(text: str | None) -> dict[str, int]:
-    """'dart=2,backbone=1' -> counts merged over the defaults."""
-    counts = dict(DEFAULT_INSTANCES)
-    for item in filter(None, (text or "").split(",")):
-        name, _, value = item.partition("=")
-        if name not in counts or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"bad --instances entry {item!r}: use MODEL=COUNT with MODEL in "
-                             f"{sorted(counts)}")
-        counts[name] = int(value)
-    return counts
-
-
-def parse_gpus(text: str | None) -> tuple[int, ...]:
-    """'0,1' -> (0, 1): the GPUs instance groups are placed on."""
-    items = [t.strip() for t in (text or "").split(",") if t.strip()]
-    if not all(t.isdigit() for t in items) or len(set(items)) != len(items):
-        raise ValueError(f"--gpus takes distinct GPU ids like '0,1', got {text!r}")
-    return tuple(int(t) for t in items)
-
-
-@dataclass
-class BuildOptions:
-    """What `dart-triton build` was asked for; built once from the command line."""
-
-    backend: str = "python"
-    imgsz: int | None = None  # None: the checkpoint's
-    max_classes: int = specs.DEFAULT_MAX_CLASSES
-    instances: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_INSTANCES))
-    onnx_dir: Path | None = None  # reuse exported graphs
-    gpu: bool = False
-    gpus: tuple[int, ...] = ()  # instance groups on these GPUs (implies gpu)
-    buckets: tuple[int, ...] = ()
-    vocabulary: Path | None = None  # None: the packaged COCO names
-    ort_threads: int = 0
-    build_plans: bool = True  # tensorrt: build the plans now (else `build-plans` later)
-    plan: PlanBuildOptions = field(default_factory=PlanBuildOptions)
-    # torch: serving precision (None: fp16 on a GPU, fp32 on the CPU), torch.compile mode,
-    # CUDA graphs (one per enc_dec bucket); see export.torch_weights
-    precision: str | None = None
-    compile: str = "none"
-    cuda_graphs: bool = False
-    # What serves `backbone`: vit | pruned:PLAN.json:K | student:DIR (backbone_choice)
-    backbone: str = "vit"
-
-    def __post_init__(self) -> None:
-        get_backend(self.backend).graph_settings(self)  # refuses an unknown name, bad options
-        self.backbone = str(BackboneChoice.parse(self.backbone))
-        self.buckets = parse_buckets(self.buckets)
-        if self.buckets and self.buckets[-1] != self.max_classes:
-            raise ValueError(f"the largest bucket ({self.buckets[-1]}) must equal "
-                             f"--max-classes ({self.max_classes})")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> BuildOptions:
-        return cls(backend=args.backend, imgsz=args.imgsz, max_classes=args.max_classes,
-                   instances=parse_instances(args.instances),
-                   onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None, gpu=args.gpu,
-                   gpus=parse_gpus(args.gpus),
-                   buckets=parse_buckets(args.buckets),
-                   vocabulary=Path(args.vocabulary) if args.vocabulary else None,
-                   ort_threads=args.ort_threads, build_plans=not args.no_plans,
-                   plan=PlanBuildOptions.from_args(args), precision=args.precision,
-                   compile=args.compile, cuda_graphs=args.cuda_graphs,
-                   backbone=args.backbone)
-
-    def plan_options(self, max_classes: int) -> PlanBuildOptions:
-        return replace(self.plan, max_classes=max_classes, buckets=self.buckets)
-
-    def repo_options(self, dims: specs.GraphDims) -> RepoOptions:
-        vocab = self.vocabulary or packaged_vocabulary()
-        return RepoOptions(backend=self.backend, dims=dims, instances=dict(self.instances),
-                           gpu=self.gpu, gpus=self.gpus, enc_dec_buckets=self.buckets,
-                           warm_vocabulary=vocab.name, ort_threads=self.ort_threads,
-                           graph_settings=get_backend(self.backend).graph_settings(self),
-                           backbone=BackboneChoice.parse(self.backbone).describe())
 
 
 def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
@@ -147,7 +66,7 @@ def build_repository(checkpoint: str | Path, output: str | Path,
     """Write a servable repository; `overrides` replace fields of `options`."""
     build = replace(options or BuildOptions(), **overrides)
     checkpoint, repo = Path(checkpoint), Path(output)
-    backend = get_backend(build.backend)
+    backend = check_build(build)  # the backend, looked up once; its options checked
     manifest.invalidate(repo)  # written last: a repository without one is unfinished
     # Every directory in a repository is a model to Triton: export graphs elsewhere.
     with tempfile.TemporaryDirectory(prefix="dart-graphs-") as scratch:
@@ -162,10 +81,10 @@ def build_repository(checkpoint: str | Path, output: str | Path,
             if bad:
                 raise RuntimeError(f"ONNX Runtime disagrees with PyTorch on {bad[0].tensor} "
                                    f"(cosine {bad[0].cosine:.6f})")
-        opts = build.repo_options(dims if backend.export else read_graphs_meta(graphs))
+        opts = backend.repo_options(build, dims if backend.export else read_graphs_meta(graphs))
         vocab = build.vocabulary or packaged_vocabulary()
         repo.mkdir(parents=True, exist_ok=True)
-        write_repository_files(repo, opts)
+        write_repository_files(repo, opts, backend)
         backend.write_artifacts(repo, graphs, build, opts, log)
         log(f"text encoder: cached {write_text_encoder(repo, checkpoint, vocab)} names "
             f"from {vocab.name}")
@@ -173,7 +92,7 @@ def build_repository(checkpoint: str | Path, output: str | Path,
     return opts
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dart-triton build", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="local facebook/sam3-layout directory")
     p.add_argument("--output", required=True, help="model repository directory to write")
@@ -228,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         opts = build_repository(args.checkpoint, args.output, BuildOptions.from_args(args))
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -12,16 +12,12 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dart_triton.contract import specs
 from dart_triton.contract.parameters import TorchGraphParameters
 from dart_triton.contract.specs import GraphDims, ModelSpec
 from dart_triton.export import pbtxt
-
-if TYPE_CHECKING:
-    from dart_triton.export.repository import BuildOptions
-    from dart_triton.export.triton_config import RepoOptions
+from dart_triton.export.options import BuildOptions, RepoOptions
 
 MODULE = "dart_triton.triton_models.torch_graph_model"
 # dart_triton.graphs.torch_graphs (torch, transformers) is imported where used: the backend

@@ -6,8 +6,6 @@ changes about them is in its entry of the backend table (`export.backends`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from dart_triton.contract import specs
 from dart_triton.contract.parameters import (
     DartParameters,
@@ -18,41 +16,8 @@ from dart_triton.contract.parameters import (
 )
 from dart_triton.contract.specs import GraphDims, ModelSpec
 from dart_triton.export import pbtxt
-from dart_triton.export.backends import get_backend
-
-DEFAULT_INSTANCES = {
-    # Two `dart` instances keep two frames in flight: one in the backbone while the
-    # other is in the encoder-decoder (inter-frame pipelining, DART §3.5).
-    specs.DART: 2,
-    specs.PREPROCESS: 2,
-    specs.TEXT_ENCODER: 1,  # one instance = one shared embedding cache
-    specs.BACKBONE: 1,
-    specs.ENC_DEC: 1,
-    specs.POSTPROCESS: 2,
-}
-
-
-@dataclass
-class RepoOptions:
-    backend: str = "python"
-    dims: GraphDims = field(default_factory=GraphDims)
-    instances: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_INSTANCES))
-    gpu: bool = False  # python models and graphs on the GPU (KIND_GPU)
-    gpus: tuple[int, ...] = ()  # GPU ids; () = Triton's default (every visible GPU)
-    enc_dec_buckets: tuple[int, ...] = ()  # N buckets dart pads to; () = chunks of max
-    cuda_graphs: bool = True
-    warm_vocabulary: str = "coco80.txt"
-    ort_threads: int = 0  # python backend: ONNX Runtime threads per session (0 = all cores)
-    # Graph-model parameters of backends that take any (torch: precision, compile mode,
-    # CUDA graphs), from the build options by the backend's entry (`export.backends`).
-    graph_settings: dict[str, str] = field(default_factory=dict)
-    # What serves `backbone` (`BackboneChoice.describe`), said in dart's parameters.
-    backbone: str = "vit"
-
-    def __post_init__(self) -> None:
-        self.gpus = tuple(self.gpus)
-        if get_backend(self.backend).gpu_only or self.gpus:
-            self.gpu = True
+from dart_triton.export.backends import Backend, get_backend
+from dart_triton.export.options import RepoOptions
 
 
 def python_model_config(spec: ModelSpec, opts: RepoOptions, params: ModelParameters) -> str:
@@ -97,11 +62,13 @@ def ensemble_config(opts: RepoOptions) -> str:
             + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
 
 
-def all_configs(opts: RepoOptions) -> dict[str, str]:
-    """model name -> config.pbtxt text, for the whole repository."""
+def all_configs(opts: RepoOptions, backend: Backend | None = None) -> dict[str, str]:
+    """model name -> config.pbtxt text, for the whole repository (`backend`: the entry of
+    `opts.backend`, when the caller has looked it up already)."""
+    backend = backend or get_backend(opts.backend)
+    opts = backend.configure(opts)
     d = opts.dims
     s = specs.all_specs(d)
-    backend = get_backend(opts.backend)
     return {
         specs.PREPROCESS: python_model_config(
             s[specs.PREPROCESS], opts, PreprocessParameters(d.imgsz, d.max_classes)),
@@ -132,15 +99,16 @@ def python_model_entry(module: str) -> str:
             '__all__ = ["TritonPythonModel"]\n')
 
 
-def write_repository_files(repo, opts: RepoOptions) -> None:
+def write_repository_files(repo, opts: RepoOptions, backend: Backend | None = None) -> None:
     """Every config.pbtxt and python model entry point of a repository (no weights)."""
     from pathlib import Path
 
     repo = Path(repo)
-    for name, text in all_configs(opts).items():
+    backend = backend or get_backend(opts.backend)
+    for name, text in all_configs(opts, backend).items():
         (repo / name / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version dir
         (repo / name / "config.pbtxt").write_text(text)
-    for name, module in get_backend(opts.backend).python_models().items():
+    for name, module in backend.python_models().items():
         (repo / name / "1" / "model.py").write_text(python_model_entry(module))
 
 

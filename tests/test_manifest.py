@@ -15,8 +15,8 @@ import pytest
 from dart_triton import __version__
 from dart_triton.contract import specs
 from dart_triton.contract.manifest import version_refusal
-from dart_triton.export import manifest
-from dart_triton.export.repository import BuildOptions, packaged_vocabulary
+from dart_triton.export import check, manifest
+from dart_triton.export.options import BuildOptions, packaged_vocabulary
 from dart_triton.export.tensorrt import build as tensorrt_build
 from dart_triton.export.tensorrt import sidecar as plan_sidecar
 from dart_triton.export.tensorrt.build import TensorRTPath, plan_fields
@@ -147,9 +147,9 @@ def test_check_repository_command(tmp_path, checkpoint, capsys):
     repo = _repo(tmp_path, checkpoint, BuildOptions(backend="python", max_classes=4))
     args = [str(repo), "--checkpoint", str(checkpoint), "--", "--backend", "python",
             "--max-classes", "4"]
-    assert manifest.check_main(args) == 0
+    assert check.check_main(args) == 0
     assert capsys.readouterr().out == f"{repo} is current\n"
-    assert manifest.check_main([*args, "--imgsz", "56"]) == 1
+    assert check.check_main([*args, "--imgsz", "56"]) == 1
     assert capsys.readouterr().out == "stale: imgsz: built with 112, now 56\n"
-    assert manifest.check_main([*args, "--buckets", "1,3"]) == 2
+    assert check.check_main([*args, "--buckets", "1,3"]) == 2
     assert "largest bucket (3) must equal --max-classes (4)" in capsys.readouterr().err

@@ -308,7 +308,8 @@ def test_check_repository_rebuilds_plans_when_a_build_option_changes(monkeypatch
     """The container's decision: `dart-triton check-repository` on a tensorrt repository
     compares the plans' sidecars with the build options (DART_BUILD_ARGS)."""
     from dart_triton.export import manifest
-    from dart_triton.export.repository import BuildOptions, build_repository, packaged_vocabulary
+    from dart_triton.export.options import BuildOptions, packaged_vocabulary
+    from dart_triton.export.repository import build_repository
 
     install(monkeypatch, TRT10)
     monkeypatch.setattr(plan_sidecar, "current_device", lambda: dict(FAKE_GPU))

@@ -196,12 +196,13 @@ def test_build_refuses_gpu_only_torch_options_on_the_cpu(tiny_checkpoint, tmp_pa
 
 def test_gpu_build_config_keeps_tensors_on_the_gpu():
     """A --gpu torch build: KIND_GPU instances, FP16 by default, GPU inputs allowed."""
-    from dart_triton.export.repository import BuildOptions
+    from dart_triton.export.backends import check_build
+    from dart_triton.export.options import BuildOptions
     from dart_triton.export.triton_config import all_configs
 
     build = BuildOptions(backend="torch", gpu=True, buckets=(1, 4, 16), compile="default",
                          cuda_graphs=True)
-    configs = all_configs(build.repo_options(specs.GraphDims()))
+    configs = all_configs(check_build(build).repo_options(build, specs.GraphDims()))
     for model in specs.GRAPH_MODELS:
         text = configs[model]
         assert 'backend: "python"' in text and "kind: KIND_GPU" in text
@@ -210,7 +211,8 @@ def test_gpu_build_config_keeps_tensors_on_the_gpu():
                            ("FORCE_CPU_ONLY_INPUT_TENSORS", "no")):
             assert f'key: "{key}"\n  value {{ string_value: "{value}" }}' in text
     explicit = BuildOptions(backend="torch", gpu=True, precision="fp32")
-    assert explicit.repo_options(specs.GraphDims()).graph_settings["precision"] == "fp32"
+    assert check_build(explicit).repo_options(explicit, specs.GraphDims()).graph_settings[
+        "precision"] == "fp32"
 
 
 # pb.from_torch hands the tensor object over --------------------------------------------

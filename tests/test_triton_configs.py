@@ -99,7 +99,8 @@ def test_ensemble_wiring():
 
 
 def test_instances_are_build_parameters(tiny_checkpoint, tmp_path):
-    from dart_triton.export.repository import build_repository, parse_instances
+    from dart_triton.export.options import parse_instances
+    from dart_triton.export.repository import build_repository
 
     with pytest.raises(ValueError, match="MODEL=COUNT"):
         parse_instances("dart=zero")
@@ -147,7 +148,7 @@ def test_bundled_server_accepts_tensorrt_repository_configs(tiny_checkpoint, tmp
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_instances_spread_over_listed_gpus(backend):
     """--gpus 0,1: every model's --instances count is per listed GPU (Triton's `gpus`)."""
-    from dart_triton.export.repository import parse_gpus, parse_instances
+    from dart_triton.export.options import parse_gpus, parse_instances
 
     opts = RepoOptions(backend=backend, dims=DIMS, gpus=parse_gpus("0,1"),
                        instances=parse_instances("dart=2,backbone=1,enc_dec=3"))
