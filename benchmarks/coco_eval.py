@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
     }
     detector = None
     if detect is None:
-        from dart_triton.client.triton_client import ThreadLocalDetector
+        from dart_triton.client.thread_local import ThreadLocalDetector
 
         try:
             detector = detect = ThreadLocalDetector(

@@ -14,7 +14,7 @@ _EXPORTS = {
     "DartClientError": ".errors",
     "DartClient": ".triton_client",
     "DetectionFuture": ".triton_client",
-    "ThreadLocalDetector": ".triton_client",
+    "ThreadLocalDetector": ".thread_local",
     "load_image": ".images",
     "annotate": ".draw",
     "annotate_video": ".video",

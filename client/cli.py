@@ -9,205 +9,43 @@ checked, and their folders created, before any inference, so a typo costs no ser
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
 from dart_triton.contract import specs
 
+from .cli_common import (
+    Parser,
+    UsageError,
+    add_server_args,
+    check_urls,
+    check_writable_file,
+    check_writable_folder,
+    class_names,
+    image_reason,
+    is_folder_arg,
+    make_client,
+    output_file,
+    print_out,
+    refuse_overwriting,
+    request_options,
+    require,
+    say,
+    server_ready,
+)
 from .errors import DartClientError
 from .tracking import DEFAULT_LOW as _TRACK_LOW
-from .triton_client import DEFAULT_URLS, DartClient
 
 # Requests kept in flight when `detect` is given several images.
 _DETECT_IN_FLIGHT = 4
 
-# Option -> the request tensor it sets, to name the option in the tensor's error message.
-_OPTION_TENSORS = {
-    "--score-threshold": specs.SCORE_THRESHOLD,
-    "--nms-iou": specs.NMS_IOU,
-    "--max-detections": specs.MAX_DETECTIONS,
-}
-
-
-class UsageError(ValueError):
-    """A mistake in the command line; the message names the option or file."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that answers a mistake in one line (not usage + error) and exits 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _say(command: str, message: str) -> None:
-    print(f"dart-triton {command}: {_one_line(message)}", file=sys.stderr)
-
-
-def _print(text: str) -> None:
-    """Print to stdout; a reader that went away (``detect ... | head``) is not an error."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def _add_server_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--classes", nargs="+", required=True, metavar="NAME",
-                        help="class names to detect, after the input file(s): "
-                             "--classes person 'traffic light' or --classes person,dog")
-    parser.add_argument("--url", action="append", metavar="U",
-                        help=f"Triton address (default grpc {DEFAULT_URLS['grpc']}, "
-                             f"http {DEFAULT_URLS['http']}); repeat it to spread requests "
-                             "over several servers")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default="dart", help="dart or dart_ensemble (default: dart)")
-    parser.add_argument("--score-threshold", type=float, metavar="T",
-                        help=f"server default {specs.DEFAULT_SCORE_THRESHOLD}")
-    parser.add_argument("--nms-iou", type=float, metavar="IOU",
-                        help=f"server default {specs.DEFAULT_NMS_IOU}; 1.0 turns NMS off")
-    parser.add_argument("--max-detections", type=int, metavar="N",
-                        help=f"server default {specs.DEFAULT_MAX_DETECTIONS}")
-
-
-def _options(args: argparse.Namespace) -> dict:
-    """The request options, checked by the server's own rules, or UsageError naming the option."""
-    from .inputs import option_arrays
-
-    options = {
-        "score_threshold": args.score_threshold,
-        "nms_iou": args.nms_iou,
-        "max_detections": args.max_detections,
-    }
-    try:
-        option_arrays(**options)
-    except ValueError as e:
-        message = str(e)
-        for option, tensor in _OPTION_TENSORS.items():
-            message = message.replace(tensor, option)
-        raise UsageError(message) from None
-    return options
-
-
-def _media_suffixes() -> frozenset[str]:
-    from .images import writable_suffixes
-    from .video import WRITABLE_SUFFIXES, readable_suffixes
-
-    try:
-        videos = readable_suffixes()
-    except ImportError:  # the `video` extra is optional
-        videos = WRITABLE_SUFFIXES
-    return writable_suffixes() | frozenset(videos)
-
-
-def _require(module: str, extra: str, what: str) -> None:
-    """UsageError when an optional dependency is missing, before any request is sent."""
-    if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{what} needs {module}: pip install 'dart-triton[{extra}]'")
-
-
-def class_names(values: Sequence[str]) -> list[str]:
-    """``--classes`` values as class names: commas split names; paths are refused.
-
-    ``--classes`` takes every word after it, so ``detect --classes cat img.jpg`` would
-    silently ask for a class called "img.jpg". A value that is an existing file, or ends
-    in an image or video extension, is refused with the two ways to say it right.
-    """
-    from .inputs import class_list
-
-    media = _media_suffixes()
-    for value in values:
-        if Path(value).is_file() or Path(value).suffix.lower() in media:
-            raise UsageError(
-                f"--classes {value!r} looks like a file path, not a class name: put the "
-                f"files before --classes, or end the class list with -- (... --classes cat "
-                f"-- {value})"
-            )
-    names = [name.strip() for value in values for name in value.split(",")]
-    if not all(names):
-        raise UsageError(f"--classes {','.join(values)!r} has an empty name")
-    try:
-        return class_list(names)
-    except ValueError as e:
-        raise UsageError(f"--classes: {e}") from None
-
-
-def _is_folder_arg(raw: str | Path) -> bool:
-    return (isinstance(raw, str) and raw.endswith(("/", os.sep))) or Path(raw).is_dir()
-
-
-def _file_in_the_way(folder: Path) -> Path | None:
-    """The nearest existing ancestor of ``folder`` (itself included) when it is not a folder."""
-    for p in (folder, *folder.parents):
-        if p.exists():
-            return None if p.is_dir() else p
-    return None
-
-
-def _check_writable_file(path: Path, option: str) -> None:
-    """Create ``path``'s folder and prove the file can be written, without truncating it."""
-    if blocker := _file_in_the_way(path.parent):
-        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            with open(path, "ab"):
-                pass
-        else:
-            with open(path, "xb"):
-                pass
-            path.unlink()
-    except OSError as e:
-        raise UsageError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
-
-
-def _check_writable_folder(folder: Path, option: str) -> None:
-    if blocker := _file_in_the_way(folder):
-        raise UsageError(f"{option} {folder}: {blocker} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UsageError(
-            f"{option} {folder}: cannot create or write to this folder ({e.strerror or e})"
-        ) from None
-
-
-def _refuse_overwriting(outputs: Sequence[Path], inputs: Sequence[Path], option: str) -> None:
-    sources = {p.resolve() for p in inputs}
-    for out in outputs:
-        if out.resolve() in sources:
-            raise UsageError(f"{option} {out} would overwrite the input file {out}")
-
-
-def _output_file(raw: str | Path, option: str, example: str, inputs: Sequence[Path]) -> Path:
-    """A file option (``--json``, ``--tracks``): not a folder, not an input, writable."""
-    if _is_folder_arg(raw):
-        raise UsageError(f"{option} {raw} is a folder; give a file name, e.g. "
-                         f"{Path(raw) / example}")
-    path = Path(raw)
-    _refuse_overwriting([path], inputs, option)
-    _check_writable_file(path, option)
-    return path
-
-
-def _annotation_paths(images: Sequence[Path], out: str | Path) -> list[Path]:
+def annotation_paths(images: Sequence[Path], out: str | Path) -> list[Path]:
     """Where ``--annotate OUT`` puts each annotated image.
 
     OUT is a folder when it ends with ``/``, already is a folder, or has no extension:
@@ -217,7 +55,7 @@ def _annotation_paths(images: Sequence[Path], out: str | Path) -> list[Path]:
     from .images import writable_suffixes
 
     path = Path(out)
-    if not _is_folder_arg(out) and path.suffix:
+    if not is_folder_arg(out) and path.suffix:
         if path.suffix.lower() not in writable_suffixes():
             raise UsageError(f"--annotate {out}: unknown image extension {path.suffix!r}; use "
                              ".png or .jpg, or a folder (end it with /)")
@@ -247,64 +85,23 @@ def _output_paths(args: argparse.Namespace) -> tuple[Path | None, list[Path] | N
     """``--json`` file and ``--annotate`` files, checked and their folders created."""
     json_out = None
     if args.json is not None:
-        json_out = _output_file(args.json, "--json", "detections.json", args.images)
+        json_out = output_file(args.json, "--json", "detections.json", args.images)
     annotated = None
     if args.annotate is not None:
-        _require("supervision", "draw", "--annotate")
-        annotated = _annotation_paths(args.images, args.annotate)
-        _refuse_overwriting(annotated, args.images, "--annotate")
+        require("supervision", "draw", "--annotate")
+        annotated = annotation_paths(args.images, args.annotate)
+        refuse_overwriting(annotated, args.images, "--annotate")
         if json_out is not None:
-            _refuse_overwriting(annotated, [json_out], "--annotate")
+            refuse_overwriting(annotated, [json_out], "--annotate")
         if len(annotated) == 1 and annotated[0] == Path(args.annotate):
-            _check_writable_file(annotated[0], "--annotate")
+            check_writable_file(annotated[0], "--annotate")
         else:
-            _check_writable_folder(Path(args.annotate), "--annotate")
+            check_writable_folder(Path(args.annotate), "--annotate")
     return json_out, annotated
 
 
-def _check_urls(args: argparse.Namespace) -> None:
-    """``--url`` given twice is a mistake: the same server would get twice the load."""
-    seen: set[str] = set()
-    for url in args.url or ():
-        if not url.strip():
-            raise UsageError("--url is empty: give HOST:PORT, e.g. 127.0.0.1:8001")
-        if url in seen:
-            raise UsageError(f"--url {url} is given twice")
-        seen.add(url)
-
-
-def make_client(args: argparse.Namespace, *, concurrency: int) -> DartClient:
-    """The client of every command: the one place that turns ``--url`` (repeatable) into
-    one. With several URLs, requests are spread over them (round robin under the in-flight
-    limit; a failing server is set aside and retried later)."""
-    return DartClient(args.url or None, args.protocol, args.model, concurrency=concurrency)
-
-
-def _server_ready(client: DartClient, command: str) -> bool:
-    """One line, before any image or frame is read, when nothing serves the model.
-
-    With several servers, any one ready will do; the others are named in a warning.
-    """
-    missing = client.unready()
-    if len(missing) < len(client.urls):
-        if missing:
-            _say(command, f"warning: no model {client.model!r} ready at {', '.join(missing)}; "
-                          "using the other server(s) (those are retried later)")
-        return True
-    _say(command, f"error: no model {client.model!r} ready at {client.url} ({client.protocol}); "
-                  "is `dart-triton serve` running there? (see --url, --protocol)")
-    return False
-
-
-def _image_reason(err: Exception) -> str:
-    from .images import ImageFileError
-
-    # ImageFileError names the file itself; the server's shape rules name IMAGE.
-    return str(err) if isinstance(err, ImageFileError) else str(err).replace("IMAGE", "image")
-
-
 def detect_main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(
+    parser = Parser(
         prog="dart-triton detect",
         description="Detect open-vocabulary classes in images through a Triton `dart` server. "
                     "An image that cannot be read is named on stderr and skipped; the others "
@@ -313,7 +110,7 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
                "Exit status: 0 ok, 1 an image or the server failed, 2 a usage error.",
     )
     parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
-    _add_server_args(parser)
+    add_server_args(parser)
     parser.add_argument("--json", metavar="OUT.json",
                         help="write detections to this file instead of printing them")
     parser.add_argument("--annotate", metavar="OUT",
@@ -324,11 +121,11 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
     try:
         classes = class_names(args.classes)
         args.images = _image_paths(args.images)
-        options = _options(args)
-        _check_urls(args)
+        options = request_options(args)
+        check_urls(args)
         json_out, annotated = _output_paths(args)
     except UsageError as e:
-        _say("detect", f"error: {e}")
+        say("detect", f"error: {e}")
         return 2
 
     from .draw import annotate
@@ -348,21 +145,21 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
                 try:
                     image = check_image(load_image(path))
                 except (ImageFileError, ValueError) as e:
-                    image, reason = None, _image_reason(e)
+                    image, reason = None, image_reason(e)
             if image is None:
                 failed.append(path)
-                _say("detect", f"skipped {path}: {reason}" if str(path) not in reason
+                say("detect", f"skipped {path}: {reason}" if str(path) not in reason
                      else f"skipped {reason}")
                 continue
             if caught:
-                _say("detect", f"warning: {path}: {caught[0].message}")
+                say("detect", f"warning: {path}: {caught[0].message}")
             yield i, path, image
 
     client = make_client(args, concurrency=_DETECT_IN_FLIGHT)
     records: list[dict] = []
     status = 0
     try:
-        if not _server_ready(client, "detect"):
+        if not server_ready(client, "detect"):
             return 1
         for (i, path, image), dets in in_order(
             readable(), lambda item: client.detect_async(item[2], classes, **options),
@@ -374,13 +171,13 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
             if annotated:
                 save_image(annotated[i], annotate(image, dets))
     except DartClientError as e:
-        _say("detect", f"server error ({client.url}): {e}")
+        say("detect", f"server error ({client.url}): {e}")
         status = 1
     except OSError as e:  # an annotated image that could not be saved after all
-        _say("detect", f"error: cannot write {e.filename or ''}: {e.strerror or e}")
+        say("detect", f"error: cannot write {e.filename or ''}: {e.strerror or e}")
         status = 1
     except KeyboardInterrupt:
-        _say("detect", "interrupted; nothing written")
+        say("detect", "interrupted; nothing written")
         return 130
     finally:
         client.close()
@@ -396,10 +193,10 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
         json_out.write_text(text + "\n")
         for r in records:
             found = ", ".join(f"{d['category_name']} {d['score']:.2f}" for d in r["detections"])
-            _print(f"{r['file_name']}: {len(r['detections'])} detections"
+            print_out(f"{r['file_name']}: {len(r['detections'])} detections"
                    + (f" ({found})" if found else ""))
     else:
-        _print(text)
+        print_out(text)
     if annotated:
         where = annotated[0] if len(annotated) == 1 else Path(args.annotate)
         print(f"annotated image(s) written to {where}", file=sys.stderr)
@@ -435,23 +232,23 @@ def _video_outputs(args: argparse.Namespace, src: str | Path) -> tuple[Path, Pat
 
     out = Path(args.out)
     source_file = [src] if isinstance(src, Path) and src.is_file() else []
-    if _is_folder_arg(args.out):
+    if is_folder_arg(args.out):
         if isinstance(src, Path) and src.is_dir() and out.resolve() == src.resolve():
             raise UsageError(f"--out {args.out} is the input folder: its frames would be "
                              "overwritten")
-        _check_writable_folder(out, "--out")
+        check_writable_folder(out, "--out")
     else:
         if out.suffix.lower() not in WRITABLE_SUFFIXES:
             raise UsageError(f"--out {args.out}: neither a video file "
                              f"({', '.join(WRITABLE_SUFFIXES)}) nor a folder of frames "
                              "(end it with /)")
-        _refuse_overwriting([out], source_file, "--out")
-        _check_writable_file(out, "--out")
+        refuse_overwriting([out], source_file, "--out")
+        check_writable_file(out, "--out")
     tracks = None
     if args.tracks is not None:
-        if not _is_folder_arg(args.tracks) and Path(args.tracks).resolve() == out.resolve():
+        if not is_folder_arg(args.tracks) and Path(args.tracks).resolve() == out.resolve():
             raise UsageError(f"--tracks {Path(args.tracks)} is the --out file")
-        tracks = _output_file(args.tracks, "--tracks", "tracks.txt", source_file)
+        tracks = output_file(args.tracks, "--tracks", "tracks.txt", source_file)
     return out, tracks
 
 
@@ -469,7 +266,7 @@ def _positive_number(kind: type, option: str) -> Any:
 
 
 def video_main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(
+    parser = Parser(
         prog="dart-triton video",
         description="Annotate every frame of a video, a folder of frames or a stream through a "
                     "Triton `dart` server, optionally tracking objects (ByteTrack, per class).",
@@ -484,7 +281,7 @@ def video_main(argv: Sequence[str] | None = None) -> int:
                "Exit status: 0 ok, 1 the video, the stream or the server failed, 2 a usage error.",
     )
     parser.add_argument("input", metavar="IN")
-    _add_server_args(parser)
+    add_server_args(parser)
     parser.add_argument("--out", required=True, metavar="OUT",
                         help="annotated video (.mp4, .mov, .mkv; H.264), or a folder (ends "
                              "with / or exists) that gets one JPEG per frame: 000001.jpg, ...")
@@ -517,16 +314,16 @@ def video_main(argv: Sequence[str] | None = None) -> int:
         if args.reconnect < 0:
             raise UsageError(f"--reconnect must be >= 0, got {args.reconnect}")
         classes = class_names(args.classes)
-        options = _options(args)
-        _check_urls(args)
-        _require("av", "video", "dart-triton video")
-        _require("supervision", "draw", "dart-triton video")
+        options = request_options(args)
+        check_urls(args)
+        require("av", "video", "dart-triton video")
+        require("supervision", "draw", "dart-triton video")
         if args.track:
-            _require("trackers", "video", "--track")
+            require("trackers", "video", "--track")
         src = _video_source(args.input)
         out, tracks = _video_outputs(args, src)
     except UsageError as e:
-        _say("video", f"error: {e}")
+        say("video", f"error: {e}")
         return 2
 
     from .tracking import MultiClassTracker
@@ -544,7 +341,7 @@ def video_main(argv: Sequence[str] | None = None) -> int:
     written = f"{out}" + (f" and {tracks}" if tracks else "")
     client = make_client(args, concurrency=args.in_flight)
     try:
-        if not _server_ready(client, "video"):
+        if not server_ready(client, "video"):
             return 1
         stats = annotate_video(
             src,
@@ -558,31 +355,31 @@ def video_main(argv: Sequence[str] | None = None) -> int:
             reconnect=args.reconnect,
             tracker=tracker,
             tracks=tracks,
-            warn=lambda message: _say("video", f"warning: {message}"),
+            warn=lambda message: say("video", f"warning: {message}"),
         )
     except DartClientError as e:
-        _say("video", f"server error ({client.url}): {e}")
+        say("video", f"server error ({client.url}): {e}")
         return 1
     except VideoError as e:
         done = e.stats.frames if e.stats is not None else 0
-        _say("video", f"error: {e}" + (f"; {written} hold the {done} frames before it"
+        say("video", f"error: {e}" + (f"; {written} hold the {done} frames before it"
                                        if done else ""))
         if done:  # what was written is still a result: its summary goes to stdout as usual
-            _print(f"{out}: {e.stats.summary()}")
+            print_out(f"{out}: {e.stats.summary()}")
         return 1
     except (ValueError, OSError) as e:  # a frame the server's rules refuse, a full disk
-        _say("video", f"error: {e}")
+        say("video", f"error: {e}")
         return 1
     except VideoInterrupted as e:
-        _say("video", f"interrupted after {e.stats.frames} frames; {written} are complete "
+        say("video", f"interrupted after {e.stats.frames} frames; {written} are complete "
                       "up to there")
         return 130
     except KeyboardInterrupt:
-        _say("video", "interrupted before the first frame")
+        say("video", "interrupted before the first frame")
         return 130
     finally:
         client.close()
-    _print(f"{out}: {stats.summary()} "
+    print_out(f"{out}: {stats.summary()} "
            f"(model {args.model}, {args.protocol} {client.url}, {args.in_flight} in flight)"
            + (f"; tracks in {tracks}" if tracks else ""))
     return 0

@@ -22,17 +22,17 @@ import numpy as np
 
 from dart_triton.contract import specs
 
-from .cli import (
+from .cli_common import (
+    Parser,
     UsageError,
-    _add_server_args,
-    _check_urls,
-    _options,
-    _Parser,
-    _print,
-    _say,
-    _server_ready,
+    add_server_args,
+    check_urls,
     class_names,
     make_client,
+    print_out,
+    request_options,
+    say,
+    server_ready,
 )
 from .errors import DartClientError
 
@@ -153,18 +153,18 @@ def read_journal(path: Path) -> dict[str, dict]:
             record = json.loads(line)
             done[str(record["file"])] = record
         except (ValueError, KeyError, TypeError):
-            _say("label", f"warning: skipping malformed line {number} of {path}")
+            say("label", f"warning: skipping malformed line {number} of {path}")
     return done
 
 
 def _check_out(out: Path, images: Path, settings: dict, overwrite: bool) -> Path:
     """The state folder of ``out``; refuses a foreign folder or a journal of other settings."""
-    from .cli import _check_writable_folder, _file_in_the_way
+    from .cli_common import check_writable_folder, file_in_the_way
 
     state = out / STATE_DIR
     if out.resolve() == images.resolve():
         raise UsageError(f"--out {out} is the image folder; give a new folder for the dataset")
-    if blocker := _file_in_the_way(out):
+    if blocker := file_in_the_way(out):
         raise UsageError(f"--out {out}: {blocker} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not state.is_dir():
         raise UsageError(f"--out {out} is a folder that `dart-triton label` did not write; "
@@ -178,12 +178,26 @@ def _check_out(out: Path, images: Path, settings: dict, overwrite: bool) -> Path
         if changed:
             raise UsageError(f"--out {out} was labelled with different {', '.join(changed)}; "
                              "use another --out, or --overwrite to label again")
-    _check_writable_folder(state, "--out")
+    check_writable_folder(state, "--out")
     run_file.write_text(json.dumps(settings, indent=2) + "\n")
     return state
 
 
 # --- dataset writers ------------------------------------------------------------------------
+def _nms(xyxy: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou: float) -> np.ndarray:
+    """The server's rule (greedy NMS within each group, by descending score, ties to the
+    lower index), with torchvision's NMS: fed in a stable score order, with strictly
+    decreasing stand-in scores so that its own sort keeps that order."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    order = np.argsort(-scores, kind="stable")
+    rank = torch.arange(len(order), 0, -1, dtype=torch.float64)
+    keep = batched_nms(torch.from_numpy(xyxy[order]), rank,
+                       torch.from_numpy(groups[order].astype(np.int64)), iou)
+    return order[keep.numpy()]
+
+
 def _boxes(records: list[dict], categories: Categories, nms_iou: float) -> list[list[dict]]:
     """Each image's detections as categories; boxes of merged classes de-duplicated by NMS
     within their category (a car box and a truck box on one vehicle are one vehicle)."""
@@ -191,14 +205,11 @@ def _boxes(records: list[dict], categories: Categories, nms_iou: float) -> list[
     for record in records:
         dets = [{**d, "category": categories.of_class[d["class"]]} for d in record["detections"]]
         if categories.merged and len(dets) > 1:
-            from dart_triton.model.postprocess import nms
-
             xywh = np.array([d["bbox"] for d in dets], dtype=np.float64)
             xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-            keep = nms(xyxy, np.array([d["score"] for d in dets]),
-                       np.array([d["category"] for d in dets]), nms_iou,
-                       max_candidates=None, max_per_group=None)
-            dets = [dets[i] for i in np.asarray(keep).tolist()]
+            keep = _nms(xyxy, np.array([d["score"] for d in dets]),
+                        np.array([d["category"] for d in dets]), nms_iou)
+            dets = [dets[i] for i in keep.tolist()]
         out.append(dets)
     return out
 
@@ -291,7 +302,7 @@ def write_dataset(out: Path, images_dir: Path, records: list[dict], names: list[
 
 # --- command line ---------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="dart-triton label",
         description="Auto-label a folder of images (subfolders too) into a COCO or YOLO "
                     "dataset through a Triton `dart` server. Resumable: rerun the same "
@@ -305,7 +316,7 @@ def _parser() -> argparse.ArgumentParser:
                "Exit status: 0 ok, 1 an image or the server failed, 2 a usage error.",
     )
     p.add_argument("images", type=Path, metavar="IMAGES_DIR")
-    _add_server_args(p)
+    add_server_args(p)
     p.add_argument("--out", required=True, type=Path, metavar="DATASET_DIR",
                    help="the dataset folder (created; a rerun resumes in it)")
     p.add_argument("--format", choices=("coco", "yolo"), required=True)
@@ -327,8 +338,8 @@ def label_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--in-flight must be >= 1, got {args.in_flight}")
         classes = class_names(args.classes)
         categories = parse_merge(args.merge, classes)
-        options = _options(args)
-        _check_urls(args)
+        options = request_options(args)
+        check_urls(args)
         if not args.images.is_dir():
             raise UsageError(f"{args.images}: no such folder" if not args.images.exists()
                              else f"{args.images} is a file; give the folder of images")
@@ -340,7 +351,7 @@ def label_main(argv: Sequence[str] | None = None) -> int:
                     "images": str(args.images.resolve())}
         state = _check_out(args.out, args.images, settings, args.overwrite)
     except UsageError as e:
-        _say("label", f"error: {e}")
+        say("label", f"error: {e}")
         return 2
 
     relative = [p.relative_to(args.images).as_posix() for p in paths]
@@ -348,24 +359,24 @@ def label_main(argv: Sequence[str] | None = None) -> int:
     done = read_journal(journal)
     todo = [(p, r) for p, r in zip(paths, relative, strict=True) if r not in done]
     if done and todo:
-        _say("label", f"resuming: {len(paths) - len(todo)} of {len(paths)} images already "
+        say("label", f"resuming: {len(paths) - len(todo)} of {len(paths)} images already "
                       "labelled")
     failed = []
     client = make_client(args, concurrency=args.in_flight)
     try:
         if todo:
-            if not _server_ready(client, "label"):
+            if not server_ready(client, "label"):
                 return 1
             _detect(client, todo, classes, options, args, journal, done, failed)
     except DartClientError as e:
-        _say("label", f"server error ({client.url}): {e}; the {len(done)} images labelled so "
+        say("label", f"server error ({client.url}): {e}; the {len(done)} images labelled so "
                       "far are kept: rerun the same command to resume")
         return 1
     except OSError as e:  # the journal's disk filled up
-        _say("label", f"error: cannot write {journal}: {e.strerror or e}")
+        say("label", f"error: cannot write {journal}: {e.strerror or e}")
         return 1
     except KeyboardInterrupt:
-        _say("label", f"interrupted: {len(done)} of {len(paths)} images labelled; rerun the "
+        say("label", f"interrupted: {len(done)} of {len(paths)} images labelled; rerun the "
                       "same command to resume")
         return 130
     finally:
@@ -378,7 +389,7 @@ def label_main(argv: Sequence[str] | None = None) -> int:
     boxes = write_dataset(args.out, args.images, records, [n for _, n in labelled],
                           categories, args.format, nms_iou)
     where = COCO_JSON if args.format == "coco" else Path("data.yaml")
-    _print(f"{args.out}: {len(records)} images, {boxes} boxes, {len(categories.names)} "
+    print_out(f"{args.out}: {len(records)} images, {boxes} boxes, {len(categories.names)} "
            f"categories ({args.format}: {args.out / where})")
     return 1 if failed else 0
 

@@ -4,9 +4,6 @@ one server or spread over several."""
 from __future__ import annotations
 
 import contextlib
-import http.client
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -22,86 +19,21 @@ from .endpoints import Endpoints, call_spread
 from .errors import DartClientError
 from .inputs import check_image, class_list, encode_classes, option_arrays
 from .pipeline import completed, in_order
+from .server_errors import (
+    NO_MODEL,
+    config_parameter,
+    is_unavailable,
+    parse_urls,
+    quiet_gevent,
+    server_errors,
+)
 
 Transport = Literal["grpc", "http"]
-DEFAULT_URLS: dict[str, str] = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+DEFAULT_URLS: dict[str, str] = {p: f"127.0.0.1:{port}" for p, port in specs.DEFAULT_PORTS.items()
+                                 if p != "metrics"}
 _CONTRACT = specs.dart_spec(specs.GraphDims())
 _OUTPUTS = (specs.BOXES, specs.SCORES, specs.CLASS_IDS)
-# Status of a request that never reached a server: nothing listening, connection reset.
-UNAVAILABLE = "UNAVAILABLE"
-# Statuses worth retrying: the server is (re)starting or gone for now. The gRPC code, HTTP
-# 503, and a connection failure; never INVALID_ARGUMENT (the same request fails again).
-_RETRYABLE = frozenset({"StatusCode.UNAVAILABLE", "503", UNAVAILABLE})
-# Statuses of a server that has not got the model (for now): gRPC code, HTTP 404.
-_NO_MODEL = frozenset({"StatusCode.NOT_FOUND", "404"})
 T = TypeVar("T")
-
-
-@contextlib.contextmanager
-def _server_errors(url: str) -> Iterator[None]:
-    """Re-raise transport and server failures as DartClientError with the server's message."""
-    try:
-        yield
-    except DartClientError:
-        raise
-    except InferenceServerException as e:
-        status = e.status()
-        raise DartClientError(e.message() or str(e), str(status) if status else None) from e
-    except TimeoutError as e:  # an OSError too, but not a connection failure
-        raise DartClientError(f"no answer from Triton at {url} in time: {e}", "TIMEOUT") from e
-    except OSError as e:  # the HTTP client's connection refused / DNS / reset
-        raise DartClientError(f"cannot reach Triton at {url}: {e}", UNAVAILABLE) from e
-    except http.client.HTTPException as e:
-        # geventhttpclient's HTTPConnectionClosed: the server went away before answering.
-        closed = type(e).__name__ == "HTTPConnectionClosed"
-        raise DartClientError(f"bad HTTP answer from Triton at {url}: {e!r}",
-                              UNAVAILABLE if closed else None) from e
-
-
-def is_unavailable(error: DartClientError) -> bool:
-    """True when ``error`` says the server could not take the request now (worth a retry)."""
-    return error.status in _RETRYABLE
-
-
-def retry_unavailable(
-    call: Callable[[], T],
-    retries: int,
-    backoff: float,
-    *,
-    backoff_max: float = float("inf"),
-    first: int = 0,
-    sleep: Callable[[float], None] = time.sleep,
-    before_retry: Callable[[], None] | None = None,
-) -> T:
-    """``call()``, repeated while it fails with UNAVAILABLE, at most ``retries`` times in all.
-
-    Retry n (1-based) waits ``backoff * 2**(n-1)`` seconds first, at most ``backoff_max``.
-    ``first`` is how many retries were already spent (1 when an asynchronous attempt
-    failed). Any other error, or the last UNAVAILABLE one, is raised.
-    """
-    attempt = first
-    while True:
-        if attempt:
-            sleep(min(backoff * 2 ** (attempt - 1), backoff_max))
-            if before_retry is not None:
-                before_retry()
-        try:
-            return call()
-        except DartClientError as e:
-            if attempt >= retries or not is_unavailable(e):
-                raise
-        attempt += 1
-
-
-def _quiet_gevent() -> None:
-    """Stop gevent printing a traceback for every failed HTTP request greenlet.
-
-    The failure is re-raised from ``get_result`` as a DartClientError anyway, so
-    the hub's printout (on by default, per thread) would only duplicate it.
-    """
-    import gevent
-
-    gevent.get_hub().exception_stream = None
 
 
 class DetectionFuture:
@@ -123,7 +55,7 @@ class DetectionFuture:
 
     def result(self, timeout: float | None = None) -> Detections:
         try:
-            with _server_errors(self._url):
+            with server_errors(self._url):
                 return self._wait(timeout)
         except DartClientError as e:
             if self._resend is None:
@@ -181,7 +113,7 @@ class DartClient:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         if min(retries, retry_backoff, retry_backoff_max) < 0:
             raise ValueError("retries, retry_backoff and retry_backoff_max must be >= 0")
-        urls = _urls(url) or (endpoints.urls if endpoints else (DEFAULT_URLS[protocol],))
+        urls = parse_urls(url) or (endpoints.urls if endpoints else (DEFAULT_URLS[protocol],))
         if endpoints is None:
             endpoints = Endpoints(urls, retry_backoff, retry_backoff_max)
         elif endpoints.urls != urls:
@@ -206,7 +138,7 @@ class DartClient:
             import tritonclient.http as tc
 
             self._outputs = [tc.InferRequestedOutput(n, binary_data=True) for n in _OUTPUTS]
-            _quiet_gevent()
+            quiet_gevent()
         self._tc = tc
         self._connections = [
             _Connection(self._connect(u), endpoints.generation(i)) for i, u in enumerate(urls)
@@ -250,7 +182,7 @@ class DartClient:
         draining Triton unloads it while still answering: NOT_FOUND for seconds) sends the
         request to another. With one there is nowhere else to go: that error is final.
         """
-        return is_unavailable(error) or (len(self.urls) > 1 and error.status in _NO_MODEL)
+        return is_unavailable(error) or (len(self.urls) > 1 and error.status in NO_MODEL)
 
     def _spread(
         self,
@@ -308,7 +240,7 @@ class DartClient:
             generation = self._endpoints.generation(i)
             client = self._client(i)
             try:
-                with _server_errors(url):
+                with server_errors(url):
                     ok = bool(client.is_server_live() and client.is_model_ready(self.model))
             except DartClientError:
                 ok = False
@@ -328,7 +260,7 @@ class DartClient:
         """
 
         def call(i: int) -> T:
-            with _server_errors(self.urls[i]):
+            with server_errors(self.urls[i]):
                 return question(self._client(i))
 
         return self._spread(call, retries=0, is_gone=is_unavailable)
@@ -415,7 +347,7 @@ class DartClient:
 
     def _detect_once(self, i: int, inputs: list[Any], classes: list[str]) -> Detections:
         client = self._client(i)
-        with _server_errors(self.urls[i]):
+        with server_errors(self.urls[i]):
             if self.protocol == "grpc":
                 result = client.infer(
                     self.model, inputs, outputs=self._outputs, client_timeout=self.timeout
@@ -455,7 +387,7 @@ class DartClient:
         generation, url = self._endpoints.generation(i), self.urls[i]
         resend = self._resend(i, inputs, classes)
         try:
-            with _server_errors(url):
+            with server_errors(url):
                 if self.protocol == "grpc":
                     return self._send_grpc(i, generation, inputs, classes, resend)
                 request = self._client(i).async_infer(self.model, inputs, outputs=self._outputs)
@@ -467,7 +399,7 @@ class DartClient:
         # in get_result, so waiting on the oldest also drives the younger ones.
         def wait(timeout: float | None) -> Detections:
             try:
-                with _server_errors(url):
+                with server_errors(url):
                     answer = request.get_result(timeout=timeout)
             except DartClientError as e:
                 if e.status != "TIMEOUT":  # a slow answer says nothing of the server
@@ -493,7 +425,7 @@ class DartClient:
             # Runs on a gRPC thread: hand everything, errors included, to the future,
             # and tell the shared health at once, so that new requests avoid a dead server.
             try:
-                with _server_errors(url):
+                with server_errors(url):
                     if error is not None:
                         raise error
                 self._report(i, generation, None)
@@ -530,76 +462,3 @@ class DartClient:
             yield detections
 
 
-def _urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``url`` as a tuple of addresses; a comma-separated string counts as several, and an
-    address listed twice counts once."""
-    if not url:
-        return ()
-    items = [url] if isinstance(url, str) else list(url)
-    urls = [u.strip() for item in items for u in item.split(",")]
-    if not all(urls):
-        raise ValueError(f"an empty Triton address in {url!r}")
-    return tuple(dict.fromkeys(urls))
-
-
-def config_parameter(config: dict[str, Any], key: str) -> str | None:
-    """A ``parameters { key: ... }`` value of a model config dict, or None when absent."""
-    value = (config.get("parameters") or {}).get(key)
-    if isinstance(value, dict):
-        return value.get("string_value")
-    return None if value is None else str(value)
-
-
-class ThreadLocalDetector:
-    """A ``image -> Detections`` callable that is safe to call from many threads.
-
-    Each thread gets its own DartClient, since tritonclient clients are not
-    thread-safe; the thread pool's size is then the number of requests in flight.
-    With several URLs the clients share one rotation and one view of which servers
-    are set aside, so the threads together spread requests evenly and all avoid a
-    server as soon as one of them finds it gone.
-    """
-
-    def __init__(
-        self,
-        classes: Sequence[str],
-        url: str | Sequence[str] | None = None,
-        protocol: Transport = "grpc",
-        model: str = "dart",
-        *,
-        retries: int = 3,
-        retry_backoff: float = 0.5,
-        retry_backoff_max: float = 10.0,
-        **options: Any,
-    ) -> None:
-        self.classes = class_list(classes)
-        urls = _urls(url) or (DEFAULT_URLS.get(protocol, ""),)
-        self.endpoints = Endpoints(urls, retry_backoff, retry_backoff_max)
-        self._client_args = {
-            "url": urls, "protocol": protocol, "model": model, "retries": retries,
-            "retry_backoff": retry_backoff, "retry_backoff_max": retry_backoff_max,
-            "endpoints": self.endpoints,
-        }  # fmt: skip
-        self._options = options
-        self._local = threading.local()
-        self._clients: list[DartClient] = []
-        self._lock = threading.Lock()
-
-    def client(self) -> DartClient:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = DartClient(**self._client_args, concurrency=1)
-            self._local.client = client
-            with self._lock:
-                self._clients.append(client)
-        return client
-
-    def __call__(self, image: np.ndarray) -> Detections:
-        return self.client().detect(image, self.classes, **self._options)
-
-    def close(self) -> None:
-        with self._lock:
-            for client in self._clients:
-                with contextlib.suppress(Exception):
-                    client.close()
-            self._clients.clear()

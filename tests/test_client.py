@@ -146,13 +146,13 @@ def test_annotate_writes_png_with_drawn_boxes(tmp_path):
 def test_annotation_paths_file_or_directory(tmp_path):
     from pathlib import Path
 
-    from dart_triton.client.cli import _annotation_paths
+    from dart_triton.client.cli import annotation_paths
 
-    assert _annotation_paths([Path("a/x.jpg")], tmp_path / "o.png") == [tmp_path / "o.png"]
-    assert _annotation_paths([Path("a/x.jpg")], tmp_path) == [tmp_path / "x.jpg"]
-    assert _annotation_paths([Path("a/x.jpg"), Path("b/y.jpg")], tmp_path / "d") == [
+    assert annotation_paths([Path("a/x.jpg")], tmp_path / "o.png") == [tmp_path / "o.png"]
+    assert annotation_paths([Path("a/x.jpg")], tmp_path) == [tmp_path / "x.jpg"]
+    assert annotation_paths([Path("a/x.jpg"), Path("b/y.jpg")], tmp_path / "d") == [
         tmp_path / "d" / "x.jpg", tmp_path / "d" / "y.jpg"]
-    clash = _annotation_paths([Path("a/x.jpg"), Path("b/x.jpg")], tmp_path)
+    clash = annotation_paths([Path("a/x.jpg"), Path("b/x.jpg")], tmp_path)
     assert len(set(clash)) == 2
 
 
@@ -391,7 +391,7 @@ def test_fake_server_stream_in_input_order(fake):
 
 
 def test_fake_server_info_passthroughs(fake):
-    from dart_triton.client.triton_client import config_parameter
+    from dart_triton.client.server_errors import config_parameter
 
     client, _ = fake
     assert client.is_ready()
@@ -497,7 +497,7 @@ def _failing(statuses: list[str | None]):
 
 
 def test_retry_unavailable_backs_off_and_gives_up_after_the_last_retry():
-    from dart_triton.client.triton_client import retry_unavailable
+    from dart_triton.client.server_errors import retry_unavailable
 
     sleeps: list[float] = []
     call, calls = _failing(["StatusCode.UNAVAILABLE", "503", "UNAVAILABLE", None])
@@ -520,7 +520,7 @@ def test_retry_unavailable_backs_off_and_gives_up_after_the_last_retry():
 @pytest.mark.parametrize("status", ["StatusCode.INVALID_ARGUMENT", "400",
                                     "StatusCode.DEADLINE_EXCEEDED", "TIMEOUT", None])
 def test_retry_unavailable_never_retries_other_failures(status):
-    from dart_triton.client.triton_client import retry_unavailable
+    from dart_triton.client.server_errors import retry_unavailable
 
     sleeps: list[float] = []
     call, calls = _failing([status or "", None])

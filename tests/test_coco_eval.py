@@ -212,7 +212,7 @@ def test_read_done_skips_malformed_lines(tmp_path):
 
 
 def test_server_imgsz_from_model_config():
-    from dart_triton.client.triton_client import config_parameter
+    from dart_triton.client.server_errors import config_parameter
 
     assert config_parameter({"parameters": {"imgsz": {"string_value": "1008"}}}, "imgsz") == "1008"
     assert config_parameter({"parameters": {}}, "imgsz") is None

@@ -33,7 +33,7 @@ from PIL import Image
 from dart_triton.benchmarks.coco_eval import main as coco_eval
 from dart_triton.client.endpoints import Endpoints, call_spread
 from dart_triton.client.errors import DartClientError
-from dart_triton.client.triton_client import is_unavailable, retry_unavailable
+from dart_triton.client.server_errors import is_unavailable, retry_unavailable
 from dart_triton.serving.processes import free_port, kill_group, remove_shm_regions
 
 GONE = DartClientError("connection refused", "UNAVAILABLE")
