@@ -51,7 +51,7 @@ def test_wheel_and_sdist_carry_every_module_and_asset(wheel_env: WheelEnv):
     modules = {m for b in BACKENDS.values() for m in b.python_models().values()}
     wanted = {m.replace(".", "/") + ".py" for m in modules}
     wanted |= {"dart_triton/assets/coco80.txt", "dart_triton/assets/verify_astronaut.jpg",
-               "dart_triton/export/fp16.py", "dart_triton/export/manifest.py",
+               "dart_triton/export/tensorrt/fp16.py", "dart_triton/export/manifest.py",
                "dart_triton/client/cli.py", "dart_triton/benchmarks/coco_eval.py"}
     assert wanted <= in_wheel, sorted(wanted - in_wheel)
     # The sdist keeps the design's folders (export/, client/, ...), mapped by pyproject.
