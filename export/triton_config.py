@@ -34,7 +34,7 @@ def ensemble_config(opts: RepoOptions) -> str:
     reads the checked names from it. Running preprocess and text_encoder side by side
     wedged tritonserver 2.51: a zero-byte IMAGE (0xW) failing in preprocess while
     text_encoder was in flight left the ensemble hanging, for that request and every
-    later one, within a few such requests (`tests/test_triton_server.py`). A failure in the
+    later one, within a few such requests (`tests/server/test_dart_parity.py`). A failure in the
     first step, with nothing else in flight, is answered cleanly. The cost is the
     text encoder waiting for the resize (the cache answers in microseconds; the
     backbone, not text, is the critical path).

@@ -53,7 +53,7 @@ def tiny_checkpoint_d(tmp_path_factory):
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory):
     """A handful of real photographs shipped by scikit-image, as PNG files."""
-    from .photos import write_photos
+    from tests.photos import write_photos
 
     return write_photos(tmp_path_factory.mktemp("photos"))
 
@@ -118,18 +118,18 @@ def triton_server(python_repository):
 
 @pytest.fixture(scope="session")
 def wheel_env(tmp_path_factory):
-    """The project's wheel (built from its sdist) in a fresh venv: tests/wheel_env.py."""
-    from .wheel_env import make_wheel_env
+    """The project's wheel (built from its sdist) in a fresh venv: tests/deploy/wheel_env.py."""
+    from tests.deploy.wheel_env import make_wheel_env
 
     return make_wheel_env(tmp_path_factory.mktemp("wheel_env"))
 
 
-# `--backbone` repositories (tests/test_backbones_server.py, test_students_server.py): each
+# `--backbone` repositories (tests/server/test_backbones.py, test_students_server.py): each
 # module defines `spec`, its --backbone value; these two resolve it per module.
 @pytest.fixture(scope="module")
 def backbone_reference(tiny_checkpoint_d, spec):
     """(in-process DartPipeline, Sam3Parts) with the module's backbone."""
-    from .backbone_serving import reference_pipeline
+    from tests.server.backbone_serving import reference_pipeline
 
     return reference_pipeline(tiny_checkpoint_d, spec)
 
@@ -138,8 +138,7 @@ def backbone_reference(tiny_checkpoint_d, spec):
 def backbone_server(tiny_checkpoint_d, spec, tmp_path_factory):
     """A tritonserver on a python-backend repository built with the module's backbone."""
     from dart_triton.serving.server import TritonServer
-
-    from .backbone_serving import build
+    from tests.server.backbone_serving import build
 
     repo = tmp_path_factory.mktemp("repo_backbone")
     build(tiny_checkpoint_d, repo, spec)
@@ -150,10 +149,10 @@ def backbone_server(tiny_checkpoint_d, spec, tmp_path_factory):
 @pytest.fixture
 def onnx_dir(tmp_path):
     """Tiny hand-built backbone.onnx and enc_dec.onnx: what the TensorRT tests build from."""
-    from .test_tensorrt_build import _tiny_backbone, _tiny_enc_dec
+    from tests.fakes.tiny_graphs import tiny_backbone, tiny_enc_dec
 
     d = tmp_path / "onnx"
     d.mkdir()
-    _tiny_backbone(d / "backbone.onnx")
-    _tiny_enc_dec(d / "enc_dec.onnx")
+    tiny_backbone(d / "backbone.onnx")
+    tiny_enc_dec(d / "enc_dec.onnx")
     return d

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# The checkout's root (tests/ is one level down).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 
 def run_cli(main: Callable, argv, capsys) -> tuple[int, str, list[str]]:
     """(exit status, stdout, non-blank stderr lines) of a command-line entry point."""

@@ -1,0 +1,177 @@
+"""Every config.pbtxt against the one source of truth (dart_triton.contract.specs)."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from dart_triton.contract import specs
+from dart_triton.export.backends import BACKENDS
+from dart_triton.export.triton_config import (
+    RepoOptions,
+    all_configs,
+    python_model_entry,
+    reference_options,
+)
+from tests.helpers import REPO_ROOT
+
+SOURCE_REPOSITORY = REPO_ROOT / "model_repository"
+
+DIMS = specs.GraphDims(imgsz=644, max_classes=8)
+
+
+def parse(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def check_against_spec(cfg: mc.ModelConfig, spec: specs.ModelSpec) -> None:
+    assert cfg.name == spec.name and cfg.max_batch_size == 0
+    for got, want in ((cfg.input, spec.inputs), (cfg.output, spec.outputs)):
+        assert [t.name for t in got] == [t.name for t in want]
+        for g, w in zip(got, want, strict=True):
+            assert mc.DataType.Name(g.data_type) == w.dtype, g.name
+            assert tuple(g.dims) == w.dims, g.name
+    for g, w in zip(cfg.input, spec.inputs, strict=True):
+        assert g.optional == w.optional, g.name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gpu", [False, True])
+def test_generated_configs_match_specs(backend, gpu):
+    opts = RepoOptions(backend=backend, dims=DIMS, gpu=gpu,
+                       enc_dec_buckets=(1, 4, 8) if backend == "tensorrt" else ())
+    configs = {name: parse(text) for name, text in all_configs(opts).items()}
+    all_specs = specs.all_specs(DIMS)
+    assert set(configs) == set(all_specs)
+    for name, cfg in configs.items():
+        check_against_spec(cfg, all_specs[name])
+
+
+def test_committed_reference_configs_are_generated():
+    """model_repository/*/config.pbtxt == generator output (regenerate with
+    `python -m dart_triton.export.triton_config`)."""
+    for name, text in all_configs(reference_options()).items():
+        assert (SOURCE_REPOSITORY / name / "config.pbtxt").read_text() == text, name
+        check_against_spec(parse(text), specs.all_specs(reference_options().dims)[name])
+    backend = BACKENDS[reference_options().backend]
+    entries = {p.parent.parent.name: p.read_text()
+               for p in SOURCE_REPOSITORY.glob("*/1/model.py")}
+    assert entries == {name: python_model_entry(module)
+                       for name, module in backend.python_models().items()}
+
+
+def test_tensorrt_specifics():
+    opts = RepoOptions(backend="tensorrt", dims=DIMS, enc_dec_buckets=(1, 4, 8))
+    cfgs = {k: parse(v) for k, v in all_configs(opts).items()}
+    for name in ("backbone", "enc_dec"):
+        assert cfgs[name].platform == "tensorrt_plan"
+        assert cfgs[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert cfgs["backbone"].optimization.cuda.graphs
+    assert list(cfgs["enc_dec"].instance_group[0].profile) == ["0", "1", "2"]
+    # CUDA graphs only for shapes every profile takes
+    # (tests/unit/export/tensorrt/test_served_consistency.py)
+    assert not cfgs["enc_dec"].optimization.cuda.graphs
+    for name in ("preprocess", "text_encoder", "postprocess", "dart"):
+        params = cfgs[name].parameters
+        assert params["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert cfgs["dart"].parameters["enc_dec_buckets"].string_value == "1,4,8"
+
+
+def test_onnxruntime_specifics():
+    cfgs = {k: parse(v) for k, v in all_configs(RepoOptions("onnxruntime", DIMS)).items()}
+    assert cfgs["backbone"].platform == "onnxruntime_onnx"
+    assert cfgs["enc_dec"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_ensemble_wiring():
+    cfg = parse(all_configs(RepoOptions(dims=DIMS))["dart_ensemble"])
+    all_specs = specs.all_specs(DIMS)
+    available = {t.name for t in all_specs["dart_ensemble"].inputs}
+    for step in cfg.ensemble_scheduling.step:
+        spec = all_specs[step.model_name]
+        assert set(step.input_map) <= {t.name for t in spec.inputs}
+        assert {t.name for t in spec.inputs if not t.optional} <= set(step.input_map)
+        assert set(step.input_map.values()) <= available, step.model_name
+        assert set(step.output_map) == {t.name for t in spec.outputs}
+        available |= set(step.output_map.values())
+    assert {t.name for t in all_specs["dart_ensemble"].outputs} <= available
+
+
+def test_instances_are_build_parameters(tiny_checkpoint, tmp_path):
+    from dart_triton.export.options import parse_instances
+    from dart_triton.export.repository import build_repository
+
+    with pytest.raises(ValueError, match="MODEL=COUNT"):
+        parse_instances("dart=zero")
+    build_repository(tiny_checkpoint, tmp_path / "py", backend="python", max_classes=2,
+                     ort_threads=1, log=lambda *_: None)
+    cfg = parse((tmp_path / "py" / "enc_dec" / "config.pbtxt").read_text())
+    assert cfg.parameters["ort_threads"].string_value == "1"
+    build_repository(tiny_checkpoint, tmp_path, backend="onnxruntime", max_classes=2,
+                     instances=parse_instances("dart=3,enc_dec=2"), log=lambda *_: None)
+    assert parse((tmp_path / "dart" / "config.pbtxt").read_text()).instance_group[0].count == 3
+    assert parse((tmp_path / "enc_dec" / "config.pbtxt").read_text()).instance_group[0].count == 2
+    assert (tmp_path / "enc_dec" / "1" / "model.onnx").is_file()
+    assert not (tmp_path / "enc_dec" / "1" / "model.py").exists()  # the onnxruntime backend
+
+
+@pytest.mark.server
+def test_bundled_server_accepts_tensorrt_repository_configs(tiny_checkpoint, tmp_path):
+    """The bundled Triton has no TensorRT backend; it still parses and validates every
+    config: the python models load, and the plan models fail only for want of plans
+    and the backend, never over their configuration."""
+    import tritonclient.http as httpclient
+
+    from dart_triton.export.repository import build_repository
+    from dart_triton.serving.server import TritonServer
+
+    build_repository(tiny_checkpoint, tmp_path, backend="tensorrt", max_classes=4,
+                     buckets=(1, 4), build_plans=False, log=lambda *_: None)
+    with TritonServer(tmp_path, extra_args=["--exit-on-error=false", "--strict-readiness=false",
+                                            "--exit-timeout-secs=5"],
+                      env={"HF_HUB_OFFLINE": "1"}) as server:
+        index = {m["name"]: m for m in
+                 httpclient.InferenceServerClient(server.http_url).get_model_repository_index()}
+    # Triton got past parsing and validating every config (names, types, dims, ensemble
+    # wiring, CUDA-graph specs): what stops each model here is only the missing GPU or
+    # TensorRT backend, which the NGC container has.
+    assert set(index) == set(specs.all_specs(DIMS))
+    for name, entry in index.items():
+        assert entry.get("state") != "READY"
+        if name == "dart_ensemble":
+            continue  # never attempted: its steps are unavailable
+        reason = entry["reason"].lower()
+        assert "no gpus are available" in reason or "backend 'tensorrt'" in reason, (name, reason)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_instances_spread_over_listed_gpus(backend):
+    """--gpus 0,1: every model's --instances count is per listed GPU (Triton's `gpus`)."""
+    from dart_triton.export.options import parse_gpus, parse_instances
+
+    opts = RepoOptions(backend=backend, dims=DIMS, gpus=parse_gpus("0,1"),
+                       instances=parse_instances("dart=2,backbone=1,enc_dec=3"))
+    cfgs = {k: parse(v) for k, v in all_configs(opts).items() if k != "dart_ensemble"}
+    for name, cfg in cfgs.items():
+        (group,) = cfg.instance_group
+        assert group.kind == mc.ModelInstanceGroup.KIND_GPU, name
+        assert list(group.gpus) == [0, 1], name
+        assert group.count == opts.instances[name], name
+    with pytest.raises(ValueError, match="--gpus"):
+        parse_gpus("0,0")
+    with pytest.raises(ValueError, match="--gpus"):
+        parse_gpus("gpu0")
+
+
+def test_serve_sizes_the_cuda_pool_for_the_gpus_a_repository_uses(tmp_path):
+    """serve passes --cuda-memory-pool-byte-size for every GPU the configs place models on."""
+    from dart_triton.export.triton_config import write_repository_files
+    from dart_triton.serving.preflight import gpu_ids
+
+    write_repository_files(tmp_path / "cpu", RepoOptions("python", DIMS))
+    write_repository_files(tmp_path / "two", RepoOptions("python", DIMS, gpus=(0, 1)))
+    write_repository_files(tmp_path / "trt", RepoOptions("tensorrt", DIMS))
+    assert gpu_ids([tmp_path / "cpu"]) == set()
+    assert gpu_ids([tmp_path / "two"]) == {0, 1}
+    assert gpu_ids([tmp_path / "trt"]) == {0}
