@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from dart_triton.client.errors import DartClientError
-from dart_triton.client.images import load_image
+from dart_triton.client.images import read_image_input
 from dart_triton.contract import specs
 from dart_triton.contract.detections import Detections
 
-Detect = Callable[[np.ndarray], Detections]
+Detect = Callable[[np.ndarray | bytes], Detections]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APS", "APM", "APL")
 JSONL_NAME, RESULTS_NAME, METRICS_NAME, RUN_NAME = (
@@ -84,23 +84,26 @@ def read_done(jsonl: Path) -> dict[int, list[dict]]:
     return done
 
 
-def _load_coco_image(path: Path, info: dict) -> np.ndarray:
-    # COCO boxes refer to the stored pixels, so EXIF orientation is ignored unless
-    # the annotation's size says the dataset was stored rotated.
+def coco_image(path: Path, info: dict, send: str = "file") -> np.ndarray | bytes:
+    """The image as it is sent: the file's bytes, or pixels (``send``, or a file the server
+    would rotate by its EXIF orientation). COCO boxes refer to the stored pixels, so the
+    EXIF orientation is ignored unless the annotation's size says the dataset was stored
+    rotated."""
     want = (info.get("height"), info.get("width"))
-    image = load_image(path, exif=False)
-    if None in want or image.shape[:2] == want:
-        return image
-    image = load_image(path, exif=True)
-    if image.shape[:2] != want:
-        raise ValueError(f"{path}: size {image.shape[1]}x{image.shape[0]} but the annotations "
+    image = read_image_input(path, send, exif=False)
+    if None in want or (image.height, image.width) == want:
+        return image.payload
+    image = read_image_input(path, send, exif=True)
+    if (image.height, image.width) != want:
+        raise ValueError(f"{path}: size {image.width}x{image.height} but the annotations "
                          f"say {want[1]}x{want[0]}")
-    return image
+    return image.payload
 
 
-def detect_image(info: dict, images_dir: Path, detect: Detect, dataset: CocoDataset) -> dict:
+def detect_image(info: dict, images_dir: Path, detect: Detect, dataset: CocoDataset,
+                 send: str = "file") -> dict:
     """One JSONL record: the image's detections in COCO results format."""
-    image = _load_coco_image(images_dir / info["file_name"], info)
+    image = coco_image(images_dir / info["file_name"], info, send)
     # CLASSES may be templated prompts; report the plain COCO names.
     dets = replace(detect(image), class_names=tuple(dataset.category_names))
     return {
@@ -118,6 +121,7 @@ def detect_all(
     *,
     concurrency: int = 8,
     progress: bool = True,
+    send: str = "file",
 ) -> dict[int, list[dict]]:
     """Run ``detect`` on every image not yet in ``jsonl``, appending one line per image.
 
@@ -142,7 +146,8 @@ def detect_all(
             while True:
                 # Submit only what the workers can take, so memory stays flat.
                 while len(pending) < concurrency and (info := next(todo, None)) is not None:
-                    pending.add(pool.submit(detect_image, info, images_dir, detect, dataset))
+                    pending.add(pool.submit(detect_image, info, images_dir, detect, dataset,
+                                             send))
                 if not pending:
                     break
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -222,6 +227,7 @@ def run(
     settings: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    send: str = "file",
 ) -> dict[str, Any]:
     """Detect (resumably), write results and metrics JSON, return the metrics record."""
     dataset = dataset or CocoDataset.load(annotations)
@@ -229,7 +235,7 @@ def run(
     _check_run(output, settings, overwrite)
     start = time.perf_counter()
     done = detect_all(dataset, images_dir, detect, output / JSONL_NAME,
-                      concurrency=concurrency, progress=progress)
+                      concurrency=concurrency, progress=progress, send=send)
     seconds = time.perf_counter() - start
     results = write_results(done, dataset.image_ids, output / RESULTS_NAME)
     metrics = evaluate(annotations, output / RESULTS_NAME, dataset.image_ids)
@@ -284,11 +290,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="discard earlier detections in --output instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--send", choices=("file", "pixels"), default="file",
+                   help="file (default): each JPEG, PNG or WebP file goes to the server as its "
+                        "bytes; pixels: decoded here and sent as RGB pixels")
     return p
 
 
 def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int:
-    """``detect`` replaces the server (tests); otherwise a client per worker thread is used."""
+    """``detect`` replaces the server (tests; it is shown pixels); otherwise a client per
+    worker thread is used."""
     args = _parser().parse_args(argv)
     if "{}" not in args.prompt_template:
         print("coco-eval: --prompt-template must contain {}", file=sys.stderr)
@@ -338,7 +348,8 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
     try:
         record = run(args.images, args.annotations, output, detect, dataset=dataset,
                      concurrency=args.concurrency, settings=settings,
-                     overwrite=args.overwrite, progress=not args.no_progress)
+                     overwrite=args.overwrite, progress=not args.no_progress,
+                     send=args.send if detector is not None else "pixels")
     except DartClientError as e:
         print(f"coco-eval: server error: {e}\ncoco-eval: detections so far are kept in "
               f"{output / JSONL_NAME}; rerun the same command to resume", file=sys.stderr)

@@ -12,9 +12,10 @@ import importlib.util
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from dart_triton.contract import specs
 
@@ -195,6 +196,33 @@ def output_file(raw: str | Path, option: str, example: str, inputs: Sequence[Pat
     refuse_overwriting([path], inputs, option)
     check_writable_file(path, option)
     return path
+
+
+def add_send_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--send", choices=("file", "pixels"), default="file",
+                        help="file (default): a JPEG, PNG or WebP file goes to the server as "
+                             "its bytes, as it is (IMAGE_BYTES; other formats as pixels); "
+                             "pixels: every image decoded here and sent as RGB pixels")
+
+
+def readable_image(path: Path, send: str, *, exif: bool = True
+                   ) -> tuple[Any, str, str | None]:
+    """(ImageInput, "", warning) for an image the server can take, else (None, reason,
+    None): the file is unreadable or its size out of range (the server's rule)."""
+    from dart_triton.contract.validation import check_image_size
+
+    from .images import ImageFileError, read_image_input
+
+    # Pillow also warns about damaged files (TIFF/EXIF "Truncated File Read"): held back,
+    # so a skipped file gets one line and a readable one at most one more.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = read_image_input(path, send, exif=exif)
+            check_image_size(image.height, image.width)
+        except (ImageFileError, ValueError) as e:
+            return None, image_reason(e), None
+    return image, "", str(caught[0].message) if caught else None
 
 
 def check_urls(args: argparse.Namespace) -> None:

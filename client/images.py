@@ -1,7 +1,9 @@
-"""Image files <-> RGB uint8 arrays, the only form the client sends."""
+"""Image files: sent as they are (their bytes) or as RGB uint8 arrays, and saved."""
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -36,6 +38,75 @@ def load_image(path: str | Path, *, exif: bool = True) -> np.ndarray:
         raise ImageFileError(f"{path}: not an image file Pillow can read") from None
     except _DECODE_ERRORS as e:
         raise ImageFileError(f"{path}: cannot read image: {e}") from None
+
+
+# Files sent as they are (IMAGE_BYTES): what the server decodes. Others go as pixels.
+SENT_AS_FILES = ("JPEG", "PNG", "WEBP")
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image as a request carries it: the file's bytes (IMAGE_BYTES) or its pixels
+    (IMAGE), and the upright size the server sees either way."""
+
+    path: Path
+    width: int
+    height: int
+    data: bytes | None = None
+    pixels: np.ndarray | None = None
+
+    @property
+    def payload(self) -> np.ndarray | bytes:
+        return self.data if self.data is not None else self.pixels
+
+
+def _whole(data: bytes, fmt: str) -> bool:
+    """Whether a JPEG, PNG or WebP file ends as its format says (a cut file does not)."""
+    if fmt == "JPEG":
+        return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"  # EOI, maybe padded
+    if fmt == "PNG":
+        return b"IEND" in data[-12:]
+    return len(data) >= 8 + int.from_bytes(data[4:8], "little")  # WebP: the RIFF size
+
+
+def read_image_input(path: str | Path, send: str = "file", *, exif: bool = True) -> ImageInput:
+    """``path`` ready to send. ``send="file"``: a JPEG, PNG or WebP file goes as its bytes
+    (only the header is read here), unless it needs what the server does not do (``exif``
+    False for a file with an EXIF rotation); everything else, and ``send="pixels"``, goes
+    decoded. Raises `ImageFileError` naming the file."""
+    path = Path(path)
+    if send == "file":
+        try:
+            with Image.open(path) as img:
+                fmt, (w, h) = img.format, img.size
+                frames = getattr(img, "n_frames", 1)
+                orientation = img.getexif().get(0x0112, 1) if fmt in SENT_AS_FILES else 1
+        except FileNotFoundError:
+            raise ImageFileError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise ImageFileError(f"{path}: is a folder, not an image file") from None
+        except UnidentifiedImageError:
+            raise ImageFileError(f"{path}: not an image file Pillow can read") from None
+        except _DECODE_ERRORS as e:
+            raise ImageFileError(f"{path}: cannot read image: {e}") from None
+        if fmt in SENT_AS_FILES and frames == 1 and (exif or orientation in (None, 1)):
+            if exif and orientation in _ROTATED:
+                w, h = h, w
+            data = path.read_bytes()
+            if not _whole(data, fmt):  # cheap to see here; the server would refuse it
+                raise ImageFileError(f"{path}: cannot read image: image file is truncated "
+                                     f"(its {fmt} end is missing)")
+            return ImageInput(path, w, h, data=data)
+    pixels = load_image(path, exif=exif)
+    return ImageInput(path, pixels.shape[1], pixels.shape[0], pixels=pixels)
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 90) -> bytes:
+    """An RGB uint8 frame as the bytes of a JPEG file (for IMAGE_BYTES)."""
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, "JPEG", quality=quality)
+    return out.getvalue()
 
 
 def still_image_format(path: str | Path) -> str | None:

@@ -25,6 +25,16 @@ def check_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(validation.check_image(image))
 
 
+def image_arrays(image: np.ndarray | bytes) -> dict[str, np.ndarray]:
+    """The request's image: pixels as IMAGE, or an image file's bytes as IMAGE_BYTES
+    (sent as they are; the server reads the header and decodes)."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+        validation.image_file_bytes(np.array([data], dtype=object))  # size: the server's rule
+        return {specs.IMAGE_BYTES: np.array([data], dtype=_dtype(specs.IMAGE_BYTES))}
+    return {specs.IMAGE: check_image(image)}
+
+
 def class_list(classes: Sequence[str]) -> list[str]:
     """``classes`` as a list; a bare string would silently become one class per character."""
     return validation.check_classes(classes)

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +26,13 @@ from dart_triton.contract import specs
 from .cli_common import (
     Parser,
     UsageError,
+    add_send_arg,
     add_server_args,
     check_urls,
     class_names,
     make_client,
     print_out,
+    readable_image,
     request_options,
     say,
     server_ready,
@@ -328,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="forget the journal in DATASET_DIR and label every image again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_send_arg(p)
     return p
 
 
@@ -400,30 +404,34 @@ def _detect(client, todo: list[tuple[Path, str]], classes: list[str], options: d
     """Detect ``todo`` with K requests in flight; one flushed journal line per answer."""
     from tqdm import tqdm
 
-    from .images import ImageFileError, load_image
-    from .inputs import check_image
     from .pipeline import in_order
+    from .server_errors import RefusalAsResult
 
-    def readable() -> Iterator[tuple[Path, str, np.ndarray]]:
-        for path, rel in todo:  # decoded lazily: only the in-flight images are in memory
-            try:
-                image = check_image(load_image(path))
-            except (ImageFileError, ValueError) as e:
-                failed.append(path)
-                reason = str(e).replace("IMAGE", "image")
-                tqdm.write(f"dart-triton label: skipped {path}: {reason}" if str(path) not in
-                           reason else f"dart-triton label: skipped {reason}", file=sys.stderr)
+    def skip(path: Path, reason: str) -> None:
+        failed.append(path)
+        reason = reason.replace("IMAGE", "image")
+        tqdm.write(f"dart-triton label: skipped {path}: {reason}" if str(path) not in
+                   reason else f"dart-triton label: skipped {reason}", file=sys.stderr)
+
+    def readable() -> Iterator[tuple[str, Any]]:
+        for path, rel in todo:  # read lazily: only the in-flight images are in memory
+            image, reason, _ = readable_image(path, args.send)
+            if image is None:
+                skip(path, reason)
                 continue
-            yield path, rel, image
+            yield rel, image
 
     with journal.open("a") as out, tqdm(total=len(todo), unit="img", desc="label",
                                         disable=args.no_progress) as bar:
-        for (_, rel, image), dets in in_order(
-            readable(), lambda item: client.detect_async(item[2], classes, **options),
+        for (rel, image), dets in in_order(
+            readable(), lambda item: RefusalAsResult(
+                client.detect_async(item[1].payload, classes, **options)),
             args.in_flight,
         ):
-            h, w = image.shape[:2]
-            record = {"file": rel, "width": w, "height": h,
+            if isinstance(dets, DartClientError):  # the server refused this file
+                skip(image.path, f"the server refused it: {dets}")
+                continue
+            record = {"file": rel, "width": image.width, "height": image.height,
                       "detections": [{"bbox": d["bbox"], "score": d["score"],
                                       "class": d["category_id"]} for d in dets.to_coco(0)]}
             out.write(json.dumps(record) + "\n")

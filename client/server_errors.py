@@ -44,6 +44,31 @@ def server_errors(url: str) -> Iterator[None]:
                               UNAVAILABLE if closed else None) from e
 
 
+# Statuses of a request the server refused as bad (gRPC code, HTTP 400): never retried.
+REFUSED = frozenset({"StatusCode.INVALID_ARGUMENT", "400"})
+
+
+def is_refusal(error: DartClientError) -> bool:
+    """True when the server refused the request itself (e.g. a damaged image file)."""
+    return error.status in REFUSED
+
+
+class RefusalAsResult:
+    """A pending request whose refusal by the server (e.g. a damaged image file) is its
+    result rather than an exception: one bad input is skipped, the others go on."""
+
+    def __init__(self, pending: Any):
+        self.pending = pending
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return self.pending.result(timeout)
+        except DartClientError as e:
+            if is_refusal(e):
+                return e
+            raise
+
+
 def is_unavailable(error: DartClientError) -> bool:
     """True when ``error`` says the server could not take the request now (worth a retry)."""
     return error.status in RETRYABLE

@@ -17,7 +17,7 @@ from dart_triton.contract.detections import Detections
 
 from .endpoints import Endpoints, call_spread
 from .errors import DartClientError
-from .inputs import check_image, class_list, encode_classes, option_arrays
+from .inputs import class_list, encode_classes, image_arrays, option_arrays
 from .pipeline import completed, in_order
 from .server_errors import (
     NO_MODEL,
@@ -300,14 +300,14 @@ class DartClient:
     # --- inference --------------------------------------------------------------------
     def _inputs(
         self,
-        image: np.ndarray,
+        image: np.ndarray | bytes,
         classes: Sequence[str],
         score_threshold: float | None,
         nms_iou: float | None,
         max_detections: int | None,
     ) -> list[Any]:
         arrays = {
-            specs.IMAGE: check_image(image),
+            **image_arrays(image),
             specs.CLASSES: encode_classes(classes),
             **option_arrays(score_threshold, nms_iou, max_detections),
         }
@@ -331,13 +331,15 @@ class DartClient:
 
     def detect(
         self,
-        image: np.ndarray,
+        image: np.ndarray | bytes,
         classes: Sequence[str],
         score_threshold: float | None = None,
         nms_iou: float | None = None,
         max_detections: int | None = None,
     ) -> Detections:
-        """Detect ``classes`` in one RGB uint8 ``[H, W, 3]`` image.
+        """Detect ``classes`` in one image: RGB uint8 ``[H, W, 3]`` pixels, or the bytes of
+        a JPEG, PNG or WebP file (sent as they are, as IMAGE_BYTES; the server decodes them
+        and applies their EXIF orientation).
 
         Options left as None are not sent, so the server's defaults apply.
         """
@@ -373,7 +375,7 @@ class DartClient:
 
     def detect_async(
         self,
-        image: np.ndarray,
+        image: np.ndarray | bytes,
         classes: Sequence[str],
         score_threshold: float | None = None,
         nms_iou: float | None = None,

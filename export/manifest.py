@@ -203,6 +203,8 @@ def stale_reasons(repo: str | Path, checkpoint: str | Path, build: BuildOptions,
     missing = [f for f in manifest.get("files", []) if not (repo / f).is_file()]
     if missing:
         reasons.append(f"{len(missing)} file(s) of the build are missing, e.g. {missing[0]}")
+    elif build.backend == "torch":
+        reasons += compiled_stale_reasons(repo, manifest)
     elif check_plans and (models := plan_models(repo)):
         from dart_triton.export.tensorrt.build import installed_path, wanted_plan_fields
         from dart_triton.export.tensorrt.sidecar import current_device
@@ -214,4 +216,29 @@ def stale_reasons(repo: str | Path, checkpoint: str | Path, build: BuildOptions,
                                   dims.get("imgsz"), dims.get("max_classes"), build.backbone,
                                   installed_path())
         reasons += plan_stale(repo, models, device=current_device(), want=want)
+    return reasons
+
+
+def compiled_stale_reasons(repo: Path, manifest: dict[str, Any]) -> list[str]:
+    """Why the ahead-of-time compiled graph modules of a torch repository cannot run on
+    this machine (`graphs.aot`: another torch, GPU or CPU instruction set)."""
+    from dart_triton.graphs import aot
+    from dart_triton.graphs.torch_graphs import weights_dir
+
+    options = manifest.get("options", {})
+    gpu = bool(options.get("gpu") or options.get("gpus"))
+    reasons = []
+    for name in specs.GRAPH_MODELS:
+        key = aot.read_key(weights_dir(repo, name), name)
+        if key is None:
+            continue
+        if gpu:
+            import torch
+
+            if not torch.cuda.is_available():
+                reasons.append(f"{name}: compiled for {key.get('gpu', 'a GPU')}, but this "
+                               "machine has none to check it against")
+                continue
+        if why := aot.mismatch(key, "cuda" if gpu else "cpu"):
+            reasons.append(f"{name}: compiled for another machine ({why})")
     return reasons

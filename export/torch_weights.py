@@ -62,7 +62,41 @@ def export_weights(checkpoint: Path, out: Path, build: BuildOptions, log: Callab
         log(f"torch: saving {name} ({parts.dims.imgsz}px) as safetensors ...")
         record = served_record(module) if name == specs.BACKBONE else None
         save_graph_module(out / name, name, module, parts.model.config, parts.dims, record)
+    if build.compile != "none":
+        compile_ahead(out, build, log)
     return parts.dims
+
+
+def compile_ahead(out: Path, build: BuildOptions, log: Callable) -> None:
+    """Compile each saved module ahead of time into its weights directory (`graphs.aot`), on
+    the device it will serve on, so that a start loads machine code instead of compiling.
+    Without that device here, the served model compiles at load (one line says so)."""
+    import torch
+
+    from dart_triton.graphs import aot
+    from dart_triton.graphs.torch_graphs import (
+        PRECISIONS,
+        TorchSettings,
+        example_inputs,
+        load_graph_module,
+    )
+
+    chosen = TorchSettings(**settings(build))
+    device = "cuda" if build.gpu or build.gpus else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        log("torch: no GPU here, so nothing is compiled ahead of time; the served models "
+            "compile at load (build on the serving GPU kind for fast starts)")
+        return
+    dtype = PRECISIONS[chosen.precision]
+    for name in specs.GRAPH_MODELS:
+        module, dims = load_graph_module(out / name, name)  # exactly what is served
+        log(f"torch: compiling {name} ahead of time for {device} ({chosen.precision}, "
+            f"{chosen.compile}) ...")
+        with torch.no_grad():
+            aot.compile_package(
+                name, module.to(device=device, dtype=dtype), dims, device, dtype,
+                chosen.compile, out / name,
+                lambda n, name=name, dims=dims: example_inputs(name, dims, n, device))
 
 
 def copy_weights(repo: Path, exported: Path, build: BuildOptions, opts: RepoOptions,

@@ -324,7 +324,7 @@ def test_video_ffmpeg_starts_while_grpc_is_busy(clip, tmp_path, monkeypatch):
 
     from dart_triton.client import DartClient
     from dart_triton.client.video import annotate_video
-    from tests.test_client import _grpc_server, _Recorder
+    from tests.unit.client.test_client import _grpc_server, _Recorder
 
     monkeypatch.delenv("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", raising=False)
     server, url = _grpc_server(_Recorder())
@@ -471,3 +471,31 @@ def test_empty_or_repeated_url_is_a_usage_error(images, clip, tmp_path, capsys):
         code, _, err = run([*argv, "--url", "127.0.0.1:9", "--url", "127.0.0.1:9"], capsys)
         assert code == 2
         _one_line(err, "--url 127.0.0.1:9 is given twice")
+
+
+def test_detect_sends_files_as_they_are(triton_server, images, tmp_path, capsys):
+    """By default a JPEG or PNG goes as its bytes (IMAGE_BYTES): the same detections as its
+    pixels (`--send pixels`), and the server decodes it."""
+    url = ["--url", triton_server.grpc_url, "--score-threshold", "0"]
+    results = {}
+    for send in ("file", "pixels"):
+        out = tmp_path / f"{send}.json"
+        code, _, err = detect([images["a.jpg"], images["b.png"], "--classes", "person", "flag",
+                               *url, "--send", send, "--json", out], capsys)
+        assert code == 0, err
+        results[send] = json.loads(out.read_text())
+    assert results["file"] == results["pixels"]
+    assert all(r["detections"] for r in results["file"])
+
+
+def test_video_encodes_frames_as_jpeg(triton_server, clip, tmp_path, capsys):
+    folder = tmp_path / "jpeg"
+    code, out, err = video([clip, "--classes", "cat", "--out", f"{folder}/", "--max-frames",
+                            "2", "--encode", "jpeg", "--jpeg-quality", "80", "--url",
+                            triton_server.grpc_url], capsys)
+    assert code == 0, err
+    assert out.startswith(f"{folder}: 2 frames")
+    code, _, err = video([clip, "--classes", "cat", "--out", tmp_path / "o.mp4",
+                          "--encode", "jpeg", "--jpeg-quality", "100"], capsys)
+    assert code == 2
+    _one_line(err, "--jpeg-quality must be in 1..95")

@@ -214,3 +214,19 @@ def test_readme_curl_with_a_jpeg_file(triton_server, files, tmp_path):
         np.testing.assert_array_equal(
             np.array(outputs[name]["data"]).reshape(want.as_numpy(name).shape),
             want.as_numpy(name))
+
+
+def test_dart_client_sends_file_bytes(triton_server, files, tmp_path):
+    """`DartClient.detect` takes a file's bytes as well as pixels (sync and async)."""
+    from dart_triton.client import DartClient
+
+    path = tmp_path / "photo.png"
+    path.write_bytes(files["png"])
+    with DartClient(triton_server.grpc_url) as client:
+        pixels = client.detect(load_image(path), CLASSES, score_threshold=0.0)
+        as_file = client.detect(files["png"], CLASSES, score_threshold=0.0)
+        later = client.detect_async(files["png"], CLASSES, score_threshold=0.0).result()
+    assert len(pixels) > 0
+    for got in (as_file, later):
+        np.testing.assert_array_equal(got.boxes, pixels.boxes)
+        np.testing.assert_array_equal(got.scores, pixels.scores)

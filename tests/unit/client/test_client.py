@@ -199,7 +199,12 @@ def _fake_model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     classes = [c.decode() for c in inputs[specs.CLASSES].reshape(-1)]
     if "boom" in classes:
         raise ValueError("text encoder failed on 'boom'")
-    image = inputs[specs.IMAGE]
+    if specs.IMAGE in inputs:
+        image = inputs[specs.IMAGE]
+    else:  # an image file sent as it is: decoded as the server decodes it
+        import io
+
+        image = np.asarray(Image.open(io.BytesIO(bytes(inputs[specs.IMAGE_BYTES][0]))))
     n = len(classes)
     if specs.MAX_DETECTIONS in inputs:
         n = min(n, int(inputs[specs.MAX_DETECTIONS][0]))

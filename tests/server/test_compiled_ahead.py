@@ -1,0 +1,70 @@
+"""`--backend torch --compile`: the graph modules compiled at build time (AOTInductor), shipped
+in the repository and loaded at start without compiling; a package made for another
+machine kind is reported stale and refused in one line, never run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dart_triton.client import DartClient
+from dart_triton.contract import specs
+from dart_triton.graphs import aot
+from dart_triton.graphs.torch_graphs import weights_dir
+from tests.conftest import TEST_MAX_CLASSES
+from tests.parity import NAMES, assert_same
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def compiled_repository(tiny_checkpoint, tmp_path_factory):
+    from dart_triton.export.repository import build_repository
+
+    repo = tmp_path_factory.mktemp("repo_torch_compiled")
+    build_repository(tiny_checkpoint, repo, backend="torch", max_classes=TEST_MAX_CLASSES,
+                     compile="default", log=lambda *_: None)
+    return repo
+
+
+def test_packages_are_in_the_repository(compiled_repository):
+    for name in specs.GRAPH_MODELS:
+        weights = weights_dir(compiled_repository, name)
+        assert aot.package_path(weights, name).is_file()
+        assert aot.read_key(weights, name) == aot.machine_key("cpu")
+
+
+def test_served_from_the_packages_equals_the_reference(compiled_repository, naive, photo):
+    from dart_triton.serving.server import TritonServer
+
+    with TritonServer(compiled_repository, startup_timeout=300) as server:
+        log = server.log_text()
+        for name in specs.GRAPH_MODELS:
+            assert f"{name}: ready on cpu (fp32, compile default (ahead of time)" in log, name
+        with DartClient(server.grpc_url) as client:
+            for n in (1, 3):
+                assert_same(client.detect(photo, NAMES[:n]), naive.detect(photo, NAMES[:n]))
+
+
+def test_a_package_for_another_machine_is_stale_and_refused(compiled_repository, tmp_path,
+                                                             tiny_checkpoint, capsys):
+    import shutil
+
+    from dart_triton.export.check import check_main
+    from dart_triton.serving.binaries import TritonServerError
+    from dart_triton.serving.server import TritonServer
+
+    repo = tmp_path / "copied"
+    shutil.copytree(compiled_repository, repo)
+    key = aot.key_path(weights_dir(repo, specs.ENC_DEC), specs.ENC_DEC)
+    key.write_text(json.dumps({**json.loads(key.read_text()), "cpu_isa": "neon"}))
+    args = [str(repo), "--checkpoint", str(tiny_checkpoint), "--", "--backend", "torch",
+            "--max-classes", str(TEST_MAX_CLASSES), "--compile", "default"]
+    assert check_main(args) == 1
+    out = capsys.readouterr().out
+    assert "stale: enc_dec: compiled for another machine (cpu_isa 'neon'" in out, out
+    with pytest.raises(TritonServerError) as err:
+        TritonServer(repo, startup_timeout=300).start()
+    reasons = [line for line in str(err.value).splitlines() if "compiled for another" in line]
+    assert reasons and "rebuild the repository" in reasons[0], str(err.value)
