@@ -98,7 +98,7 @@ def compile_package(name: str, module: nn.Module, dims: GraphDims, device: torch
     if name == specs.ENC_DEC:
         n = max(2, dims.max_classes)  # an example of 1 would be specialised to 1
         prompts = torch.export.Dim("prompts", min=1, max=max(2, dims.max_classes))
-        dynamic = ({}, {0: prompts}, {0: prompts})
+        dynamic = (({}, {0: prompts}, {0: prompts}),)  # forward(*inputs): one packed argument
         args = example(n)
     else:
         dynamic, args = None, example(1)
