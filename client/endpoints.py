@@ -107,14 +107,16 @@ def call_spread(
     endpoints: Endpoints,
     call: Callable[[int], T],
     *,
-    retries: int,
+    retries: int | None,
     backoff: float,
     backoff_max: float = float("inf"),
+    deadline: float | None = None,
     is_gone: Callable[[DartClientError], bool],
     is_transient: Callable[[DartClientError], bool],
     tried: Collection[int] = (),
     last: DartClientError | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """``call(i)`` on the servers of ``endpoints`` until one answers.
 
@@ -122,22 +124,26 @@ def call_spread(
     has not got the model now) sets that server aside and the request goes to the next
     one at once. Once every server has failed it (a round), the request waits
     ``backoff * 2**(n-1)`` seconds (at most ``backoff_max``) before round n+1, at most
-    ``retries`` times, and only if some failure of the round was ``is_transient``; else
-    the last failure is raised. Any other error is raised at once. ``tried`` are the
-    servers this request already failed on in this round (``last`` is that failure):
-    how an asynchronous attempt hands its request over. With one server this is a plain
-    retry with exponential backoff, as `retry_unavailable` does.
+    ``retries`` times (None: no limit) and while ``deadline`` seconds from the start
+    have not passed (None: no limit), and only if some failure of the round was
+    ``is_transient``; else the last failure is raised. Any other error is raised at once.
+    ``tried`` are the servers this request already failed on in this round (``last`` is
+    that failure): how an asynchronous attempt hands its request over. With one server
+    this is a plain retry with exponential backoff, as `retry_unavailable` does.
     """
     tried = set(tried)
     waits, transient = 0, last is not None and is_transient(last)
+    end = None if deadline is None else clock() + deadline
     while True:
         i = endpoints.pick(exclude=tried)
         if i is None:
             assert last is not None  # tried is only filled by failures
-            if waits >= retries or not transient:
+            left = float("inf") if end is None else end - clock()
+            spent = retries is not None and waits >= retries
+            if spent or not transient or left <= 0:
                 raise last
             waits += 1
-            sleep(min(backoff * 2 ** (waits - 1), backoff_max))
+            sleep(min(backoff * 2 ** (waits - 1), backoff_max, left))
             tried.clear()
             transient = False
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -44,6 +45,7 @@ def server_errors(url: str) -> Iterator[None]:
                               UNAVAILABLE if closed else None) from e
 
 
+DEAD_STUB = re.compile(r"Stub process .* is not healthy")
 # Statuses of a request the server refused as bad (gRPC code, HTTP 400): never retried.
 REFUSED = frozenset({"StatusCode.INVALID_ARGUMENT", "400"})
 
@@ -70,8 +72,10 @@ class RefusalAsResult:
 
 
 def is_unavailable(error: DartClientError) -> bool:
-    """True when ``error`` says the server could not take the request now (worth a retry)."""
-    return error.status in RETRYABLE
+    """True when ``error`` says the server could not take the request now (worth a retry):
+    UNAVAILABLE, or a model whose python-backend stub died (tritonserver answers INTERNAL
+    "Stub process '<instance>' is not healthy." until the model is loaded again)."""
+    return error.status in RETRYABLE or DEAD_STUB.search(str(error)) is not None
 
 
 def retry_unavailable(

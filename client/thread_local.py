@@ -34,7 +34,7 @@ class ThreadLocalDetector:
         protocol: Transport = "grpc",
         model: str = "dart",
         *,
-        retries: int = 3,
+        retries: int | None = None,
         retry_backoff: float = 0.5,
         retry_backoff_max: float = 10.0,
         **options: Any,

@@ -29,6 +29,9 @@ from .server_errors import (
 )
 
 Transport = Literal["grpc", "http"]
+# How long a request waits for a server to come back (a restart on a GPU: weights read,
+# CUDA graphs captured; minutes when graphs are compiled at load).
+DEFAULT_RETRY_DEADLINE = 180.0
 DEFAULT_URLS: dict[str, str] = {p: f"127.0.0.1:{port}" for p, port in specs.DEFAULT_PORTS.items()
                                  if p != "metrics"}
 _CONTRACT = specs.dart_spec(specs.GraphDims())
@@ -87,12 +90,14 @@ class DartClient:
     of each server's connection pool and so caps the requests `detect_async` keeps in
     flight there.
 
-    A detection request that fails with UNAVAILABLE on every server (nothing listening:
-    the servers are restarting) is retried up to ``retries`` times, after
-    ``retry_backoff``, then twice, four times that many seconds, ..., at most
-    ``retry_backoff_max`` each (defaults: 3 retries, 0.5 + 1 + 2 s). Other failures,
-    INVALID_ARGUMENT above all, are never retried. ``retries=0`` turns waiting off (a
-    request still moves on to another server at once).
+    A detection request that fails on every server because none can take it now
+    (UNAVAILABLE: nothing listening while a server restarts, or a called model down; a
+    python-backend stub that died: INTERNAL "Stub process ... is not healthy") is sent
+    again after ``retry_backoff``, then twice, four times that many seconds, ..., at most
+    ``retry_backoff_max`` apart, until ``retry_deadline`` seconds have passed (default
+    180: a restart on a GPU, weights read and CUDA graphs captured, fits) or, if given,
+    ``retries`` times. Other failures, INVALID_ARGUMENT above all, are never retried.
+    ``retries=0`` turns waiting off (a request still moves on to another server at once).
     """
 
     def __init__(
@@ -104,15 +109,17 @@ class DartClient:
         concurrency: int = 4,
         timeout: float | None = 300.0,
         verbose: bool = False,
-        retries: int = 3,
+        retries: int | None = None,
         retry_backoff: float = 0.5,
         retry_backoff_max: float = 10.0,
+        retry_deadline: float = DEFAULT_RETRY_DEADLINE,
         endpoints: Endpoints | None = None,
     ) -> None:
         if protocol not in DEFAULT_URLS:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-        if min(retries, retry_backoff, retry_backoff_max) < 0:
-            raise ValueError("retries, retry_backoff and retry_backoff_max must be >= 0")
+        if min(retries or 0, retry_backoff, retry_backoff_max, retry_deadline) < 0:
+            raise ValueError("retries, retry_backoff, retry_backoff_max and retry_deadline "
+                             "must be >= 0")
         urls = parse_urls(url) or (endpoints.urls if endpoints else (DEFAULT_URLS[protocol],))
         if endpoints is None:
             endpoints = Endpoints(urls, retry_backoff, retry_backoff_max)
@@ -124,6 +131,7 @@ class DartClient:
         self.model = model
         self.timeout = timeout
         self.retries = retries
+        self.retry_deadline = retry_deadline
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = retry_backoff_max
         self._endpoints = endpoints
@@ -197,6 +205,7 @@ class DartClient:
             self._endpoints,
             call,
             retries=self.retries if retries is None else retries,
+            deadline=self.retry_deadline,
             backoff=self.retry_backoff,
             backoff_max=self.retry_backoff_max,
             is_gone=is_gone or self._is_gone,

@@ -74,6 +74,23 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+STUB = "triton_python_backend_stub"
+
+
+def stub_models(pgid: int) -> dict[int, str]:
+    """The live python-backend stubs of process group ``pgid``: pid -> the model each one
+    serves (a stub's first argument is its ``<repository>/<model>/<version>/model.py``)."""
+    stubs = {}
+    for pid in group_members(pgid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        if len(args) > 1 and args[0].endswith(STUB.encode()):
+            stubs[pid] = Path(args[1].decode(errors="replace")).parent.parent.name
+    return stubs
+
+
 def kill_group(pgid: int, timeout: float = 10.0) -> list[int]:
     """SIGKILL every process of group ``pgid`` and wait until none is left.
 

@@ -6,6 +6,8 @@ import argparse
 import re
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +33,12 @@ removed, and it is started again on the same ports after a backoff (--restart-ba
 doubling up to --restart-backoff-max), at most --max-restarts times per --restart-window;
 then serve gives up and exits 1. The log says why each restart happened; the exit summary
 counts them. A repository without --check-model is supervised for crashes only.
+
+A python-backend stub that dies (tritonserver 2.51 never replaces one) is seen within
+0.2 s: its model alone is loaded again through the model-control API, while the other
+models keep serving, and only if that fails is the server restarted. For that, serve
+runs tritonserver with --model-control-mode=explicit --load-model=* (every model loaded
+at start, as in the default mode) unless you pass a --model-control-mode of your own.
 
 Any other option is passed to tritonserver unchanged, e.g. --log-verbose=1 or
 --exit-timeout-secs=5. With --model-control-mode=explicit, load every model of the
@@ -180,6 +188,22 @@ def _model_check(url: str, protocol: str, model: str, timeout: float) -> Callabl
     return check
 
 
+def load_model(server: TritonServer, model: str, timeout: float) -> str | None:
+    """Load `model` again through tritonserver's model-control API (explicit mode): new
+    stubs replace dead ones. None when it is loaded, else why not (one line)."""
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/repository/models/{model}/load", data=b"{}",
+        method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        body = err.read().decode(errors="replace")
+        return " ".join(f"HTTP {err.code}: {body}".split())
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+
+
 def serve_main(argv: list[str]) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
     # Port 0 means "any free port": picked here, since the readiness check needs it.
@@ -209,6 +233,9 @@ def serve_main(argv: list[str]) -> int:
         # default): at 1008 px one frame's pixels and features are ~17 MB, two in flight.
         passthrough += [f"--cuda-memory-pool-byte-size={gpu}:{GPU_MEMORY_POOL_BYTES}"
                         for gpu in sorted(gpu_ids(args.model_repository))]
+    explicit = not any(a.startswith("--model-control-mode") for a in passthrough)
+    if explicit:  # every model loaded at start, and each one loadable again alone
+        passthrough += ["--model-control-mode=explicit", "--load-model=*"]
     for flag in ("check_interval", "restart_backoff", "restart_backoff_max"):
         if getattr(args, flag) < 0:
             option = "--" + flag.replace("_", "-")
@@ -263,6 +290,8 @@ def serve_main(argv: list[str]) -> int:
         policy=policy,
         stop_timeout=args.stop_timeout,
         on_ready=ready,
+        reload=(lambda model: load_model(server, model, args.startup_timeout)) if explicit
+        else None,
     )
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dart_triton.serving.binaries import TritonServerError
+from dart_triton.serving.processes import stub_models
 from dart_triton.serving.server import TritonServer
 
 # Supervision ---------------------------------------------------------------------------
@@ -62,6 +63,11 @@ class Supervisor:
     ``check_failures`` failures in a row restart the server, as does its death. With
     ``policy`` None nothing is restarted: the supervisor stops and `run` returns 1.
     `request_stop` (from a signal handler or another thread) ends `run`.
+
+    The python-backend stubs of the server's process group are watched every 0.2 s: when
+    one dies, ``reload(model)`` (tritonserver's model-control API, in explicit mode) loads
+    its model again, new stubs and all, while the other models keep serving; only when
+    that fails, or without ``reload``, is the whole server restarted.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class Supervisor:
         stop_timeout: float = 30.0,
         say: Callable[[str], None] = say,
         on_ready: Callable[[TritonServer], None] | None = None,
+        reload: Callable[[str], str | None] | None = None,
     ) -> None:
         self.server = server
         self.check = check
@@ -84,7 +91,9 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.say = say
         self.on_ready = on_ready
+        self.reload = reload  # model -> None when loaded again, else why not
         self.restarts: list[Restart] = []
+        self.reloads: list[Restart] = []  # models loaded again after their stub died
         self.stop_signal: int | None = None
         self.outcome = ""  # how supervision ended, for the summary
         self._stopping = False
@@ -150,9 +159,20 @@ class Supervisor:
         assert proc is not None
         failures = 0
         next_check = time.monotonic() + self.check_interval
+        stubs = stub_models(proc.pid)
         while not self._stopping:
             if proc.poll() is not None:
                 return self.server.death_reason()
+            current = stub_models(proc.pid)
+            dead = sorted({model for pid, model in stubs.items() if pid not in current})
+            stubs = current
+            if dead:
+                if proc.poll() is not None:  # the stubs went down with the server
+                    return self.server.death_reason()
+                if (reason := self._replace(dead)) is not None:
+                    return reason
+                stubs = stub_models(proc.pid)
+                continue
             if self.check is not None and time.monotonic() >= next_check:
                 problem = self.check()
                 next_check = time.monotonic() + self.check_interval
@@ -170,6 +190,20 @@ class Supervisor:
                 if failures >= self.check_failures:
                     return f"health check failed {failures} times in a row: {problem}"
             self._sleep(0.2)
+        return None
+
+    def _replace(self, models: list[str]) -> str | None:
+        """Load again each model whose stub died; None when all are back, else the reason
+        the server must be restarted."""
+        for model in models:
+            if self.reload is None:
+                return f"the python-backend stub of model {model!r} died"
+            self.say(f"the stub of model {model!r} died: loading the model again")
+            started = time.monotonic()
+            if (problem := self.reload(model)) is not None:
+                return f"the stub of model {model!r} died and loading it again failed: {problem}"
+            self.reloads.append(Restart(time.time(), f"the stub of model {model!r} died"))
+            self.say(f"model {model!r} loaded again in {time.monotonic() - started:.1f} s")
         return None
 
     def _restart(self, reason: str) -> bool:
@@ -214,7 +248,7 @@ class Supervisor:
         up = time.monotonic() - self._started
         lines = [
             f"exit summary: {self.outcome or 'gave up'} after {up:.0f} s, "
-            f"{len(self.restarts)} restart(s)"
+            f"{len(self.restarts)} restart(s), {len(self.reloads)} model(s) loaded again"
         ]
         for n, r in enumerate(self.restarts, 1):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.at))
