@@ -45,7 +45,9 @@ def server_errors(url: str) -> Iterator[None]:
                               UNAVAILABLE if closed else None) from e
 
 
-DEAD_STUB = re.compile(r"Stub process .* is not healthy")
+# tritonserver's answers while a model is replaced (its stub died, serve loads it again):
+# the dead stub's INTERNAL, then NOT_FOUND for the moments the model has no version.
+DEAD_STUB = re.compile(r"Stub process .* is not healthy|has no available versions")
 # Statuses of a request the server refused as bad (gRPC code, HTTP 400): never retried.
 REFUSED = frozenset({"StatusCode.INVALID_ARGUMENT", "400"})
 

@@ -36,7 +36,7 @@ class ThreadLocalDetector:
         *,
         retries: int | None = None,
         retry_backoff: float = 0.5,
-        retry_backoff_max: float = 10.0,
+        retry_backoff_max: float = 2.0,
         **options: Any,
     ) -> None:
         self.classes = class_list(classes)

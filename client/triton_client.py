@@ -111,7 +111,7 @@ class DartClient:
         verbose: bool = False,
         retries: int | None = None,
         retry_backoff: float = 0.5,
-        retry_backoff_max: float = 10.0,
+        retry_backoff_max: float = 2.0,
         retry_deadline: float = DEFAULT_RETRY_DEADLINE,
         endpoints: Endpoints | None = None,
     ) -> None:

@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dart_triton.serving.binaries import TritonServerError
@@ -77,18 +78,35 @@ def group_members(pgid: int) -> list[int]:
 STUB = "triton_python_backend_stub"
 
 
-def stub_models(pgid: int) -> dict[int, str]:
-    """The live python-backend stubs of process group ``pgid``: pid -> the model each one
-    serves (a stub's first argument is its ``<repository>/<model>/<version>/model.py``)."""
+@dataclass(frozen=True)
+class Stub:
+    model: str  # the model it serves
+    region: str  # its /dev/shm region
+    stopped: bool = False  # stopped by a signal (SIGSTOP): it serves nothing until resumed
+
+
+def stub_processes(pgid: int) -> dict[int, Stub]:
+    """The live python-backend stubs of process group ``pgid`` by pid. A stub's arguments
+    start with its ``<repository>/<model>/<version>/model.py`` and its shm region."""
     stubs = {}
     for pid in group_members(pgid):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:  # exited meanwhile
             continue
-        if len(args) > 1 and args[0].endswith(STUB.encode()):
-            stubs[pid] = Path(args[1].decode(errors="replace")).parent.parent.name
+        if len(args) > 2 and args[0].endswith(STUB.encode()):
+            model = Path(args[1].decode(errors="replace")).parent.parent.name
+            stubs[pid] = Stub(model, args[2].decode(errors="replace"), _state(pid) in "Tt")
     return stubs
+
+
+def _state(pid: int) -> str:
+    """The one-letter state of ``pid`` (R, S, D, T stopped, Z ...); "?" when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "?"
+    return stat[stat.rindex(")") + 2]
 
 
 def kill_group(pgid: int, timeout: float = 10.0) -> list[int]:
@@ -130,6 +148,13 @@ def remove_shm_regions(prefix: str) -> None:
     for path in shm_regions(prefix):
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def remove_region(name: str) -> None:
+    """Remove one shm region (a dead stub's: its replacement has a region of its own)."""
+    if "/" not in name and name:
+        with contextlib.suppress(OSError):
+            (SHM_DIR / name).unlink()
 
 
 _PREFIX_OWNER = re.compile(r"dart_triton_(\d+)_[0-9a-f]+_")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -21,6 +23,8 @@ from dart_triton.serving.supervisor import RestartPolicy, Supervisor, say
 
 GPU_MEMORY_POOL_BYTES = 1 << 30  # --cuda-memory-pool-byte-size per GPU (see serve_main)
 DEFAULT_PORTS = specs.DEFAULT_PORTS
+# Set on the config of a model loaded again after its stub died (see load_model).
+RELOAD_PARAMETER = "dart_triton_reloaded_at"
 
 # `dart-triton serve` ------------------------------------------------------------------
 
@@ -190,11 +194,21 @@ def _model_check(url: str, protocol: str, model: str, timeout: float) -> Callabl
 
 def load_model(server: TritonServer, model: str, timeout: float) -> str | None:
     """Load `model` again through tritonserver's model-control API (explicit mode): new
-    stubs replace dead ones. None when it is loaded, else why not (one line)."""
-    request = urllib.request.Request(
-        f"http://{server.http_url}/v2/repository/models/{model}/load", data=b"{}",
-        method="POST", headers={"Content-Type": "application/json"})
+    stubs replace dead ones. None when it is loaded, else why not (one line).
+
+    The request carries the model's own config with a parameter naming this load: a plain
+    load of a model tritonserver still counts as ready (a stub killed a moment ago), or a
+    load with the config of the last one, is a no-op (tritonserver 2.51); this one is not.
+    The models ignore parameters they do not know."""
+    base = f"http://{server.http_url}/v2"
     try:
+        with urllib.request.urlopen(f"{base}/models/{model}/config", timeout=timeout) as r:
+            config = json.loads(r.read())
+        config.setdefault("parameters", {})[RELOAD_PARAMETER] = {"string_value": repr(time.time())}
+        request = urllib.request.Request(
+            f"{base}/repository/models/{model}/load", method="POST",
+            data=json.dumps({"parameters": {"config": json.dumps(config)}}).encode(),
+            headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return None if response.status == 200 else f"HTTP {response.status}"
     except urllib.error.HTTPError as err:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dart_triton.serving.binaries import TritonServerError
-from dart_triton.serving.processes import stub_models
+from dart_triton.serving.processes import Stub, remove_region, stub_processes
 from dart_triton.serving.server import TritonServer
 
 # Supervision ---------------------------------------------------------------------------
@@ -49,6 +49,10 @@ class RestartPolicy:
 class Restart:
     at: float  # time.time()
     reason: str
+
+
+# How long a stub may stay stopped (SIGSTOP) before it is killed and replaced.
+STOPPED_GRACE = 1.0
 
 
 def say(message: str) -> None:
@@ -159,19 +163,21 @@ class Supervisor:
         assert proc is not None
         failures = 0
         next_check = time.monotonic() + self.check_interval
-        stubs = stub_models(proc.pid)
+        stubs = stub_processes(proc.pid)
+        stopped_since: dict[int, float] = {}
         while not self._stopping:
             if proc.poll() is not None:
                 return self.server.death_reason()
-            current = stub_models(proc.pid)
-            dead = sorted({model for pid, model in stubs.items() if pid not in current})
+            current = stub_processes(proc.pid)
+            self._kill_stopped(current, stopped_since)
+            dead = [stub for pid, stub in stubs.items() if pid not in current]
             stubs = current
             if dead:
                 if proc.poll() is not None:  # the stubs went down with the server
                     return self.server.death_reason()
                 if (reason := self._replace(dead)) is not None:
                     return reason
-                stubs = stub_models(proc.pid)
+                stubs = stub_processes(proc.pid)
                 continue
             if self.check is not None and time.monotonic() >= next_check:
                 problem = self.check()
@@ -192,10 +198,23 @@ class Supervisor:
             self._sleep(0.2)
         return None
 
-    def _replace(self, models: list[str]) -> str | None:
-        """Load again each model whose stub died; None when all are back, else the reason
-        the server must be restarted."""
-        for model in models:
+    def _kill_stopped(self, stubs: dict[int, Stub], since: dict[int, float]) -> None:
+        """A stub stopped (SIGSTOP) for a second serves nothing and holds its requests:
+        kill it, so that its model is loaded again like that of a stub that died."""
+        now = time.monotonic()
+        for pid in [p for p in since if p not in stubs or not stubs[p].stopped]:
+            del since[pid]
+        for pid, stub in stubs.items():
+            if stub.stopped and now - since.setdefault(pid, now) >= STOPPED_GRACE:
+                self.say(f"the stub of model {stub.model!r} is stopped (SIGSTOP): killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def _replace(self, dead: list[Stub]) -> str | None:
+        """Load again each model whose stub died, and remove the dead stubs' shm regions
+        (tritonserver leaves them); None when all are back, else the reason the server
+        must be restarted."""
+        for model in sorted({stub.model for stub in dead}):
             if self.reload is None:
                 return f"the python-backend stub of model {model!r} died"
             self.say(f"the stub of model {model!r} died: loading the model again")
@@ -204,6 +223,8 @@ class Supervisor:
                 return f"the stub of model {model!r} died and loading it again failed: {problem}"
             self.reloads.append(Restart(time.time(), f"the stub of model {model!r} died"))
             self.say(f"model {model!r} loaded again in {time.monotonic() - started:.1f} s")
+        for stub in dead:
+            remove_region(stub.region)
         return None
 
     def _restart(self, reason: str) -> bool:

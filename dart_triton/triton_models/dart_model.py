@@ -33,7 +33,9 @@ from dart_triton.triton_models.postprocess_model import detection_tensors
 from dart_triton.triton_models.step_metrics import StepMetrics
 
 # What a called model says when its stub is gone or not loaded: retrying later can help.
-_UNAVAILABLE_SIGNS = ("not healthy", "not ready", "unavailable", "stub process")
+# ("no available versions": the model is being loaded again after its stub died.)
+_UNAVAILABLE_SIGNS = ("not healthy", "not ready", "unavailable", "stub process",
+                      "no available versions")
 
 
 def _unavailable(code: int | None, message: str) -> bool:

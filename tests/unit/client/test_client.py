@@ -411,7 +411,8 @@ def test_unreachable_server_is_a_client_error():
     from dart_triton.client.triton_client import DartClient
 
     for protocol in ("grpc", "http"):
-        with DartClient("127.0.0.1:9", protocol, timeout=5) as client:
+        # A short deadline: by default a client waits minutes for a server to come back.
+        with DartClient("127.0.0.1:9", protocol, timeout=5, retry_deadline=2) as client:
             assert not client.is_ready()
             with pytest.raises(DartClientError):
                 client.detect(_frame(0), ["cat"])
