@@ -37,7 +37,7 @@ from dart_triton.client.server_errors import is_unavailable, retry_unavailable
 from dart_triton.serving.processes import free_port, kill_group, remove_shm_regions
 
 GONE = DartClientError("connection refused", "UNAVAILABLE")
-NO_MODEL = DartClientError("Request for unknown model: 'dart' has no available versions",
+NO_MODEL = DartClientError("Request for unknown model: 'dart' is not found",
                            "StatusCode.NOT_FOUND")
 BAD = DartClientError("bad image", "StatusCode.INVALID_ARGUMENT")
 
