@@ -9,6 +9,7 @@ returned before. Then: policy, reasons and retries without any server.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -282,6 +283,39 @@ def test_a_fault_costs_no_request(serve: Serve, reference: Detections, photo: np
         assert not set(victims) & set(after) and target in {s.model for s in after.values()}
         assert not regions & {s.region for s in after.values()}
         assert all(not (SHM_DIR / r).exists() for r in regions)  # the dead stubs' regions
+
+
+@pytest.mark.server
+def test_label_rides_through_a_killed_tritonserver(serve: Serve, photo: np.ndarray,
+                                                    tmp_path: Path) -> None:
+    """`dart-triton label` over a folder, tritonserver SIGKILLed mid-run: every image is
+    labelled, once."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(np.ascontiguousarray(np.roll(photo, 17 * i, axis=1))).save(
+            folder / f"{i:02d}.jpg", quality=90)
+    out = tmp_path / "dataset"
+    since = len(serve.stderr())
+    proc = subprocess.Popen(_cli("label", str(folder), "--classes", *CLASSES, "--out",
+                                 str(out), "--format", "coco", "--in-flight", "1",
+                                 "--url", serve.grpc_url, "--no-progress"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = out / ".dart-label" / "journal.jsonl"
+    deadline = time.monotonic() + RESTORE_S
+    while not (journal.is_file() and len(journal.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(serve.tritonserver(), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=2 * RESTORE_S)
+    assert proc.returncode == 0, stderr
+    serve.wait_for(r"restart \d+ done", since)
+    files = [json.loads(line)["file"] for line in journal.read_text().splitlines()]
+    assert sorted(files) == sorted(p.name for p in folder.iterdir())  # each once
+    dataset = json.loads((out / "annotations" / "instances.json").read_text())
+    assert len(dataset["images"]) == 12
 
 
 # (c) SIGKILLed tritonserver, then serve stopped: nothing of it remains ------------------
