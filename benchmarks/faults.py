@@ -13,6 +13,7 @@ the client gave up on. Goals (CPU, tiny repository): a dead or frozen stub back 
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -69,7 +70,7 @@ def _tritonserver(serve_pid: int) -> int:
     return next(p.pid for p in kids if p.name().startswith("tritonserver"))
 
 
-def _wait(log: Path, pattern: str, since: int, timeout: float = 600) -> None:
+def _wait(log: Path, pattern: str, since: int = 0, timeout: float = 600) -> None:
     import re
 
     deadline = time.monotonic() + timeout
@@ -110,7 +111,7 @@ def measure(repo: Path, workdir: Path) -> list[dict]:
             probe.halt.set()
             probe.join(300)
             times = sorted(a for _, a in probe.answers if a > struck - 2)
-            outage = max(b - a for a, b in zip(times, times[1:], strict=False))
+            outage = max(b - a for a, b in itertools.pairwise(times))
             how = "restart" if target == "tritonserver" else "model loaded again"
             rows.append({"fault": name, "outage_s": outage, "goal_s": goal,
                          "failed_requests": probe.failures, "requests": len(probe.answers),

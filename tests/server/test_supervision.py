@@ -243,8 +243,7 @@ FAULTS = {  # what is done, and what serve says of it
     "frozen backbone stub": ("backbone", signal.SIGSTOP,
                              r"'backbone' is stopped \(SIGSTOP\)(.|\n)*model 'backbone' "
                              r"loaded again"),
-    "dead tritonserver": ("tritonserver", signal.SIGKILL, r"restart \d+ done"),
-}
+}  # A dead tritonserver under a steady client: test_label_rides_through_a_killed_tritonserver
 
 
 @pytest.mark.server
