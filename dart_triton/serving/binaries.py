@@ -140,6 +140,9 @@ def server_env(
         libs.append(str(bundled.parent.parent / "nvidia_pytriton.libs"))
     libs += _split(env.get("LD_LIBRARY_PATH"))
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    # The stubs' OpenMP threads (PyTorch on the CPU) sleep between runs instead of
+    # spinning: spinning threads of one model take the cores from the others.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.update(overrides or {})
     return env
 
