@@ -1,4 +1,4 @@
-"""`dart-triton detect` and `dart-triton video` (and the helpers `label` shares).
+"""`dart-triton detect` (and the helpers `label` shares; `video` is in `video_cli`).
 
 Every mistake is answered with one line on stderr that names the file or option:
 exit 2 for a usage error (found before any request is sent: paths, options, classes),
@@ -13,9 +13,6 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-from dart_triton.contract import specs
 
 from .cli_common import (
     Parser,
@@ -38,7 +35,6 @@ from .cli_common import (
     server_ready,
 )
 from .errors import DartClientError
-from .tracking import DEFAULT_LOW as _TRACK_LOW
 
 # Requests kept in flight when `detect` is given several images.
 _DETECT_IN_FLIGHT = 4
@@ -201,195 +197,3 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
         where = annotated[0] if len(annotated) == 1 else Path(args.annotate)
         print(f"annotated image(s) written to {where}", file=sys.stderr)
     return status
-
-
-def _video_source(raw: str) -> str | Path:
-    """IN as `open_source` takes it: a URL as is, else an existing video file or frames folder."""
-    from .images import still_image_format
-    from .streams import frame_files, is_url
-
-    if is_url(raw):
-        return raw
-    src = Path(raw)
-    if not src.exists():
-        raise UsageError(f"{src}: no such video file or folder of frames (or give a URL, "
-                         "e.g. rtsp://host/stream)")
-    if src.is_dir():
-        if not frame_files(src):
-            raise UsageError(f"{src} is a folder without image files; give a video file, a "
-                             "folder of frames, or a URL")
-        return src
-    still = still_image_format(src)
-    if still:
-        raise UsageError(f"{src} is a still image ({still}), not a video; use "
-                         f"dart-triton detect {src} --classes ...")
-    return src
-
-
-def _video_outputs(args: argparse.Namespace, src: str | Path) -> tuple[Path, Path | None]:
-    """``--out`` (a video file, or a folder of frames) and ``--tracks``, checked, folders made."""
-    from .video import WRITABLE_SUFFIXES
-
-    out = Path(args.out)
-    source_file = [src] if isinstance(src, Path) and src.is_file() else []
-    if is_folder_arg(args.out):
-        if isinstance(src, Path) and src.is_dir() and out.resolve() == src.resolve():
-            raise UsageError(f"--out {args.out} is the input folder: its frames would be "
-                             "overwritten")
-        check_writable_folder(out, "--out")
-    else:
-        if out.suffix.lower() not in WRITABLE_SUFFIXES:
-            raise UsageError(f"--out {args.out}: neither a video file "
-                             f"({', '.join(WRITABLE_SUFFIXES)}) nor a folder of frames "
-                             "(end it with /)")
-        refuse_overwriting([out], source_file, "--out")
-        check_writable_file(out, "--out")
-    tracks = None
-    if args.tracks is not None:
-        if not is_folder_arg(args.tracks) and Path(args.tracks).resolve() == out.resolve():
-            raise UsageError(f"--tracks {Path(args.tracks)} is the --out file")
-        tracks = output_file(args.tracks, "--tracks", "tracks.txt", source_file)
-    return out, tracks
-
-
-def _positive_number(kind: type, option: str) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} takes a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{option} must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def video_main(argv: Sequence[str] | None = None) -> int:
-    parser = Parser(
-        prog="dart-triton video",
-        description="Annotate every frame of a video, a folder of frames or a stream through a "
-                    "Triton `dart` server, optionally tracking objects (ByteTrack, per class).",
-        epilog="IN: a video file, a folder of frames (sorted by name; --fps gives their rate, "
-               "default 30), or any URL FFmpeg opens (rtsp://, rtmp://, http://, ...). A live "
-               "stream keeps only the newest frame while K requests are in flight (the others "
-               "are dropped and counted) and is reopened with backoff when lost. With --track, "
-               "boxes scoring at least --score-threshold start tracks and boxes down to "
-               f"{_TRACK_LOW} continue them (ByteTrack's two stages); only tracked boxes are "
-               "drawn and written. Ctrl-C stops cleanly (exit 130): the MP4 and the MOT file "
-               "hold every frame written so far. "
-               "Exit status: 0 ok, 1 the video, the stream or the server failed, 2 a usage error.",
-    )
-    parser.add_argument("input", metavar="IN")
-    add_server_args(parser)
-    parser.add_argument("--out", required=True, metavar="OUT",
-                        help="annotated video (.mp4, .mov, .mkv; H.264), or a folder (ends "
-                             "with / or exists) that gets one JPEG per frame: 000001.jpg, ...")
-    parser.add_argument("--track", action="store_true",
-                        help="track objects: stable IDs, drawn as 'name #id score'")
-    parser.add_argument("--tracks", metavar="OUT.txt",
-                        help="write MOTChallenge lines frame,id,x,y,w,h,score,class,-1,-1 "
-                             "(implies --track)")
-    parser.add_argument("--in-flight", type=int, default=4, metavar="K",
-                        help="requests kept in flight; raise it until FPS stops growing")
-    parser.add_argument("--fps", type=_positive_number(float, "--fps"), metavar="F",
-                        help="frame rate of a folder of frames (default 30); for a video it "
-                             "overrides the rate of the output")
-    parser.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
-    parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
-                        help="treat IN as live (drop frames while K are in flight, reopen when "
-                             "lost); default: rtsp/rtmp/udp/srt URLs and streams without a "
-                             "duration")
-    parser.add_argument("--reconnect", type=int, default=10, metavar="N",
-                        help="live: reopen attempts in a row before giving up (default 10; "
-                             "0.5, 1, 2, ... 10 s apart)")
-    parser.add_argument("--encode", choices=("none", "jpeg"), default="none",
-                        help="jpeg: send each frame as a JPEG file (IMAGE_BYTES; a 1080p frame "
-                             "is ~0.3 MB instead of 6.2 MB of pixels); none (default): pixels")
-    parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q",
-                        help="with --encode jpeg: JPEG quality 1..95 (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    args.track = args.track or args.tracks is not None
-    try:
-        if args.in_flight < 1:
-            raise UsageError(f"--in-flight must be >= 1, got {args.in_flight}")
-        if args.max_frames is not None and args.max_frames < 1:
-            raise UsageError(f"--max-frames must be >= 1, got {args.max_frames}")
-        if args.reconnect < 0:
-            raise UsageError(f"--reconnect must be >= 0, got {args.reconnect}")
-        if not 1 <= args.jpeg_quality <= 95:
-            raise UsageError(f"--jpeg-quality must be in 1..95, got {args.jpeg_quality}")
-        classes = class_names(args.classes)
-        options = request_options(args)
-        check_urls(args)
-        require("av", "video", "dart-triton video")
-        require("supervision", "draw", "dart-triton video")
-        if args.track:
-            require("trackers", "video", "--track")
-        src = _video_source(args.input)
-        out, tracks = _video_outputs(args, src)
-    except UsageError as e:
-        say("video", f"error: {e}")
-        return 2
-
-    from .images import jpeg_bytes
-    from .tracking import MultiClassTracker
-    from .video import VideoError, VideoInterrupted, annotate_video
-
-    tracker = None
-    if args.track:
-        high = (args.score_threshold if args.score_threshold is not None
-                else specs.DEFAULT_SCORE_THRESHOLD)
-        # ByteTrack's second stage needs the boxes between low and high too.
-        options["score_threshold"] = min(high, _TRACK_LOW)
-
-        def tracker(rate: float) -> MultiClassTracker:  # the source's rate, once it is open
-            return MultiClassTracker(classes, frame_rate=rate, high=high)
-    written = f"{out}" + (f" and {tracks}" if tracks else "")
-    encode = ((lambda frame: jpeg_bytes(frame, args.jpeg_quality)) if args.encode == "jpeg"
-              else (lambda frame: frame))
-    client = make_client(args, concurrency=args.in_flight)
-    try:
-        if not server_ready(client, "video"):
-            return 1
-        stats = annotate_video(
-            src,
-            out,
-            lambda frame: client.detect_async(encode(frame), classes, **options),
-            in_flight=args.in_flight,
-            max_frames=args.max_frames,
-            progress=not args.no_progress,
-            fps=args.fps,
-            live=args.live,
-            reconnect=args.reconnect,
-            tracker=tracker,
-            tracks=tracks,
-            warn=lambda message: say("video", f"warning: {message}"),
-        )
-    except DartClientError as e:
-        say("video", f"server error ({client.url}): {e}")
-        return 1
-    except VideoError as e:
-        done = e.stats.frames if e.stats is not None else 0
-        say("video", f"error: {e}" + (f"; {written} hold the {done} frames before it"
-                                       if done else ""))
-        if done:  # what was written is still a result: its summary goes to stdout as usual
-            print_out(f"{out}: {e.stats.summary()}")
-        return 1
-    except (ValueError, OSError) as e:  # a frame the server's rules refuse, a full disk
-        say("video", f"error: {e}")
-        return 1
-    except VideoInterrupted as e:
-        say("video", f"interrupted after {e.stats.frames} frames; {written} are complete "
-                      "up to there")
-        return 130
-    except KeyboardInterrupt:
-        say("video", "interrupted before the first frame")
-        return 130
-    finally:
-        client.close()
-    print_out(f"{out}: {stats.summary()} "
-           f"(model {args.model}, {args.protocol} {client.url}, {args.in_flight} in flight)"
-           + (f"; tracks in {tracks}" if tracks else ""))
-    return 0

@@ -18,7 +18,7 @@ from dart_triton.contract.detections import Detections
 from .endpoints import Endpoints, call_spread
 from .errors import DartClientError
 from .inputs import class_list, encode_classes, image_arrays, option_arrays
-from .pipeline import completed, in_order
+from .pipeline import completed, in_order, interleaved
 from .server_errors import (
     NO_MODEL,
     config_parameter,
@@ -471,5 +471,24 @@ class DartClient:
 
         for _, detections in in_order(frames, submit, in_flight):
             yield detections
+
+    def detect_streams(
+        self,
+        streams: Sequence[Iterable[np.ndarray | bytes]],
+        classes: Sequence[str],
+        in_flight: int = 8,
+        **options: float | int | None,
+    ) -> Iterator[tuple[int, Detections]]:
+        """``(stream index, detections)`` for the frames of several streams (cameras) that
+        share one budget: frames are taken round robin, ``in_flight`` requests pending over
+        all of them; each stream's detections come in its frame order. ``options``:
+        score_threshold, nms_iou, max_detections."""
+        classes = class_list(classes)
+
+        def submit(frame: np.ndarray | bytes) -> DetectionFuture:
+            return self.detect_async(frame, classes, **options)  # type: ignore[arg-type]
+
+        for index, _, detections in interleaved(streams, submit, in_flight):
+            yield index, detections
 
 

@@ -14,20 +14,22 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from dart_triton.contract.detections import Detections
 
 from .draw import annotate
-from .pipeline import SupportsResult, in_order
+from .pipeline import SupportsResult, interleaved
 from .streams import (
     VIDEO_SUFFIXES,
     WRITABLE_SUFFIXES,
     Frame,
+    FrameSource,
     VideoError,
     closing_all,
     open_sink,
@@ -35,8 +37,8 @@ from .streams import (
 )
 from .tracking import MotWriter, MultiClassTracker
 
-__all__ = ["WRITABLE_SUFFIXES", "VideoError", "VideoInterrupted", "VideoStats",
-           "annotate_video", "readable_suffixes"]
+__all__ = ["WRITABLE_SUFFIXES", "VideoError", "VideoInterrupted", "VideoJob", "VideoStats",
+           "annotate_video", "annotate_videos", "readable_suffixes"]
 
 
 def readable_suffixes() -> tuple[str, ...]:
@@ -53,6 +55,7 @@ class VideoStats:
     tracks: int = 0  # --track: IDs handed out
     tracked_boxes: int = 0  # --track: boxes with an ID (the MOT file's lines)
     live: bool = False
+    error: str | None = None  # the source failed, or gave no frame
 
     @property
     def fps(self) -> float:
@@ -68,11 +71,13 @@ class VideoStats:
 
 
 class VideoInterrupted(KeyboardInterrupt):
-    """Ctrl-C; the outputs were closed and hold ``stats.frames`` whole frames."""
+    """Ctrl-C; the outputs were closed and hold ``stats.frames`` whole frames (``streams``:
+    the stats of each input, when there were several)."""
 
-    def __init__(self, stats: VideoStats) -> None:
-        super().__init__(f"interrupted after {stats.frames} frames")
-        self.stats = stats
+    def __init__(self, stats: VideoStats | Sequence[VideoStats]) -> None:
+        self.streams = [stats] if isinstance(stats, VideoStats) else list(stats)
+        self.stats = self.streams[0]
+        super().__init__(f"interrupted after {sum(s.frames for s in self.streams)} frames")
 
 
 class _HeldInterrupts:
@@ -125,9 +130,90 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+class VideoJob(NamedTuple):
+    """One input of `annotate_videos`: its source, its annotated output, its MOT file."""
+
+    src: str | Path
+    dst: str | Path
+    tracks: str | Path | None = None
+
+
+TrackerArg = MultiClassTracker | Callable[[float], MultiClassTracker] | None
+
+
+class _Stream:
+    """One input's source and outputs, and what has been written to them."""
+
+    def __init__(self, job: VideoJob, source: FrameSource, tracker: TrackerArg,
+                 warn: Callable[[str], None]) -> None:
+        self.job, self.source = job, source
+        if tracker is not None and not isinstance(tracker, MultiClassTracker):
+            tracker = tracker(source.fps)
+        self.tracker: MultiClassTracker | None = tracker
+        self.sink: Any = open_sink(job.dst, source.fps, vfr=source.live, warn=warn)
+        try:
+            self.mot = MotWriter(job.tracks) if job.tracks is not None else None
+        except BaseException:
+            self.sink.close()
+            raise
+        self.frames = self.boxes = 0
+
+    def closables(self) -> list[Any]:
+        return [x for x in (self.source, self.mot, self.sink) if x is not None]
+
+    def write(self, frame: Frame, detections: Detections, guard: _HeldInterrupts) -> None:
+        if self.tracker is not None:
+            tracked = self.tracker.update(
+                detections, timestamp=frame.time if self.source.live else None)
+            image = annotate(frame.image, tracked.detections, tracked.ids)
+        else:
+            image = annotate(frame.image, detections)
+        with guard.held():
+            self.sink.write(image, frame.time)
+            self.frames += 1
+            if self.tracker is not None:
+                self.boxes += len(tracked)
+            if self.mot is not None:
+                self.mot.write(self.frames, tracked)
+
+    def stats(self, seconds: float, *, finished: bool = False) -> VideoStats:
+        error = self.source.stats.error
+        if finished and error is None and self.frames == 0:
+            error = f"{self.job.src}: no frame could be decoded"
+        return VideoStats(self.frames, seconds, self.source.stats.dropped,
+                          self.source.stats.reopened,
+                          self.tracker.tracks_seen if self.tracker else 0, self.boxes,
+                          self.source.live, error)
+
+
 def annotate_video(
     src: str | Path,
     dst: str | Path,
+    submit: Callable[[np.ndarray], SupportsResult[Detections]],
+    *,
+    tracks: str | Path | None = None,
+    **options: Any,
+) -> VideoStats:
+    """Write ``dst`` (an MP4, or a folder of frames) with every frame of ``src`` annotated.
+
+    ``src`` is a video file, a folder of frames (sorted by name, ``fps`` apart, default
+    30) or a URL FFmpeg opens. ``submit(frame)`` starts detection of one frame and returns
+    something with a blocking ``result()`` (e.g. ``DartClient.detect_async`` with the
+    classes bound); ``options`` are `annotate_videos`' (in_flight, tracker, ...).
+
+    Raises VideoError (outputs complete up to the frames in ``err.stats``) when the
+    source cannot be opened or stops early, and VideoInterrupted on Ctrl-C.
+    """
+    (result,) = annotate_videos([VideoJob(src, dst, tracks)], submit, **options)
+    if result.error:
+        err = VideoError(result.error)
+        err.stats = result
+        raise err
+    return result
+
+
+def annotate_videos(
+    jobs: Sequence[VideoJob],
     submit: Callable[[np.ndarray], SupportsResult[Detections]],
     *,
     in_flight: int = 4,
@@ -136,79 +222,67 @@ def annotate_video(
     fps: float | None = None,
     live: bool | None = None,
     reconnect: int = 10,
-    tracker: MultiClassTracker | Callable[[float], MultiClassTracker] | None = None,
-    tracks: str | Path | None = None,
+    tracker: TrackerArg = None,
     warn: Callable[[str], None] = _stderr,
-) -> VideoStats:
-    """Write ``dst`` (an MP4, or a folder of frames) with every frame of ``src`` annotated.
+) -> list[VideoStats]:
+    """Annotate several inputs at once (cameras into one server): frames are taken round
+    robin and up to ``in_flight`` requests are pending over all of them together; each
+    input's results are used in its frame order and written to its own outputs.
 
-    ``src`` is a video file, a folder of frames (sorted by name, ``fps`` apart, default
-    30) or a URL FFmpeg opens. ``submit(frame)`` starts detection of one frame and returns
-    something with a blocking ``result()`` (e.g. ``DartClient.detect_async`` with the
-    classes bound); up to ``in_flight`` frames wait on it at a time, and results are used
-    in frame order. With ``tracker`` (or a function of the source's frame rate that makes
-    one), boxes are drawn with their track IDs and, with ``tracks``, written as
-    MOTChallenge lines.
-
-    Raises VideoError (outputs complete up to the frames in ``err.stats``) when the
-    source cannot be opened or stops early, and VideoInterrupted on Ctrl-C. Timing covers
+    With ``tracker`` (a function of a source's frame rate that makes one; an instance
+    only for one input) each input is tracked on its own and, with its job's ``tracks``,
+    written as MOTChallenge lines. ``max_frames`` counts per input. An input whose
+    source fails stops alone: its stats carry the error, the others go on. Raises
+    VideoInterrupted (every output complete up to its frames) on Ctrl-C. Timing covers
     decode, inference and encode: the throughput a user of the whole pipeline sees.
     """
     from tqdm import tqdm
 
-    if tracks is not None and tracker is None:
+    if any(job.tracks is not None for job in jobs) and tracker is None:
         raise ValueError("tracks (a MOT file) needs a tracker")
-    source = open_source(src, fps=fps, live=live, reconnect=reconnect)
+    if isinstance(tracker, MultiClassTracker) and len(jobs) > 1:
+        raise ValueError("several inputs need a tracker each: pass a function of the "
+                         "frame rate that makes one")
+    streams: list[_Stream] = []
     try:
-        if tracker is not None and not isinstance(tracker, MultiClassTracker):
-            tracker = tracker(source.fps)
-        sink = open_sink(dst, source.fps, vfr=source.live, warn=warn)
-        mot = MotWriter(tracks) if tracks is not None else None
+        for job in jobs:
+            source = open_source(job.src, fps=fps, live=live, reconnect=reconnect)
+            try:
+                streams.append(_Stream(job, source, tracker, warn))
+            except BaseException:
+                source.close()
+                raise
     except BaseException:
-        source.close()
+        for stream in streams:
+            with closing_all(*stream.closables()):
+                pass
         raise
-    count = boxes = 0
     start = time.perf_counter()
-
-    def stats() -> VideoStats:
-        return VideoStats(count, time.perf_counter() - start, source.stats.dropped,
-                          source.stats.reopened, tracker.tracks_seen if tracker else 0,
-                          boxes, source.live)
-
-    def submit_frame(frame: Frame) -> SupportsResult[Detections]:
-        return submit(frame.image)
-
-    total = source.expected if max_frames is None or source.expected is None else min(
-        source.expected, max_frames)
+    expected = [s.source.expected if max_frames is None or s.source.expected is None
+                else min(s.source.expected, max_frames) for s in streams]
+    total = None if None in expected else sum(e for e in expected if e is not None)
     guard = _HeldInterrupts()
+    closables = [x for stream in streams for x in stream.closables()]
     try:
-        with guard, closing_all(source, *([mot] if mot else []), sink), tqdm(
+        with guard, closing_all(*closables), tqdm(
             total=total, unit="frame", disable=not progress
         ) as bar:
-            frames = itertools.islice(source, max_frames)
+            frames = [itertools.islice(s.source, max_frames) for s in streams]
+
+            def send(frame: Frame) -> SupportsResult[Detections]:
+                # Not cut short by Ctrl-C: an interrupt inside the client's send (gRPC's
+                # C core) could leave it holding a lock that closing it then waits on.
+                with guard.held():
+                    return submit(frame.image)
+
             try:
-                for frame, detections in in_order(frames, submit_frame, in_flight):
-                    if tracker is not None:
-                        tracked = tracker.update(
-                            detections, timestamp=frame.time if source.live else None)
-                        image = annotate(frame.image, tracked.detections, tracked.ids)
-                    else:
-                        image = annotate(frame.image, detections)
-                    with guard.held():
-                        sink.write(image, frame.time)
-                        count += 1
-                        if tracker is not None:
-                            boxes += len(tracked)
-                        if mot is not None:
-                            mot.write(count, tracked)
+                for index, frame, detections in interleaved(frames, send, in_flight):
+                    streams[index].write(frame, detections, guard)
                     bar.update()
             finally:
                 guard.hold_from_now()  # closing the outputs is not cut short by Ctrl-C
     except KeyboardInterrupt:
-        raise VideoInterrupted(stats()) from None
-    result = stats()
-    if source.stats.error or count == 0:
-        err = VideoError(source.stats.error or f"{src}: no frame could be decoded")
-        err.stats = result
-        raise err
-    return result
+        seconds = time.perf_counter() - start
+        raise VideoInterrupted([s.stats(seconds) for s in streams]) from None
+    seconds = time.perf_counter() - start
+    return [s.stats(seconds, finished=True) for s in streams]

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("dart_triton.serving.serve", "serve_main", "start tritonserver on a repository"),
     "health": ("dart_triton.serving.health", "main", "deep health check: one tiny real inference"),
     "detect": ("dart_triton.client.cli", "detect_main", "detect objects in images via Triton"),
-    "video": ("dart_triton.client.cli", "video_main",
+    "video": ("dart_triton.client.video_cli", "video_main",
               "annotate (and track) a video, frames folder or stream via Triton"),
     "label": ("dart_triton.client.label", "label_main",
               "auto-label an image folder into a COCO or YOLO dataset via Triton"),

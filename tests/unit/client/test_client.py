@@ -16,7 +16,7 @@ from PIL import Image
 
 from dart_triton.client.errors import DartClientError
 from dart_triton.client.inputs import check_image, encode_classes, option_arrays
-from dart_triton.client.pipeline import completed, in_order
+from dart_triton.client.pipeline import completed, in_order, interleaved
 from dart_triton.contract import specs
 from dart_triton.contract.detections import Detections
 
@@ -123,6 +123,38 @@ def test_in_order_keeps_order_and_bounds_in_flight():
     assert list(in_order([1, 2], completed, 1)) == [(1, 1), (2, 2)]
     with pytest.raises(ValueError):
         list(in_order([1], completed, 0))
+
+
+def test_interleaved_shares_one_budget_round_robin():
+    """Several streams, one budget: taken round robin, each stream's results in its order,
+    never more than in_flight pending over them all, an empty or short stream leaves."""
+    pool = ThreadPoolExecutor(8)
+    live, peak, lock, submitted = 0, 0, threading.Lock(), []
+
+    def work(item: tuple[int, int]) -> int:
+        nonlocal live, peak
+        with lock:
+            live += 1
+            peak = max(peak, live)
+        time.sleep(random.uniform(0, 0.01))
+        with lock:
+            live -= 1
+        return item[0] * 100 + item[1]
+
+    def submit(item: tuple[int, int]):
+        submitted.append(item[0])
+        return pool.submit(work, item)
+
+    lengths = [5, 0, 12, 3]
+    streams = [[(s, i) for i in range(n)] for s, n in enumerate(lengths)]
+    out = list(interleaved(streams, submit, in_flight=4))
+    assert peak <= 4 and len(out) == sum(lengths)
+    for s, n in enumerate(lengths):
+        assert [r for i, _, r in out if i == s] == [s * 100 + k for k in range(n)]
+    assert submitted[:9] == [0, 2, 3] * 3  # round robin while all three have frames
+    assert submitted[9:] == [0, 2, 0, 2] + [2] * 7
+    with pytest.raises(ValueError):
+        list(interleaved([[1]], completed, 0))
 
 
 # --- drawing -------------------------------------------------------------------------------
@@ -464,7 +496,7 @@ def test_cli_video_prints_fps(fake_url, tmp_path, capsys):
     pytest.importorskip("imageio_ffmpeg")
     import imageio.v2 as iio
 
-    from dart_triton.client.cli import video_main
+    from dart_triton.client.video_cli import video_main
 
     protocol, url, _ = fake_url
     src, dst = tmp_path / "in.mp4", tmp_path / "out.mp4"

@@ -28,7 +28,7 @@ W, H = 160, 96
 
 
 def video(argv, capsys):
-    from dart_triton.client.cli import video_main
+    from dart_triton.client.video_cli import video_main
 
     return run_cli(video_main, argv, capsys)
 
@@ -136,6 +136,67 @@ def test_tracked_clip_matches_an_independent_replay(triton_server, clip, tmp_pat
         classes_of.setdefault(int(r[1]), set()).add(int(r[7]))
     assert all(len(c) == 1 for c in classes_of.values())  # IDs are unique across classes
     assert min(classes_of) == 1
+
+
+# --- several inputs (cameras) into one server ------------------------------------------------
+def test_two_inputs_one_tracked_video_and_mot_file_each(triton_server, clip, tmp_path, capsys):
+    """`video a.mp4 b.mp4 --out DIR/ --track --tracks DIR/`: one MP4 and one MOT file per
+    input, named after it (a second traffic.mp4 becomes traffic-2), each MOT file exactly
+    what that input alone gives, frame by frame, with a tracker of its own."""
+    from dart_triton.benchmarks.video_latency import traffic_frames, write_clip
+    from dart_triton.client import DartClient
+    from dart_triton.client.tracking import MultiClassTracker, mot_lines
+
+    other = write_clip(tmp_path / "b" / "traffic.mp4",
+                       list(traffic_frames(25, W, H, seed=3))[::-1], fps=25)
+    out, classes = tmp_path / "out", ["car", "truck"]
+    code, stdout, err = video([clip, other, "--classes", *classes, "--out", f"{out}/",
+                               "--track", "--tracks", f"{out}/", "--in-flight", "3",
+                               "--url", triton_server.grpc_url, "--no-progress"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "traffic-2.mp4", "traffic-2.txt", "traffic.mp4", "traffic.txt"]
+    assert len(frames_of(out / "traffic.mp4")) == 40
+    assert len(frames_of(out / "traffic-2.mp4")) == 25
+    lines = stdout.splitlines()
+    assert len(lines) == 2 and all("2 inputs" in line for line in lines)
+    assert lines[0].startswith(f"{out / 'traffic.mp4'}: 40 frames")
+    assert lines[1].startswith(f"{out / 'traffic-2.mp4'}: 25 frames")
+    with DartClient(triton_server.grpc_url) as client:
+        for src, name in ((clip, "traffic"), (other, "traffic-2")):
+            tracker = MultiClassTracker(classes, frame_rate=25, high=0.3)
+            expected = [mot_lines(n, tracker.update(client.detect(f, classes,
+                                                                  score_threshold=0.1)))
+                        for n, f in enumerate(frames_of(src), 1)]
+            text = (out / f"{name}.txt").read_text()
+            assert text and text == "".join(expected), name
+
+    # Several inputs need folders; the refusal names the option.
+    code, _, err = video([clip, other, "--classes", "car", "--out", tmp_path / "o.mp4",
+                          "--url", triton_server.grpc_url], capsys)
+    assert code == 2 and len(err) == 1 and "--out" in err[0] and "need a folder" in err[0]
+
+
+def test_detect_streams_equals_one_request_per_frame(triton_server, clip):
+    """DartClient.detect_streams: every stream's detections in its frame order, equal to
+    detect() on each frame alone."""
+    from dart_triton.client import DartClient
+
+    frames = frames_of(clip)
+    streams = [frames[:7], frames[10:14][::-1], [], frames[20:29]]
+    with DartClient(triton_server.grpc_url) as client:
+        got: dict[int, list] = {}
+        for index, detections in client.detect_streams(streams, ["car"], in_flight=3):
+            got.setdefault(index, []).append(detections)
+        assert sorted(got) == [0, 1, 3]
+        for index, stream in enumerate(streams):
+            want = [client.detect(f, ["car"]) for f in stream]
+            assert len(got.get(index, [])) == len(want)
+            for a, b in zip(got.get(index, []), want, strict=True):
+                np.testing.assert_array_equal(a.boxes, b.boxes)
+                np.testing.assert_array_equal(a.scores, b.scores)
+                np.testing.assert_array_equal(a.class_ids, b.class_ids)
+                assert list(a.class_names) == list(b.class_names)
 
 
 def test_several_urls_one_down(triton_server, clip, tmp_path, capsys):
