@@ -57,6 +57,9 @@ class Backend:
     export: Callable[[Path, Path, BuildOptions, Callable], GraphDims] | None = None
     # The build options this backend's graph models take, checked -> RepoOptions.graph_settings.
     graph_settings: Callable[[BuildOptions], dict[str, object]] = lambda build: {}
+    # Whether `backbone` takes a batch of frames (--max-batch > 1): its graph must have a
+    # dynamic batch dimension (the python models split and join the batch themselves).
+    batches_backbone: bool = False
 
     def configure(self, opts: RepoOptions) -> RepoOptions:
         """`opts` as this backend serves them: on a GPU whatever `--gpu` said, where the
@@ -70,7 +73,14 @@ class Backend:
             backend=build.backend, dims=dims, instances=dict(build.instances), gpu=build.gpu,
             gpus=build.gpus, enc_dec_buckets=build.buckets, warm_vocabulary=vocab.name,
             ort_threads=build.ort_threads, graph_settings=self.graph_settings(build),
-            backbone=BackboneChoice.parse(build.backbone).describe()))
+            backbone=BackboneChoice.parse(build.backbone).describe(),
+            max_batch=build.max_batch, batch_delay_us=build.batch_delay_us))
+
+    def check_max_batch(self, build: BuildOptions) -> None:
+        if build.max_batch > 1 and not self.batches_backbone:
+            raise ValueError(f"--max-batch {build.max_batch}: the {self.name} backend serves "
+                             "the backbone one frame per call for now; use --backend torch "
+                             "or python, or --max-batch 1")
 
     def python_models(self) -> dict[str, str]:
         """Every python model of a repository with this backend -> implementing module."""
@@ -80,7 +90,12 @@ class Backend:
         profiles = None
         if self.profiles_per_bucket and spec.name == specs.ENC_DEC and opts.enc_dec_buckets:
             profiles = [str(i) for i in range(len(opts.enc_dec_buckets))]
-        return (pbtxt.header(spec.name, self.runtime) + pbtxt.io(spec)
+        # A batched backbone: the spec's leading 1 becomes Triton's batch dimension, so
+        # the one-frame requests of `dart` and the ensemble are batched by Triton.
+        batched = spec.name == specs.BACKBONE and opts.max_batch > 1
+        return (pbtxt.header(spec.name, self.runtime, opts.max_batch if batched else 0)
+                + pbtxt.io(spec, batched)
+                + (pbtxt.dynamic_batching(opts.batch_delay_us) if batched else "")
                 + pbtxt.instances(opts.instances[spec.name], opts.gpu, profiles, opts.gpus)
                 + self.graph_extras(spec, opts))
 
@@ -190,6 +205,7 @@ BACKENDS: dict[str, Backend] = {
             write_artifacts=_copy_onnx,
             graph_python_models={m: "dart_triton.triton_models.graph_model"
                                  for m in specs.GRAPH_MODELS},
+            batches_backbone=True,
         ),
         Backend(
             name="torch",
@@ -202,6 +218,7 @@ BACKENDS: dict[str, Backend] = {
             graph_python_models={m: torch_weights.MODULE for m in specs.GRAPH_MODELS},
             export=torch_weights.export_weights,
             graph_settings=torch_weights.settings,
+            batches_backbone=True,
         ),
     )
 }
@@ -212,6 +229,7 @@ def check_build(build: BuildOptions) -> Backend:
     naming what is wrong): the one place a build looks its backend up."""
     backend = get_backend(build.backend)
     backend.graph_settings(build)
+    backend.check_max_batch(build)
     return backend
 
 

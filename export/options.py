@@ -46,6 +46,10 @@ class RepoOptions:
     graph_settings: dict[str, str] = field(default_factory=dict)
     # What serves `backbone` (`BackboneChoice.describe`), said in dart's parameters.
     backbone: str = "vit"
+    # Frames per backbone call: >1 turns on Triton's dynamic batcher for `backbone`, so
+    # concurrent requests (cameras) share a call; 1 = one call per frame.
+    max_batch: int = 1
+    batch_delay_us: int = 0  # how long the batcher may hold a frame for others to join
 
     def __post_init__(self) -> None:
         self.gpus = tuple(self.gpus)
@@ -101,8 +105,14 @@ class BuildOptions:
     cuda_graphs: bool = False
     # What serves `backbone`: vit | pruned:PLAN.json:K | student:DIR (backbone_choice)
     backbone: str = "vit"
+    max_batch: int = 1  # frames per backbone call (RepoOptions.max_batch)
+    batch_delay_us: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.batch_delay_us < 0:
+            raise ValueError(f"--batch-delay-us must be >= 0, got {self.batch_delay_us}")
         # The backend's own options (torch: precision, compile, CUDA graphs) are checked by
         # its entry in the backend table, `backends.check_build`, when the build starts.
         self.backbone = str(BackboneChoice.parse(self.backbone))
@@ -122,7 +132,8 @@ class BuildOptions:
                    ort_threads=args.ort_threads, build_plans=not args.no_plans,
                    plan=PlanBuildOptions.from_args(args), precision=args.precision,
                    compile=args.compile, cuda_graphs=args.cuda_graphs,
-                   backbone=args.backbone)
+                   backbone=args.backbone, max_batch=args.max_batch,
+                   batch_delay_us=args.batch_delay_us)
 
     def plan_options(self, max_classes: int) -> PlanBuildOptions:
         return replace(self.plan, max_classes=max_classes, buckets=self.buckets)

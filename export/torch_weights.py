@@ -96,7 +96,8 @@ def compile_ahead(out: Path, build: BuildOptions, log: Callable) -> None:
             aot.compile_package(
                 name, module.to(device=device, dtype=dtype), dims, device, dtype,
                 chosen.compile, out / name,
-                lambda n, name=name, dims=dims: example_inputs(name, dims, n, device))
+                lambda n, name=name, dims=dims: example_inputs(name, dims, n, device),
+                build.max_batch)
 
 
 def copy_weights(repo: Path, exported: Path, build: BuildOptions, opts: RepoOptions,

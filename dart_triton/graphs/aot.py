@@ -91,15 +91,20 @@ class ServedModule(nn.Module):
 
 def compile_package(name: str, module: nn.Module, dims: GraphDims, device: torch.device | str,
                     dtype: torch.dtype, mode: str, weights: str | Path,
-                    example: Callable[[int], tuple[torch.Tensor, ...]]) -> Path:
+                    example: Callable[[int], tuple[torch.Tensor, ...]],
+                    max_batch: int = 1) -> Path:
     """Export `module` (already on `device` in `dtype`) and compile it into the package
-    of `name` in `weights`, with its key. `example(n)` gives inputs for n prompts."""
+    of `name` in `weights`, with its key. `example(n)` gives inputs for n prompts
+    (enc_dec) or frames (backbone: 1..max_batch of them)."""
     served = ServedModule(module, dtype).eval()
     if name == specs.ENC_DEC:
         n = max(2, dims.max_classes)  # an example of 1 would be specialised to 1
         prompts = torch.export.Dim("prompts", min=1, max=max(2, dims.max_classes))
         dynamic = (({}, {0: prompts}, {0: prompts}),)  # forward(*inputs): one packed argument
         args = example(n)
+    elif max_batch > 1:
+        frames = torch.export.Dim("frames", min=1, max=max_batch)
+        dynamic, args = (({0: frames},),), example(2)
     else:
         dynamic, args = None, example(1)
     with torch.no_grad():

@@ -188,11 +188,13 @@ def use_sdpa(backbone: nn.Module) -> nn.Module:
 
 def example_inputs(name: str, dims: GraphDims, n: int = 1,
                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """Inputs of the served dtypes and shapes (contents irrelevant: for warm-up/capture)."""
+    """Inputs of the served dtypes and shapes (contents irrelevant: for warm-up/capture);
+    ``n``: prompts (enc_dec) or frames (backbone)."""
     spec = specs.backbone_spec(dims) if name == specs.BACKBONE else specs.enc_dec_spec(dims)
     out = []
     for t in spec.inputs:
-        shape = tuple(n if d == -1 else d for d in t.dims)
+        shape = ((n, *t.dims[1:]) if name == specs.BACKBONE
+                 else tuple(n if d == -1 else d for d in t.dims))
         dtype = getattr(torch, t.numpy_dtype)
         out.append(torch.ones(shape, dtype=dtype, device=device) if dtype == torch.int32
                    else torch.zeros(shape, dtype=dtype, device=device))
@@ -265,8 +267,11 @@ class TorchGraph:
         """The prompt count enc_dec runs `n` at: with CUDA graphs (static shapes), the next
         warm shape. A caller that does not pad (the `dart_ensemble` gate passes N as it
         comes) would otherwise leave the graphs and, compiled, recompile for each new N
-        in the middle of serving (the H200 run: 311 ms per call on average at N = 2)."""
-        if self.name != specs.ENC_DEC or not self.settings.cuda_graphs:
+        in the middle of serving (the H200 run: 311 ms per call on average at N = 2).
+        The backbone's batch of frames likewise, compiled too (its shapes are static)."""
+        static = self.settings.cuda_graphs or (
+            self.name == specs.BACKBONE and self.settings.compile != "none")
+        if not static:
             return n
         return min((b for b in self._warm if b >= n), default=n)
 
@@ -275,16 +280,20 @@ class TorchGraph:
         inputs = self._on_device(inputs)
         n = int(inputs[-1].shape[0])
         rows = self._rows(n)
-        if rows != n:  # enc_dec: (fpn_features, text_features, text_mask)
+        if rows != n and self.name == specs.BACKBONE:  # frames of zeros, cut off below
+            pixels = inputs[0]
+            inputs = [torch.cat([pixels, pixels.new_zeros((rows - n, *pixels.shape[1:]))])]
+        elif rows != n:  # enc_dec: (fpn_features, text_features, text_mask)
             inputs = [inputs[0], *pad_to_bucket(inputs[1], inputs[2], rows)]
         graph = self._graphs.get(_shape_key(inputs))
         out = graph(inputs) if graph is not None else self._fn(*inputs)
         return tuple(unpad(t, n).contiguous() for t in out)
 
     def warm_shapes(self, buckets: Sequence[int] = ()) -> list[int]:
-        """The prompt counts warmed (and captured) at load: the buckets, else max_classes."""
+        """The shapes warmed (and captured) at load: enc_dec's prompt counts (the buckets,
+        else max_classes), the backbone's frame counts (`batch_buckets`, else 1)."""
         if self.name == specs.BACKBONE:
-            return [1]
+            return sorted(set(buckets)) or [1]
         return sorted(set(buckets)) or [self.dims.max_classes]
 
     @torch.no_grad()
@@ -317,6 +326,13 @@ class TorchGraph:
                 return cls(name, None, read_dims(weights_dir, name), device, settings, compiled)
         module, dims = load_graph_module(weights_dir, name)
         return cls(name, module, dims, device, settings)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The frame counts a batched backbone is warmed at: powers of two up to max_batch,
+    and max_batch (a batch runs at the next one, padded)."""
+    return sorted({*(2 ** k for k in range(max_batch.bit_length()) if 2 ** k < max_batch),
+                   max_batch})
 
 
 def weights_dir(repo: str | Path, name: str, version: int = 1) -> Path:

@@ -7,6 +7,10 @@ model reports ready only once it is fast. On a GPU instance the tensors stay on 
 inputs arrive through DLPack (FORCE_CPU_ONLY_INPUT_TENSORS is off in the config) and
 outputs leave as GPU tensors. `dart_graph_inputs_total{model, input, memory}` counts
 where each input arrived, so a GPU-resident pipeline can be checked from the metrics.
+
+A backbone built with ``--max-batch B`` (max_batch_size B, Triton's dynamic batcher)
+gets the frames of several requests at once: they run as one call, and each request
+gets its own rows back (a request that cannot be read is answered alone).
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ import torch
 from dart_triton.contract import metrics, specs
 from dart_triton.contract.parameters import TorchGraphParameters
 from dart_triton.contract.passes import check_pass_rows
-from dart_triton.graphs.torch_graphs import WEIGHTS_DIR, TorchGraph, TorchSettings
+from dart_triton.graphs.torch_graphs import (
+    WEIGHTS_DIR,
+    TorchGraph,
+    TorchSettings,
+    batch_buckets,
+)
 from dart_triton.triton_models import pb
 
 
@@ -30,7 +39,9 @@ class TritonPythonModel:
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
         self.max_classes = params.max_classes
-        buckets = list(params.enc_dec_buckets)
+        self.batched = self.name == specs.BACKBONE and config.get("max_batch_size", 0) > 0
+        buckets = (batch_buckets(config["max_batch_size"]) if self.batched
+                   else list(params.enc_dec_buckets))
         settings = TorchSettings.from_parameters(params)
         device = pb.device_of(args)
         if args.get("model_instance_kind") == "GPU" and device == "cpu":
@@ -54,16 +65,43 @@ class TritonPythonModel:
                 labels={"model": self.name, "input": name, "memory": memory})
             for name in self.input_names for memory in ("cpu", "gpu")}
 
-    def _run(self, request) -> list:
+    def _inputs(self, request) -> list[torch.Tensor]:
         tensors = [pb.required_input(request, name) for name in self.input_names]
         for name, t in zip(self.input_names, tensors, strict=True):
             self.input_counts[(name, "cpu" if t.is_cpu() else "gpu")].increment(1)
         inputs = [pb.as_torch(t) for t in tensors]
         if self.name == specs.ENC_DEC:
             check_pass_rows(inputs[1].shape[0], self.max_classes)
-        outputs = self.graph(*inputs)
-        return [pb.from_torch(n, v) for n, v in zip(self.output_names, outputs, strict=True)]
+        return inputs
+
+    def _tensors(self, outputs) -> list:
+        return [pb.from_torch(n, v.contiguous())
+                for n, v in zip(self.output_names, outputs, strict=True)]
+
+    def _run(self, request) -> list:
+        return self._tensors(self.graph(*self._inputs(request)))
+
+    def _run_batch(self, requests) -> list:
+        """The frames of every request in one backbone call, split back per request."""
+        responses: list = [None] * len(requests)
+        frames: list[torch.Tensor] = []
+        readable: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                frames.append(self._inputs(request)[0])
+                readable.append(i)
+            except ValueError as exc:
+                responses[i] = pb.error_response(exc)
+        if frames:
+            sizes = [int(f.shape[0]) for f in frames]
+            outputs = self.graph(torch.cat([f.to(frames[0].device) for f in frames]))
+            per_request = zip(*(o.split(sizes) for o in outputs), strict=True)
+            for i, rows in zip(readable, per_request, strict=True):
+                responses[i] = pb.pb_utils.InferenceResponse(output_tensors=self._tensors(rows))
+        return responses
 
     def execute(self, requests):
         with torch.no_grad():
+            if self.batched and len(requests) > 1:
+                return self._run_batch(requests)
             return pb.respond(requests, self._run)

@@ -41,7 +41,7 @@ def detect(argv, capsys):
 
 
 def video(argv, capsys):
-    from dart_triton.client.cli import video_main
+    from dart_triton.client.video_cli import video_main
 
     return run_cli(video_main, argv, capsys)
 

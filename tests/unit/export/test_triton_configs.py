@@ -84,6 +84,33 @@ def test_onnxruntime_specifics():
     assert cfgs["enc_dec"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
 
 
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_max_batch_batches_the_backbone_only(backend):
+    """--max-batch B: the backbone's leading 1 becomes Triton's batch dimension (so the
+    one-frame requests of dart and the ensemble batch), with the dynamic batcher's delay;
+    every other model is as before."""
+    plain = all_configs(RepoOptions(backend=backend, dims=DIMS))
+    batched = all_configs(RepoOptions(backend=backend, dims=DIMS, max_batch=4,
+                                      batch_delay_us=250))
+    assert {k for k in plain if plain[k] != batched[k]} == {specs.BACKBONE}
+    cfg, spec = parse(batched[specs.BACKBONE]), specs.backbone_spec(DIMS)
+    assert cfg.max_batch_size == 4
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
+    for got, want in ((cfg.input, spec.inputs), (cfg.output, spec.outputs)):
+        assert [(t.name, (1, *t.dims)) for t in got] == [(t.name, t.dims) for t in want]
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
+def test_max_batch_is_refused_where_the_backbone_takes_one_frame(backend):
+    from dart_triton.export.backends import check_build
+    from dart_triton.export.options import BuildOptions
+
+    with pytest.raises(ValueError, match=r"--max-batch 4: the .* backend serves the backbone"):
+        check_build(BuildOptions(backend=backend, max_batch=4))
+    with pytest.raises(ValueError, match="--max-batch must be >= 1"):
+        BuildOptions(max_batch=0)
+
+
 def test_ensemble_wiring():
     cfg = parse(all_configs(RepoOptions(dims=DIMS))["dart_ensemble"])
     all_specs = specs.all_specs(DIMS)

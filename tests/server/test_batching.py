@@ -1,0 +1,129 @@
+"""Many cameras, one server (--max-batch): concurrent requests share backbone calls.
+
+A real tritonserver per backend (python, torch), a repository built with --max-batch 4:
+8 clients at once, each with its own image size (64x48 .. 640x480) and class list (1 ..
+3 x max classes), get what the same request gets alone; Triton's statistics show the
+backbone ran fewer executions than inferences (batches formed); bad requests in the
+burst get INVALID_ARGUMENT and the others are answered.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from dart_triton.client import DartClient
+from dart_triton.contract import specs
+from tests.conftest import TEST_MAX_CLASSES
+from tests.parity import NAMES, assert_same, raw_inputs
+
+pytestmark = pytest.mark.server
+
+MAX_BATCH = 4
+SIZES = [(48, 64), (480, 640), (97, 131), (240, 320), (64, 64), (300, 180), (128, 256),
+         (77, 501)]  # (height, width)
+CLASS_LISTS = [NAMES[:1], NAMES[1:4], NAMES[:TEST_MAX_CLASSES], NAMES[:3 * TEST_MAX_CLASSES],
+               NAMES[5:7], NAMES[2:TEST_MAX_CLASSES + 3], NAMES[7:8], NAMES[3:12]]
+
+
+@pytest.fixture(scope="module", params=["python", "torch"])
+def batched_server(request, tiny_checkpoint, tmp_path_factory):
+    from dart_triton.export.options import parse_instances
+    from dart_triton.export.repository import build_repository
+    from dart_triton.serving.server import TritonServer
+
+    repo = tmp_path_factory.mktemp(f"repo_batched_{request.param}")
+    # 50 ms of queue delay: frames of requests that arrive together wait for each other,
+    # so batches form even on two busy cores.
+    build_repository(tiny_checkpoint, repo, backend=request.param,
+                     max_classes=TEST_MAX_CLASSES, max_batch=MAX_BATCH, batch_delay_us=50_000,
+                     instances=parse_instances(f"dart={MAX_BATCH}"), log=lambda *_: None)
+    config = (repo / specs.BACKBONE / "config.pbtxt").read_text()
+    assert f"max_batch_size: {MAX_BATCH}" in config and "dynamic_batching" in config
+    with TritonServer(repo, startup_timeout=240, extra_args=["--exit-timeout-secs=5"]) as server:
+        yield server
+
+
+def images() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+
+def backbone_counts(url: str) -> tuple[int, int]:
+    """(inferences, executions) of `backbone` so far."""
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(specs.BACKBONE, as_json=True)
+    (model,) = stats["model_stats"]
+    return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+
+
+def test_concurrent_requests_share_backbone_calls(batched_server):
+    url, frames = batched_server.grpc_url, images()
+    with DartClient(url) as client:
+        alone = [client.detect(f, c) for f, c in zip(frames, CLASS_LISTS, strict=True)]
+    inferences0, executions0 = backbone_counts(url)
+    rounds, start = 3, threading.Barrier(len(frames))
+    answers: dict[int, list] = {}
+
+    def camera(k: int) -> None:
+        with DartClient(url) as client:
+            start.wait()
+            answers[k] = [client.detect(frames[k], CLASS_LISTS[k]) for _ in range(rounds)]
+
+    threads = [threading.Thread(target=camera, args=(k,)) for k in range(len(frames))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(answers) == list(range(len(frames)))
+    for k, got in answers.items():
+        for detections in got:
+            assert_same(detections, alone[k], side=max(SIZES[k]))
+    inferences, executions = backbone_counts(url)
+    inferences, executions = inferences - inferences0, executions - executions0
+    assert inferences == len(frames) * rounds
+    assert executions < inferences, (executions, inferences)  # batches formed
+
+
+def test_a_bad_request_in_a_burst_fails_alone(batched_server):
+    """Requests arriving together, some bad: each bad one gets INVALID_ARGUMENT naming
+    its problem, every good one its detections."""
+    url, frames = batched_server.grpc_url, images()
+    with DartClient(url) as client:
+        alone = [client.detect(frames[k], CLASS_LISTS[k]) for k in range(4)]
+    bad = {1: ((specs.NMS_IOU, 2.0, "FP32"), "NMS_IOU"),
+           5: ((specs.MAX_DETECTIONS, 0, "INT32"), "MAX_DETECTIONS")}
+    start = threading.Barrier(8)
+    results: dict[int, object] = {}
+
+    def send(k: int) -> None:
+        with grpcclient.InferenceServerClient(url) as client:
+            good = k % 4
+            extra = [bad[k][0]] if k in bad else []
+            inputs = raw_inputs(frames[good], CLASS_LISTS[good], extra)
+            start.wait()
+            try:
+                results[k] = client.infer(specs.DART, inputs)
+            except InferenceServerException as exc:
+                results[k] = exc
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(results) == list(range(8))
+    for k, result in results.items():
+        if k in bad:
+            assert isinstance(result, InferenceServerException), k
+            assert result.status() == "StatusCode.INVALID_ARGUMENT", result
+            assert bad[k][1] in result.message()
+        else:
+            assert not isinstance(result, Exception), result
+            assert len(result.as_numpy(specs.SCORES)) == len(alone[k % 4])
+    with DartClient(url) as client:  # still serving
+        assert_same(client.detect(frames[0], CLASS_LISTS[0]), alone[0], side=max(SIZES[0]))
