@@ -123,8 +123,12 @@ class BuildOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BuildOptions:
+        instances = parse_instances(args.instances)
+        if args.max_batch > 1 and f"{specs.DART}=" not in (args.instances or ""):
+            # B frames per backbone call need B requests in `dart` at once.
+            instances[specs.DART] = max(instances[specs.DART], args.max_batch)
         return cls(backend=args.backend, imgsz=args.imgsz, max_classes=args.max_classes,
-                   instances=parse_instances(args.instances),
+                   instances=instances,
                    onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None, gpu=args.gpu,
                    gpus=parse_gpus(args.gpus),
                    buckets=parse_buckets(args.buckets),

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=1, metavar="B",
                    help="frames per backbone call: concurrent requests (cameras) share one "
                         "call through Triton's dynamic batcher (python and torch backends; "
-                        "give `dart` at least B instances, e.g. --instances dart=B). "
+                        "`dart` gets B instances unless --instances says otherwise). "
                         "Default 1: one call per frame")
     p.add_argument("--batch-delay-us", type=int, default=0, metavar="US",
                    help="with --max-batch: how long a frame may wait for others to join its "

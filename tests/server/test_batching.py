@@ -87,6 +87,9 @@ def test_concurrent_requests_share_backbone_calls(batched_server):
     inferences, executions = inferences - inferences0, executions - executions0
     assert inferences == len(frames) * rounds
     assert executions < inferences, (executions, inferences)  # batches formed
+    with DartClient(url, model=specs.DART_ENSEMBLE) as client:  # the ensemble too
+        for k in (0, 1, 2):  # class lists within one pass: what the ensemble takes
+            assert_same(client.detect(frames[k], CLASS_LISTS[k]), alone[k], side=max(SIZES[k]))
 
 
 def test_a_bad_request_in_a_burst_fails_alone(batched_server):
