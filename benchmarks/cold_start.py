@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     where = "GPU" if args.gpu else "CPU"
     model = f"{args.config} random-weight SAM3 at {imgsz}px, {where}"
     head = common.section_header("Cold start", command, model, notes)
-    common.write_csv(rows, args.out / f"{STUDY}.csv")
-    table = common.markdown_table(rows, COLUMNS, digits=1)
-    common.update_section(args.results, STUDY, f"{head}\n{table}\n")
-    print(table)
+    common.publish_table(args, STUDY, head, rows, COLUMNS)
     return 0
 
 

@@ -279,6 +279,16 @@ def section_header(title: str, command: str, model: str, notes: str = "",
     return text + (f"\n{notes.strip()}\n" if notes.strip() else "")
 
 
+def publish_table(args: argparse.Namespace, study: str, head: str,
+                  rows: Sequence[dict[str, Any]], columns: Sequence[str], digits: int = 1) -> None:
+    """A one-table study: its CSV, its section of the results file (`head` and the table),
+    and the table on stdout."""
+    write_csv(rows, Path(args.out) / f"{study}.csv")
+    table = markdown_table(rows, columns, digits=digits)
+    update_section(args.results, study, f"{head}\n{table}\n")
+    print(table)
+
+
 def _markers(key: str) -> tuple[str, str]:
     return f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
 

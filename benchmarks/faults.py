@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
              "a DartClient with default settings sends one request every 0.2 s. outage: "
              "the longest time without an answer around the fault.")
     head = common.section_header("Faults", command, "tiny random-weight SAM3, CPU", notes)
-    common.write_csv(rows, args.out / f"{STUDY}.csv")
-    table = common.markdown_table(rows, COLUMNS, digits=1)
-    common.update_section(args.results, STUDY, f"{head}\n{table}\n")
-    print(table)
+    common.publish_table(args, STUDY, head, rows, COLUMNS)
     return 0
 
 

@@ -24,7 +24,7 @@ import argparse
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,16 +74,20 @@ def backbone_counts(client) -> tuple[int, int]:
 
 
 def run_streams(url: str, frames: list[np.ndarray], names: list[str], streams: int,
-                per_stream: int) -> tuple[float, list[float]]:
-    """S threads, each a camera sending its frames one at a time; (seconds, latencies)."""
+                per_stream: int, counts: Callable[[], tuple[int, int]]
+                ) -> tuple[float, list[float], tuple[int, int]]:
+    """S threads, each a camera sending its frames one at a time; (seconds, latencies,
+    backbone (inferences, executions) of the timed frames)."""
     from dart_triton.client import DartClient
 
-    start, latencies, lock = threading.Barrier(streams + 1), [], threading.Lock()
+    warm, start = threading.Barrier(streams + 1), threading.Barrier(streams + 1)
+    latencies, lock = [], threading.Lock()
 
     def camera(k: int) -> None:
         mine = []
         with DartClient(url, timeout=3600) as client:
             client.detect(frames[k % len(frames)], names)  # connected and warm
+            warm.wait()
             start.wait()
             for i in range(per_stream):
                 t0 = time.perf_counter()
@@ -95,39 +99,63 @@ def run_streams(url: str, frames: list[np.ndarray], names: list[str], streams: i
     threads = [threading.Thread(target=camera, args=(k,)) for k in range(streams)]
     for t in threads:
         t.start()
+    warm.wait()
+    inferences0, executions0 = counts()  # after the warm-up frames, before the timed ones
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return time.perf_counter() - t0, latencies
+    seconds = time.perf_counter() - t0
+    inferences, executions = counts()
+    return seconds, latencies, (inferences - inferences0, executions - executions0)
 
 
-def measure(args: argparse.Namespace, imgsz: int, max_batch: int) -> list[dict]:
+def one_round(args: argparse.Namespace, imgsz: int, max_batch: int,
+              frames: list[np.ndarray]) -> dict[tuple[int, int], tuple]:
+    """One run of every (N, S) on a fresh server: (N, S) -> (frames/s, latencies, counts)."""
     import tritonclient.grpc as grpcclient
 
-    image = common.test_image()
-    frames = [np.ascontiguousarray(f) for f in
-              (image, image[::2, ::2], image[:400, :300], image[::-1])]  # cameras differ
-    rows = []
+    out = {}
     with served(repository(args, imgsz, max_batch)) as server:
         stats = grpcclient.InferenceServerClient(server.grpc_url)
         for n in args.classes:
             names = common.class_names(n)
             for s in args.streams:
-                inf0, exe0 = backbone_counts(stats)
-                seconds, lat = run_streams(server.grpc_url, frames, names, s, args.frames)
-                inf1, exe1 = backbone_counts(stats)
+                seconds, latencies, counts = run_streams(
+                    server.grpc_url, frames, names, s, args.frames,
+                    lambda: backbone_counts(stats))
+                out[n, s] = (s * args.frames / seconds, latencies, counts)
+                print(f"  max-batch {max_batch} S={s} N={n}: {out[n, s][0]:.1f} frames/s",
+                      flush=True)
+    return out
+
+
+def measure(args: argparse.Namespace, imgsz: int) -> list[dict]:
+    """Rounds alternate between the two repositories, so that a slow spell of the machine
+    (two shared cores drift by a third within minutes) falls on both alike; per (N, S):
+    the median rate of the rounds, the latencies pooled."""
+    image = common.test_image()
+    frames = [np.ascontiguousarray(f) for f in
+              (image, image[::2, ::2], image[:400, :300], image[::-1])]  # cameras differ
+    batches = (1, max(args.streams))
+    rounds: dict[int, list[dict]] = {b: [] for b in batches}
+    for _ in range(args.repeats):
+        for b in batches:
+            rounds[b].append(one_round(args, imgsz, b, frames))
+    rows = []
+    for b in batches:
+        for n in args.classes:
+            for s in args.streams:
+                runs = [r[n, s] for r in rounds[b]]
+                latencies = [x for run in runs for x in run[1]]
                 rows.append({
-                    "backend": args.backend, "batching": f"max-batch {max_batch}",
-                    "streams": s, "n": n, "frames_per_s": s * args.frames / seconds,
-                    "p50_ms": 1e3 * float(np.percentile(lat, 50)),
-                    "p99_ms": 1e3 * float(np.percentile(lat, 99)),
-                    "backbone_inferences": inf1 - inf0 - s,  # less the warm-up frames
-                    "backbone_executions": exe1 - exe0 - s if max_batch == 1 else exe1 - exe0,
+                    "backend": args.backend, "batching": f"max-batch {b}", "streams": s,
+                    "n": n, "frames_per_s": float(np.median([run[0] for run in runs])),
+                    "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
+                    "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
+                    "backbone_inferences": sum(run[2][0] for run in runs),
+                    "backbone_executions": sum(run[2][1] for run in runs),
                     "vs_unbatched": "", "goal": ""})
-                print(f"  max-batch {max_batch} S={s} N={n}: "
-                      f"{rows[-1]['frames_per_s']:.1f} frames/s, p99 "
-                      f"{rows[-1]['p99_ms']:.1f} ms", flush=True)
     return rows
 
 
@@ -171,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                            classes=(1, 4))
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="concurrent streams S (default: %(default)s)")
-    p.add_argument("--frames", type=int, default=20, help="frames per stream per setting")
+    p.add_argument("--frames", type=int, default=40, help="frames per stream per run")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds per repository, alternating (median frames/s; latencies "
+                        "pooled)")
     p.add_argument("--backend", choices=("python", "torch"), default="torch")
     p.add_argument("--max-classes", type=int, default=4,
                    help="prompts per enc_dec pass in the built repositories (default 4)")
@@ -181,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPU repositories (torch: FP16, torch.compile, CUDA graphs)")
     args = p.parse_args(argv)
     imgsz = common.resolve_imgsz(args)
-    rows = measure(args, imgsz, 1) + measure(args, imgsz, max(args.streams))
+    rows = measure(args, imgsz)
     compare(rows, args.gpu)
     command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
     where = "GPU" if args.gpu else "CPU"
     notes = (f"S streams, each one camera with one frame in flight, {args.frames} frames each "
-             f"after one warm-up; `dart` has {max(args.streams)} instances in both "
-             "repositories. Backbone counts are Triton's, for the timed frames: fewer "
+             f"after one warm-up; {args.repeats} rounds per repository, each on a fresh "
+             "server, alternating between the two (median frames/s, latencies pooled); "
+             f"`dart` has {max(args.streams)} instances in both repositories. Backbone "
+             "counts are Triton's, for the timed frames: fewer "
              "executions than inferences means frames of several requests shared a call. "
              "enc_dec passes are not shared across requests yet.")
     head = common.section_header("Many streams", command,

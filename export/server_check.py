@@ -19,6 +19,7 @@ from dart_triton.export.backends import BACKENDS
 from dart_triton.serving.preflight import (
     NGC_HINT,
     available_backends,
+    check_status,
     config_backend,
     describe_server,
 )
@@ -60,15 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tritonserver", metavar="BIN",
                    help="binary to check (default: the one `dart-triton serve` runs)")
     args = p.parse_args(argv)
-    try:
-        problem = build_backend_problem(args.backend, args.tritonserver)
-    except FileNotFoundError as e:  # no tritonserver at all
-        print(f"{p.prog}: {e}", file=sys.stderr)
-        return 2
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
-    return 0
+    return check_status(p.prog, lambda: build_backend_problem(args.backend, args.tritonserver))
 
 
 if __name__ == "__main__":

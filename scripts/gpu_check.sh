@@ -27,6 +27,13 @@
 #   profile    per size: where backbone and enc_dec spend their time, per kernel, and the
 #              rate they reach (python -m dart_triton.benchmarks.kernel_profile)
 #   hierarchy  the optimisation hierarchy on this device (python -m ...benchmarks.hierarchy)
+#   paths      where a served request's time goes, served vs in process at N = 1 and 4
+#              (python -m dart_triton.benchmarks.request_path; torch backend)
+#   streams    S cameras into one server, --max-batch vs one frame per backbone call:
+#              aggregate frames/s, p50/p99 (python -m dart_triton.benchmarks.streams)
+#   coldstart  start to ready, compiled at load vs from the build's AOTInductor packages
+#              (python -m dart_triton.benchmarks.cold_start); not in the default list:
+#              it compiles twice (name it in --steps)
 #   bundle     results, CSVs, plots and logs as one tarball (--bundle; $OUT when set)
 #
 # Options:
@@ -121,7 +128,7 @@ fi
 
 # Options -----------------------------------------------------------------------------------
 DEVICE=cuda TINY=0 SIZES="" COMPILE=default BUCKETS="1,4,16" SCALING=""
-STEPS="setup,tools,test,build,serve,profile,hierarchy,bundle"
+STEPS="setup,tools,test,build,serve,profile,hierarchy,paths,streams,bundle"
 OUT_DIR="$ROOT/artifacts/gpu_check" BUNDLE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -305,6 +312,38 @@ step_hierarchy() {
         args+=(--classes 3 --iters 1)
     fi
     "$PY" -m dart_triton.benchmarks.hierarchy "${args[@]}"
+}
+
+# The studies that build their own repositories (cached under $DART_BENCH_CACHE).
+study_args() {  # study_args: --config, --imgsz and --gpu as this run asks
+    local args=(--config "$CONFIG" --out "$FIGURES" --results "$RESULTS")
+    [[ $TINY == 0 ]] && args+=(--imgsz 1008)
+    [[ "$DEVICE" == cuda ]] && args+=(--gpu)
+    printf '%s\n' "${args[@]}"
+}
+
+step_paths() {
+    local args
+    mapfile -t args < <(study_args)
+    if [[ $TINY == 1 ]]; then args+=(--classes 1 --iters 2); else args+=(--classes 1 4); fi
+    "$PY" -m dart_triton.benchmarks.request_path "${args[@]}" --backends torch
+}
+
+step_streams() {
+    local args
+    mapfile -t args < <(study_args)
+    if [[ $TINY == 1 ]]; then
+        args+=(--streams 1 2 --classes 1 --frames 3 --repeats 1)
+    else
+        args+=(--streams 1 2 4 8 --classes 1 4 --frames 30)
+    fi
+    "$PY" -m dart_triton.benchmarks.streams "${args[@]}" --backend torch
+}
+
+step_coldstart() {
+    local args
+    mapfile -t args < <(study_args)
+    "$PY" -m dart_triton.benchmarks.cold_start "${args[@]}" --compile "$COMPILE"
 }
 
 step_bundle() {

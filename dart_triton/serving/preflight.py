@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 # Platforms (the older way to name a backend) -> backend. Ensembles need none.
@@ -192,13 +192,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"{p.prog}: no such model repository: {', '.join(missing)}", file=sys.stderr)
         return 2
+    return check_status(p.prog, lambda: backend_problem(args.repositories, args.tritonserver,
+                                                        extra))
+
+
+def check_status(prog: str, problem: Callable[[], str | None]) -> int:
+    """A check command's exit status: 0 when `problem()` finds none, else 2 with its one
+    line (or the missing tritonserver's) on stderr."""
     try:
-        problem = backend_problem(args.repositories, args.tritonserver, extra)
+        found = problem()
     except FileNotFoundError as e:  # no tritonserver at all
-        print(f"{p.prog}: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    if problem:
-        print(problem, file=sys.stderr)
+    if found:
+        print(found, file=sys.stderr)
         return 2
     return 0
 

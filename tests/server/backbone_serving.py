@@ -16,6 +16,10 @@ from dart_triton.contract import specs
 from tests.parity import EVERY_QUERY, NAMES, assert_served_same
 
 MAX_CLASSES = 4
+# (model, N) of the served-vs-in-process check every backbone choice passes: one pass and
+# two through dart, one and a full pass through the ensemble.
+SERVED_CASES = [(specs.DART, 1), (specs.DART, MAX_CLASSES + 1), (specs.DART_ENSEMBLE, 1),
+                (specs.DART_ENSEMBLE, MAX_CLASSES)]
 
 
 def reference_pipeline(checkpoint, backbone: str):

@@ -12,7 +12,7 @@ import pytest
 from dart_triton.contract import specs
 from tests.parity import EVERY_QUERY, NAMES, assert_served_same
 from tests.server.backbone_serving import (
-    MAX_CLASSES,
+    SERVED_CASES,
     build,
     check_served_detections,
     check_served_features,
@@ -39,9 +39,7 @@ def spec(plan) -> str:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("model, n", [(specs.DART, 1), (specs.DART, MAX_CLASSES + 1),
-                                      (specs.DART_ENSEMBLE, 1),
-                                      (specs.DART_ENSEMBLE, MAX_CLASSES)])
+@pytest.mark.parametrize("model, n", SERVED_CASES)
 def test_served_equals_in_process(backbone_server, backbone_reference, photo, model, n):
     check_served_detections(backbone_server, backbone_reference[0], photo, model, n)
 

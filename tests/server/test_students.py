@@ -16,7 +16,7 @@ import torch
 from dart_triton.contract import specs
 from tests.parity import EVERY_QUERY, NAMES, assert_served_same
 from tests.server.backbone_serving import (
-    MAX_CLASSES,
+    SERVED_CASES,
     build,
     check_served_detections,
     check_served_features,
@@ -47,9 +47,7 @@ def spec(student_dir) -> str:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("model, n", [(specs.DART, 1), (specs.DART, MAX_CLASSES + 1),
-                                      (specs.DART_ENSEMBLE, 1),
-                                      (specs.DART_ENSEMBLE, MAX_CLASSES)])
+@pytest.mark.parametrize("model, n", SERVED_CASES)
 def test_served_equals_in_process(backbone_server, backbone_reference, photo, model, n):
     check_served_detections(backbone_server, backbone_reference[0], photo, model, n)
 

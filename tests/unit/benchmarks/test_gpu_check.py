@@ -56,11 +56,13 @@ def test_cpu_tiny_mode_runs_every_no_gpu_step(env, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = res.stdout.strip().splitlines()[-1]
     assert summary.endswith(
-        "setup=ok tools=ok test=ok build=ok serve=ok profile=ok hierarchy=ok bundle=ok")
+        "setup=ok tools=ok test=ok build=ok serve=ok profile=ok hierarchy=ok paths=ok "
+        "streams=ok bundle=ok")
 
     results = (out / "RESULTS.md").read_text()
     for key in ("gpu_check_cpu_tiny_ckpt", "class_scaling_gpu_check_cpu_tiny_ckpt",
-                "kernel_profile_cpu_tiny_ckpt", "hierarchy_cpu_tiny_torch_backend"):
+                "kernel_profile_cpu_tiny_ckpt", "hierarchy_cpu_tiny_torch_backend",
+                "request_path", "streams"):
         assert f"<!-- BEGIN {key} -->" in results and f"<!-- END {key} -->" in results
     check = results.split("<!-- BEGIN gpu_check_cpu_tiny_ckpt -->")[1].split("<!-- END")[0]
     assert "GPU-resident hand-offs: no: enc_dec got fpn_features" in check  # CPU: host memory
