@@ -23,9 +23,28 @@ def compiled_repository(tiny_checkpoint, tmp_path_factory):
     from dart_triton.export.repository import build_repository
 
     repo = tmp_path_factory.mktemp("repo_torch_compiled")
+    # --max-batch 2: the backbone's package takes 1 or 2 frames (a dynamic dimension).
     build_repository(tiny_checkpoint, repo, backend="torch", max_classes=TEST_MAX_CLASSES,
-                     compile="default", log=lambda *_: None)
+                     compile="default", max_batch=2, log=lambda *_: None)
     return repo
+
+
+def test_the_backbone_package_takes_a_batch_of_frames(compiled_repository):
+    """Two frames in one call of the compiled backbone give what each gives alone."""
+    import torch
+
+    from dart_triton.graphs.torch_graphs import TorchGraph, TorchSettings
+
+    graph = TorchGraph.from_weights(weights_dir(compiled_repository, specs.BACKBONE),
+                                    specs.BACKBONE, "cpu", TorchSettings(compile="default"))
+    assert graph.compiled_ahead
+    s = graph.dims.imgsz
+    frames = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+    (together,) = graph(frames)
+    alone = torch.cat([graph(frames[i:i + 1])[0] for i in range(2)])
+    assert together.shape[0] == 2
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    assert (together[0] - together[1]).abs().max() > 1e-2  # two frames, two answers
 
 
 def test_packages_are_in_the_repository(compiled_repository):

@@ -4,6 +4,9 @@ classes than `dart_ensemble`'s one enc_dec pass takes."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -12,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 from dart_triton.client import DartClient
 from dart_triton.contract import specs
 from tests.conftest import TEST_MAX_CLASSES
+from tests.helpers import metric_total
 from tests.parity import assert_same, raw_inputs
 
 pytestmark = pytest.mark.server
@@ -63,6 +67,40 @@ def test_score_threshold_zero_over_1024_classes(triton_server, parts, photo):
     assert len(served) == specs.DEFAULT_MAX_DETECTIONS
     ref = DartPipeline.from_parts(parts).detect(photo, names, score_threshold=0.0)
     assert_same_up_to_ties(served, ref)
+
+
+def test_small_requests_are_not_queued_behind_1024_classes(triton_server, photo):
+    """A request of 1024 classes (256 enc_dec passes of 4) keeps a few passes in flight,
+    not all of them: small requests sent while it runs take turns with its passes and
+    are answered before it is."""
+    from dart_triton.contract.metrics import STEP_CALLS
+
+    image = np.ascontiguousarray(photo[::4, ::4])
+    big = [f"thing number {i}" for i in range(specs.MAX_REQUEST_CLASSES)]
+    passes = lambda: metric_total(triton_server.metrics_url, STEP_CALLS,  # noqa: E731
+                                  step=specs.ENC_DEC)
+    finished: dict[str, float] = {}
+
+    def send_big() -> None:
+        with DartClient(triton_server.grpc_url, timeout=TIMEOUT_S) as client:
+            client.detect(image, big)
+        finished["big"] = time.monotonic()
+
+    before = passes()
+    sender = threading.Thread(target=send_big)
+    sender.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    while passes() < before + 8:  # its passes are running (after its text encoding)
+        assert time.monotonic() < deadline and sender.is_alive()
+        time.sleep(0.01)
+    small = []
+    with DartClient(triton_server.grpc_url, timeout=TIMEOUT_S) as client:
+        for _ in range(3):
+            client.detect(image, ["person"])
+            small.append(time.monotonic())
+    sender.join(TIMEOUT_S)
+    assert "big" in finished
+    assert max(small) < finished["big"], (small, finished)
 
 
 def assert_same_up_to_ties(served, ref, atol: float = 5e-4, box_atol: float = 0.5) -> None:
