@@ -25,12 +25,6 @@ from dart_triton.contract.passes import Pass, pad_to_bucket, unpad
 T = TypeVar("T")
 Array = np.ndarray | torch.Tensor
 
-# enc_dec passes one request keeps in flight at once. Enough to keep enc_dec busy (one
-# running, the next queued behind it, BLS overhead hidden), few enough that a request of
-# 1024 classes (256 passes of 4) does not fill enc_dec's queue ahead of every request
-# that comes after it: their passes take turns with its passes instead.
-PASSES_IN_FLIGHT = 4
-
 
 class HeadOutputs(NamedTuple):
     """What the detection head returns for N prompts (enc_dec's outputs, in spec order)."""
@@ -85,16 +79,11 @@ async def _decode(runner: GraphRunner, features: Any, text_features: Any, text_m
 
 async def run_graphs(runner: GraphRunner, pixel_values: Any, names: list[str],
                      passes: Sequence[Pass]) -> HeadOutputs:
-    """Backbone ∥ text encoding, then the enc_dec passes, `PASSES_IN_FLIGHT` at a time."""
+    """Backbone ∥ text encoding, then every enc_dec pass in flight at once."""
     features, (text_features, text_mask) = await asyncio.gather(
         runner.backbone(pixel_values), runner.text(names))
-    turns = asyncio.Semaphore(PASSES_IN_FLIGHT)
-
-    async def decode(p: Pass) -> HeadOutputs:
-        async with turns:
-            return await _decode(runner, features, text_features, text_mask, p)
-
-    return HeadOutputs.concat(await asyncio.gather(*(decode(p) for p in passes)))
+    return HeadOutputs.concat(await asyncio.gather(
+        *(_decode(runner, features, text_features, text_mask, p) for p in passes)))
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

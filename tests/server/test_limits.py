@@ -70,9 +70,8 @@ def test_score_threshold_zero_over_1024_classes(triton_server, parts, photo):
 
 
 def test_small_requests_are_not_queued_behind_1024_classes(triton_server, photo):
-    """A request of 1024 classes (256 enc_dec passes of 4) keeps a few passes in flight,
-    not all of them: small requests sent while it runs take turns with its passes and
-    are answered before it is."""
+    """Small requests sent while a request of 1024 classes (256 enc_dec passes of 4) runs
+    are not queued behind all of its passes: they are answered before it is."""
     from dart_triton.contract.metrics import STEP_CALLS
 
     image = np.ascontiguousarray(photo[::4, ::4])
