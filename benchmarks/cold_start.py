@@ -78,18 +78,16 @@ def measure(args, imgsz: int) -> tuple[list[dict], float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.base_parser(f"python -m dart_triton.benchmarks.{STUDY}", __doc__.splitlines()[0])
-    p.add_argument("--max-classes", type=int, default=4,
-                   help="prompts per enc_dec pass in the built repository (default 4)")
     p.add_argument("--compile", choices=("default", "max-autotune"), default="default")
-    p.add_argument("--gpu", action="store_true", help="a GPU repository (FP16, CUDA graphs)")
+    common.add_repository_args(p)
     args = p.parse_args(argv)
     imgsz = common.resolve_imgsz(args)
     rows, build_s = measure(args, imgsz)
-    command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
     notes = (f"One `dart-triton build --backend torch --compile {args.compile}` repository "
              f"(build {build_s:.0f} s, compiling included); each start a fresh tritonserver "
              "with an empty TORCHINDUCTOR_CACHE_DIR, timed from launch to ready. ratio = "
              "compiled at load / from the packages.")
+    command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
     where = "GPU" if args.gpu else "CPU"
     model = f"{args.config} random-weight SAM3 at {imgsz}px, {where}"
     head = common.section_header("Cold start", command, model, notes)

@@ -74,6 +74,14 @@ def base_parser(prog: str, description: str, classes: Sequence[int] = (3,),
     return p
 
 
+def add_repository_args(p: argparse.ArgumentParser) -> None:
+    """The options of a study that builds and serves its own repositories."""
+    p.add_argument("--max-classes", type=int, default=4,
+                   help="prompts per enc_dec pass in the built repositories (default 4)")
+    p.add_argument("--gpu", action="store_true",
+                   help="GPU repositories (torch: FP16, torch.compile, CUDA graphs)")
+
+
 def resolve_imgsz(args: argparse.Namespace) -> int:
     from dart_triton.contract.specs import PATCH_SIZE
 

@@ -174,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                            classes=(1, 4), iters=20)
     p.add_argument("--backends", nargs="+", default=["python", "torch"],
                    choices=("python", "torch"), help="repositories to serve (default: both)")
-    p.add_argument("--max-classes", type=int, default=4,
-                   help="prompts per enc_dec pass in the built repositories (default 4)")
-    p.add_argument("--gpu", action="store_true",
-                   help="GPU repositories (torch: FP16, torch.compile, CUDA graphs)")
+    common.add_repository_args(p)
     args = p.parse_args(argv)
     imgsz = common.resolve_imgsz(args)
     latency, steps = [], []

@@ -204,12 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds per repository, alternating (median frames/s; latencies "
                         "pooled)")
     p.add_argument("--backend", choices=("python", "torch"), default="torch")
-    p.add_argument("--max-classes", type=int, default=4,
-                   help="prompts per enc_dec pass in the built repositories (default 4)")
     p.add_argument("--batch-delay-us", type=int, default=0,
                    help="the batched repository's queue delay (default 0)")
-    p.add_argument("--gpu", action="store_true",
-                   help="GPU repositories (torch: FP16, torch.compile, CUDA graphs)")
+    common.add_repository_args(p)
     args = p.parse_args(argv)
     imgsz = common.resolve_imgsz(args)
     rows = measure(args, imgsz)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -19,17 +21,11 @@ class ImageFileError(OSError):
     """An image file that cannot be read; ``str(err)`` names the file and the reason."""
 
 
-def load_image(path: str | Path, *, exif: bool = True) -> np.ndarray:
-    """Read an image file as an RGB uint8 ``[H, W, 3]`` array, or raise `ImageFileError`.
-
-    ``exif=True`` applies the EXIF orientation, so boxes match what viewers show;
-    datasets whose annotations refer to the stored pixels want ``exif=False``.
-    """
+@contextlib.contextmanager
+def _read_errors(path: str | Path) -> Iterator[None]:
+    """Reading an image file: any failure becomes one ImageFileError naming the file."""
     try:
-        with Image.open(path) as img:
-            if exif:
-                img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"))
+        yield
     except FileNotFoundError:
         raise ImageFileError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -38,6 +34,18 @@ def load_image(path: str | Path, *, exif: bool = True) -> np.ndarray:
         raise ImageFileError(f"{path}: not an image file Pillow can read") from None
     except _DECODE_ERRORS as e:
         raise ImageFileError(f"{path}: cannot read image: {e}") from None
+
+
+def load_image(path: str | Path, *, exif: bool = True) -> np.ndarray:
+    """Read an image file as an RGB uint8 ``[H, W, 3]`` array, or raise `ImageFileError`.
+
+    ``exif=True`` applies the EXIF orientation, so boxes match what viewers show;
+    datasets whose annotations refer to the stored pixels want ``exif=False``.
+    """
+    with _read_errors(path), Image.open(path) as img:
+        if exif:
+            img = ImageOps.exif_transpose(img)
+        return np.asarray(img.convert("RGB"))
 
 
 # Files sent as they are (IMAGE_BYTES): what the server decodes. Others go as pixels.
@@ -77,19 +85,10 @@ def read_image_input(path: str | Path, send: str = "file", *, exif: bool = True)
     decoded. Raises `ImageFileError` naming the file."""
     path = Path(path)
     if send == "file":
-        try:
-            with Image.open(path) as img:
-                fmt, (w, h) = img.format, img.size
-                frames = getattr(img, "n_frames", 1)
-                orientation = img.getexif().get(0x0112, 1) if fmt in SENT_AS_FILES else 1
-        except FileNotFoundError:
-            raise ImageFileError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise ImageFileError(f"{path}: is a folder, not an image file") from None
-        except UnidentifiedImageError:
-            raise ImageFileError(f"{path}: not an image file Pillow can read") from None
-        except _DECODE_ERRORS as e:
-            raise ImageFileError(f"{path}: cannot read image: {e}") from None
+        with _read_errors(path), Image.open(path) as img:
+            fmt, (w, h) = img.format, img.size
+            frames = getattr(img, "n_frames", 1)
+            orientation = img.getexif().get(0x0112, 1) if fmt in SENT_AS_FILES else 1
         if fmt in SENT_AS_FILES and frames == 1 and (exif or orientation in (None, 1)):
             if exif and orientation in _ROTATED:
                 w, h = h, w

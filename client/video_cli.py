@@ -16,24 +16,8 @@ from urllib.parse import urlsplit
 
 from dart_triton.contract import specs
 
-from .cli_common import (
-    Parser,
-    UsageError,
-    add_server_args,
-    check_urls,
-    check_writable_file,
-    check_writable_folder,
-    class_names,
-    is_folder_arg,
-    make_client,
-    output_file,
-    print_out,
-    refuse_overwriting,
-    request_options,
-    require,
-    say,
-    server_ready,
-)
+from . import cli_common
+from .cli_common import UsageError, is_folder_arg
 from .errors import DartClientError
 from .tracking import DEFAULT_LOW as _TRACK_LOW
 
@@ -78,19 +62,19 @@ def _one_output(args: argparse.Namespace, src: str | Path) -> VideoJob:
         if isinstance(src, Path) and src.is_dir() and out.resolve() == src.resolve():
             raise UsageError(f"--out {args.out} is the input folder: its frames would be "
                              "overwritten")
-        check_writable_folder(out, "--out")
+        cli_common.check_writable_folder(out, "--out")
     else:
         if out.suffix.lower() not in WRITABLE_SUFFIXES:
             raise UsageError(f"--out {args.out}: neither a video file "
                              f"({', '.join(WRITABLE_SUFFIXES)}) nor a folder of frames "
                              "(end it with /)")
-        refuse_overwriting([out], source_file, "--out")
-        check_writable_file(out, "--out")
+        cli_common.refuse_overwriting([out], source_file, "--out")
+        cli_common.check_writable_file(out, "--out")
     tracks = None
     if args.tracks is not None:
         if not is_folder_arg(args.tracks) and Path(args.tracks).resolve() == out.resolve():
             raise UsageError(f"--tracks {Path(args.tracks)} is the --out file")
-        tracks = output_file(args.tracks, "--tracks", "tracks.txt", source_file)
+        tracks = cli_common.output_file(args.tracks, "--tracks", "tracks.txt", source_file)
     return VideoJob(src, out, tracks)
 
 
@@ -122,16 +106,16 @@ def _many_outputs(args: argparse.Namespace, sources: Sequence[str | Path]) -> li
             raise UsageError(f"{option} {value}: {len(sources)} inputs need a folder that "
                              "gets one file per input (end it with /)")
     out = Path(args.out)
-    check_writable_folder(out, "--out")
+    cli_common.check_writable_folder(out, "--out")
     tracks = None if args.tracks is None else Path(args.tracks)
     if tracks is not None:
-        check_writable_folder(tracks, "--tracks")
+        cli_common.check_writable_folder(tracks, "--tracks")
     inputs = _input_files(sources)
     jobs = []
     for src, name in zip(sources, stream_names(sources), strict=True):
         dst = out / f"{name}.mp4"
         mot = None if tracks is None else tracks / f"{name}.txt"
-        refuse_overwriting([p for p in (dst, mot) if p is not None], inputs, "--out")
+        cli_common.refuse_overwriting([p for p in (dst, mot) if p is not None], inputs, "--out")
         jobs.append(VideoJob(src, dst, mot))
     return jobs
 
@@ -150,7 +134,7 @@ def _positive_number(kind: type, option: str) -> Any:
 
 
 def video_main(argv: Sequence[str] | None = None) -> int:
-    parser = Parser(
+    parser = cli_common.Parser(
         prog="dart-triton video",
         description="Annotate every frame of a video, a folder of frames or a stream through a "
                     "Triton `dart` server, optionally tracking objects (ByteTrack, per class). "
@@ -168,7 +152,7 @@ def video_main(argv: Sequence[str] | None = None) -> int:
                "Exit status: 0 ok, 1 a video, a stream or the server failed, 2 a usage error.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IN")
-    add_server_args(parser)
+    cli_common.add_server_args(parser)
     parser.add_argument("--out", required=True, metavar="OUT",
                         help="annotated video (.mp4, .mov, .mkv; H.264), or a folder (ends "
                              "with / or exists) that gets one JPEG per frame: 000001.jpg, ...; "
@@ -210,18 +194,18 @@ def video_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--reconnect must be >= 0, got {args.reconnect}")
         if not 1 <= args.jpeg_quality <= 95:
             raise UsageError(f"--jpeg-quality must be in 1..95, got {args.jpeg_quality}")
-        classes = class_names(args.classes)
-        options = request_options(args)
-        check_urls(args)
-        require("av", "video", "dart-triton video")
-        require("supervision", "draw", "dart-triton video")
+        classes = cli_common.class_names(args.classes)
+        options = cli_common.request_options(args)
+        cli_common.check_urls(args)
+        cli_common.require("av", "video", "dart-triton video")
+        cli_common.require("supervision", "draw", "dart-triton video")
         if args.track:
-            require("trackers", "video", "--track")
+            cli_common.require("trackers", "video", "--track")
         sources = [_video_source(raw) for raw in args.inputs]
         jobs = ([_one_output(args, sources[0])] if len(sources) == 1
                 else _many_outputs(args, sources))
     except UsageError as e:
-        say("video", f"error: {e}")
+        cli_common.say("video", f"error: {e}")
         return 2
     return _run(args, jobs, classes, options)
 
@@ -247,9 +231,9 @@ def _run(args: argparse.Namespace, jobs: list[VideoJob], classes: list[str],
             return MultiClassTracker(classes, frame_rate=rate, high=high)
     encode = ((lambda frame: jpeg_bytes(frame, args.jpeg_quality)) if args.encode == "jpeg"
               else (lambda frame: frame))
-    client = make_client(args, concurrency=args.in_flight)
+    client = cli_common.make_client(args, concurrency=args.in_flight)
     try:
-        if not server_ready(client, "video"):
+        if not cli_common.server_ready(client, "video"):
             return 1
         results = annotate_videos(
             jobs,
@@ -261,24 +245,24 @@ def _run(args: argparse.Namespace, jobs: list[VideoJob], classes: list[str],
             live=args.live,
             reconnect=args.reconnect,
             tracker=tracker,
-            warn=lambda message: say("video", f"warning: {message}"),
+            warn=lambda message: cli_common.say("video", f"warning: {message}"),
         )
     except DartClientError as e:
-        say("video", f"server error ({client.url}): {e}")
+        cli_common.say("video", f"server error ({client.url}): {e}")
         return 1
     except VideoError as e:  # an input could not be opened
-        say("video", f"error: {e}")
+        cli_common.say("video", f"error: {e}")
         return 1
     except (ValueError, OSError) as e:  # a frame the server's rules refuse, a full disk
-        say("video", f"error: {e}")
+        cli_common.say("video", f"error: {e}")
         return 1
     except VideoInterrupted as e:
         for job, stats in zip(jobs, e.streams, strict=True):
-            say("video", f"interrupted after {stats.frames} frames; {_written(job)} are "
+            cli_common.say("video", f"interrupted after {stats.frames} frames; {_written(job)} are "
                          "complete up to there")
         return 130
     except KeyboardInterrupt:
-        say("video", "interrupted before the first frame")
+        cli_common.say("video", "interrupted before the first frame")
         return 130
     finally:
         client.close()
@@ -286,13 +270,13 @@ def _run(args: argparse.Namespace, jobs: list[VideoJob], classes: list[str],
     for job, stats in zip(jobs, results, strict=True):
         if stats.error:
             status = 1
-            say("video", f"error: {stats.error}" + (
+            cli_common.say("video", f"error: {stats.error}" + (
                 f"; {_written(job)} hold the {stats.frames} frames before it"
                 if stats.frames else ""))
             if stats.frames:  # what was written is still a result: its summary too
-                print_out(f"{job.dst}: {stats.summary()}")
+                cli_common.print_out(f"{job.dst}: {stats.summary()}")
             continue
-        print_out(f"{job.dst}: {stats.summary()} "
+        cli_common.print_out(f"{job.dst}: {stats.summary()} "
                   f"(model {args.model}, {args.protocol} {client.url}, {args.in_flight} in "
                   "flight" + (f", {len(jobs)} inputs" if len(jobs) > 1 else "") + ")"
                   + (f"; tracks in {job.tracks}" if job.tracks else ""))

@@ -18,6 +18,7 @@ from pathlib import Path
 from dart_triton.export.backends import BACKENDS
 from dart_triton.serving.preflight import (
     NGC_HINT,
+    add_tritonserver_arg,
     available_backends,
     check_status,
     config_backend,
@@ -58,8 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Exit 0 if tritonserver has every backend a `dart-triton build --backend X` "
                     "repository needs, else say which in one line and exit 2.")
     p.add_argument("backend", metavar="X", help="a `dart-triton build --backend` value")
-    p.add_argument("--tritonserver", metavar="BIN",
-                   help="binary to check (default: the one `dart-triton serve` runs)")
+    add_tritonserver_arg(p)
     args = p.parse_args(argv)
     return check_status(p.prog, lambda: build_backend_problem(args.backend, args.tritonserver))
 

@@ -185,8 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "which model needs which backend in one line and exit 2.",
     )
     p.add_argument("repositories", nargs="+", metavar="REPO", help="model repository")
-    p.add_argument("--tritonserver", metavar="BIN",
-                   help="binary to check (default: the one `dart-triton serve` runs)")
+    add_tritonserver_arg(p)
     args, extra = p.parse_known_args(argv)
     missing = [r for r in args.repositories if not Path(r).is_dir()]
     if missing:
@@ -194,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     return check_status(p.prog, lambda: backend_problem(args.repositories, args.tritonserver,
                                                         extra))
+
+
+def add_tritonserver_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tritonserver", metavar="BIN",
+                   help="binary to check (default: the one `dart-triton serve` runs)")
 
 
 def check_status(prog: str, problem: Callable[[], str | None]) -> int:

@@ -9,6 +9,7 @@ rebuilt from the repository's safetensors, against the same reference.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 
 from dart_triton.client import DartClient
@@ -20,6 +21,13 @@ MAX_CLASSES = 4
 # two through dart, one and a full pass through the ensemble.
 SERVED_CASES = [(specs.DART, 1), (specs.DART, MAX_CLASSES + 1), (specs.DART_ENSEMBLE, 1),
                 (specs.DART_ENSEMBLE, MAX_CLASSES)]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("model, n", SERVED_CASES)
+def test_served_equals_in_process(backbone_server, backbone_reference, photo, model, n):
+    """Collected by each module that imports it, with that module's backbone (`spec`)."""
+    check_served_detections(backbone_server, backbone_reference[0], photo, model, n)
 
 
 def reference_pipeline(checkpoint, backbone: str):

@@ -11,12 +11,11 @@ import pytest
 
 from dart_triton.contract import specs
 from tests.parity import EVERY_QUERY, NAMES, assert_served_same
-from tests.server.backbone_serving import (
-    SERVED_CASES,
+from tests.server.backbone_serving import (  # the served check is collected here too
     build,
-    check_served_detections,
     check_served_features,
     dart_backbone_parameter,
+    test_served_equals_in_process,  # noqa: F401
     torch_backend_detections,
 )
 
@@ -36,12 +35,6 @@ def plan(tiny_checkpoint_d, photo_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def spec(plan) -> str:
     return f"pruned:{plan}:{K}"
-
-
-@pytest.mark.server
-@pytest.mark.parametrize("model, n", SERVED_CASES)
-def test_served_equals_in_process(backbone_server, backbone_reference, photo, model, n):
-    check_served_detections(backbone_server, backbone_reference[0], photo, model, n)
 
 
 @pytest.mark.server
