@@ -325,7 +325,7 @@ study_args() {  # study_args: --config, --imgsz and --gpu as this run asks
 step_paths() {
     local args
     mapfile -t args < <(study_args)
-    if [[ $TINY == 1 ]]; then args+=(--classes 1 --iters 2); else args+=(--classes 1 4); fi
+    if [[ $TINY == 1 ]]; then args+=(--classes 1 --iters 2 --warmup 0); else args+=(--classes 1 4); fi
     "$PY" -m dart_triton.benchmarks.request_path "${args[@]}" --backends torch
 }
 
@@ -333,7 +333,7 @@ step_streams() {
     local args
     mapfile -t args < <(study_args)
     if [[ $TINY == 1 ]]; then
-        args+=(--streams 1 2 --classes 1 --frames 3 --repeats 1)
+        args+=(--streams 2 --classes 1 --frames 2 --repeats 1)
     else
         args+=(--streams 1 2 4 8 --classes 1 4 --frames 30)
     fi

@@ -41,7 +41,8 @@ def batched_server(request, tiny_checkpoint, tmp_path_factory):
     # so batches form even on two busy cores.
     build_repository(tiny_checkpoint, repo, backend=request.param,
                      max_classes=TEST_MAX_CLASSES, max_batch=MAX_BATCH, batch_delay_us=50_000,
-                     instances=parse_instances(f"dart={MAX_BATCH}"), log=lambda *_: None)
+                     instances=parse_instances(f"dart={MAX_BATCH},preprocess=1,postprocess=1"),
+                     log=lambda *_: None)
     config = (repo / specs.BACKBONE / "config.pbtxt").read_text()
     assert f"max_batch_size: {MAX_BATCH}" in config and "dynamic_batching" in config
     with TritonServer(repo, startup_timeout=240, extra_args=["--exit-timeout-secs=5"]) as server:
