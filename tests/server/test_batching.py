@@ -55,11 +55,11 @@ def images() -> list[np.ndarray]:
 
 
 def backbone_counts(url: str) -> tuple[int, int]:
-    """(inferences, executions) of `backbone` so far."""
+    """(inferences, executions) of `backbone` so far (as the streams benchmark reads them)."""
+    from dart_triton.benchmarks.streams import backbone_counts as read
+
     with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(specs.BACKBONE, as_json=True)
-    (model,) = stats["model_stats"]
-    return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+        return read(client)
 
 
 def test_concurrent_requests_share_backbone_calls(batched_server):
