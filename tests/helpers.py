@@ -88,7 +88,7 @@ def mask_levels(vision_model) -> list[int]:
     """Neck indices for detection first, then the finer levels the mask head reads."""
     from dart_triton.model.backbone import neck_dims
 
-    return list(neck_dims(vision_model, with_mask_levels=True).backbone_levels)
+    return list(neck_dims(vision_model, masks=True).backbone_levels)
 
 
 def metric_total(metrics_url: str, name: str, **labels: str) -> float:

@@ -256,7 +256,7 @@ def student_dims(record: dict, template: GraphDims | None = None) -> GraphDims:
     return GraphDims(imgsz=int(d["imgsz"]), fpn_dim=int(d["fpn_dim"]),
                      scale_factors=tuple(d["scale_factors"]), text_len=base.text_len,
                      text_dim=base.text_dim, num_queries=base.num_queries,
-                     max_classes=base.max_classes, with_mask_levels=base.with_mask_levels)
+                     max_classes=base.max_classes, masks=base.masks)
 
 
 def skeleton(record: dict) -> nn.Module:

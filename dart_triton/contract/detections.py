@@ -13,12 +13,17 @@ class Detections:
     """Detections of one image.
 
     ``class_names`` is the CLASSES list of the request: ``class_ids`` index into it.
+    ``masks`` (when asked for): one COCO compressed-RLE ``counts`` string per detection,
+    in the order of ``boxes``, of a mask at ``image_size`` (H, W) — what `dart` returns
+    as MASKS. ``{"size": list(image_size), "counts": masks[i]}`` is the COCO RLE.
     """
 
     boxes: np.ndarray  # [K, 4] float32, xyxy in input-image pixels
     scores: np.ndarray  # [K] float32
     class_ids: np.ndarray  # [K] int32
     class_names: tuple[str, ...]
+    masks: tuple[bytes, ...] | None = None  # [K] COCO RLE counts (RETURN_MASKS)
+    image_size: tuple[int, int] | None = None  # (H, W) of the masks
 
     def __post_init__(self) -> None:
         # Normalise once here so every consumer can trust shapes and dtypes; a server
@@ -38,6 +43,17 @@ class Detections:
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "class_ids", class_ids)
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.masks is not None:
+            masks = tuple(bytes(m) if not isinstance(m, str) else m.encode("ascii")
+                          for m in self.masks)
+            if len(masks) != len(scores):
+                raise ValueError(f"inconsistent detections: {len(masks)} masks for "
+                                 f"{len(scores)} detections")
+            if self.image_size is None:
+                raise ValueError("masks need the image_size (H, W) they are at")
+            object.__setattr__(self, "masks", masks)
+        if self.image_size is not None:
+            object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
 
     @classmethod
     def empty(cls, class_names: Sequence[str]) -> Detections:

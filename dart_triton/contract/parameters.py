@@ -86,6 +86,7 @@ class DartParameters(ModelParameters):
     max_classes: int
     enc_dec_buckets: tuple[int, ...] = ()  # N buckets enc_dec passes are padded to
     backbone: str = "vit"  # what serves `backbone` (`BackboneChoice.describe`)
+    masks: bool = False  # built with --masks: a `mask_decoder` model serves RETURN_MASKS
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,11 @@ DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 DEFAULT_SCORE_THRESHOLD = 0.3
 DEFAULT_NMS_IOU = 0.7
 DEFAULT_MAX_DETECTIONS = 100
+DEFAULT_MASK_THRESHOLD = 0.5  # Sam3Processor.post_process_instance_segmentation's default
+# Mask pixels one block of masks may hold while it is resized to the image and encoded:
+# 2^24 bytes of booleans (16 MiB) and 4x that of FP32 during the resize. An 8192 x 8192
+# image is 4x this, so its masks go one at a time, in rows of 2048 (`model.masks`).
+MASK_BLOCK_PIXELS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -105,9 +110,10 @@ class GraphDims:
     text_dim: int = 256  # projected text feature width (= DETR hidden size)
     num_queries: int = 200
     max_classes: int = DEFAULT_MAX_CLASSES
-    # backbone also returns the finer FPN levels the mask head reads (the neck levels
-    # before the detection level; False when there are none)
-    with_mask_levels: bool = False
+    # built with --masks: backbone also returns the finer FPN levels the mask head reads
+    # (the neck levels before the detection level, if any), enc_dec also hands over what
+    # the mask head needs, and a `mask_decoder` graph is served
+    masks: bool = False
     scale_factors: tuple[float, ...] = SAM3_SCALE_FACTORS  # vision_config.scale_factors
 
     def __post_init__(self):
@@ -116,8 +122,7 @@ class GraphDims:
             raise ValueError(f"scale_factors must hold at least two positive scales (SAM3 "
                              f"detects on the second to last), got {list(scales)}")
         object.__setattr__(self, "scale_factors", scales)
-        object.__setattr__(self, "with_mask_levels",
-                           bool(self.with_mask_levels) and self.detection_level > 0)
+        object.__setattr__(self, "masks", bool(self.masks))
 
     @classmethod
     def from_dict(cls, recorded: dict) -> GraphDims:
@@ -126,6 +131,18 @@ class GraphDims:
         imgsz / 14, as it was then."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in recorded.items() if k in names})
+
+    @property
+    def mask_levels(self) -> tuple[int, ...]:
+        """Neck indices the mask head reads from the backbone, finest first (the detection
+        level itself reaches it as encoder memory); () without masks."""
+        return tuple(range(self.detection_level)) if self.masks else ()
+
+    @property
+    def mask_hw(self) -> int:
+        """Side of the mask logits: the finest level the mask head reads."""
+        levels = self.mask_levels
+        return self.level_hw(self.scale_factors[levels[0]]) if levels else self.feat_hw
 
     @property
     def detection_level(self) -> int:
@@ -153,8 +170,7 @@ class GraphDims:
     @property
     def backbone_levels(self) -> tuple[int, ...]:
         """Neck indices the backbone graph returns: detection first, then the mask levels."""
-        mask = range(self.detection_level) if self.with_mask_levels else ()
-        return (self.detection_level, *mask)
+        return (self.detection_level, *self.mask_levels)
 
     def level_name(self, index: int) -> str:
         """Output name of neck level `index`: FPN_FEATURES for detection, else by scale."""
@@ -173,9 +189,11 @@ TEXT_ENCODER = "text_encoder"
 BACKBONE = "backbone"
 ENC_DEC = "enc_dec"
 POSTPROCESS = "postprocess"
+MASK_DECODER = "mask_decoder"  # only in a repository built with --masks
 DART = "dart"  # the public BLS model
 DART_ENSEMBLE = "dart_ensemble"  # the same contract as a pure Triton ensemble
 GRAPH_MODELS = (BACKBONE, ENC_DEC)  # the two exported graphs (ONNX / plans / torch)
+MASK_GRAPH_MODELS = (*GRAPH_MODELS, MASK_DECODER)  # ... and the third, with --masks
 
 # Tensor names shared across models ------------------------------------------------
 IMAGE = "IMAGE"
@@ -187,6 +205,9 @@ MAX_DETECTIONS = "MAX_DETECTIONS"
 BOXES = "BOXES"
 SCORES = "SCORES"
 CLASS_IDS = "CLASS_IDS"
+RETURN_MASKS = "RETURN_MASKS"  # BOOL [1]: `dart` also returns MASKS (default false)
+MASK_THRESHOLD = "MASK_THRESHOLD"  # FP32 [1] in (0, 1): mask probability cut (default 0.5)
+MASKS = "MASKS"  # BYTES [K]: COCO compressed-RLE counts per detection, at the image's size
 
 PIXEL_VALUES = "pixel_values"
 ORIGINAL_SIZE = "original_size"
@@ -200,6 +221,14 @@ PRED_BOXES = "pred_boxes"  # [N, Q, 4] xyxy, normalised to [0, 1]
 PRED_LOGITS = "pred_logits"  # [N, Q]
 PRESENCE_LOGITS = "presence_logits"  # [N, 1]
 HEAD_OUTPUTS = (PRED_BOXES, PRED_LOGITS, PRESENCE_LOGITS)  # enc_dec's outputs, in order
+# What enc_dec also hands the mask head (with --masks; requested only for masks):
+ENCODER_MEMORY = "encoder_memory"  # [N, h*w, C] the encoder's image tokens, per prompt
+DECODER_QUERIES = "decoder_queries"  # [N, Q, C] the last decoder layer's queries (normed)
+MASK_INPUTS = (ENCODER_MEMORY, DECODER_QUERIES)
+# mask_decoder's own tensors:
+KEPT_QUERIES = "kept_queries"  # [K, C] the decoder queries of the kept detections
+QUERY_PROMPTS = "query_prompts"  # [K] INT32: the prompt row (of P) each kept query is of
+MASK_LOGITS = "mask_logits"  # [K, m, m] at the finest mask level (GraphDims.mask_hw)
 DETECTION_OUTPUTS = (BOXES, SCORES, CLASS_IDS)  # dart's outputs, in order
 
 
@@ -217,7 +246,13 @@ def backbone_spec(d: GraphDims) -> ModelSpec:
 
 
 def enc_dec_spec(d: GraphDims) -> ModelSpec:
+    """With masks, enc_dec also returns `MASK_INPUTS`; `dart` asks for them only when a
+    request wants masks (a graph computes them anyway: they are its own intermediates)."""
     h = d.feat_hw
+    mask_inputs = (
+        TensorSpec(ENCODER_MEMORY, "TYPE_FP32", (-1, h * h, d.fpn_dim)),
+        TensorSpec(DECODER_QUERIES, "TYPE_FP32", (-1, d.num_queries, d.fpn_dim)),
+    ) if d.masks else ()
     return ModelSpec(
         ENC_DEC,
         (
@@ -229,7 +264,35 @@ def enc_dec_spec(d: GraphDims) -> ModelSpec:
             TensorSpec(PRED_BOXES, "TYPE_FP32", (-1, d.num_queries, 4)),
             TensorSpec(PRED_LOGITS, "TYPE_FP32", (-1, d.num_queries)),
             TensorSpec(PRESENCE_LOGITS, "TYPE_FP32", (-1, 1)),
+            *mask_inputs,
         ),
+    )
+
+
+def mask_decoder_spec(d: GraphDims) -> ModelSpec:
+    """Masks of K kept detections from P prompts (DART with --masks; SAM3's mask head).
+
+    Per prompt: the encoder memory attends to the prompt's text, replaces the detection
+    level, and the pixel decoder climbs the finer backbone levels (the costly part:
+    3x3 convolutions at 4x the detection grid); per kept query: its mask embedding dotted
+    with its prompt's pixel embedding. Only kept prompts and kept queries come in."""
+    h = d.feat_hw
+    levels = tuple(
+        TensorSpec(d.level_name(i), "TYPE_FP32",
+                   (1, d.fpn_dim, d.level_hw(d.scale_factors[i]), d.level_hw(d.scale_factors[i])))
+        for i in d.mask_levels)
+    m = d.mask_hw
+    return ModelSpec(
+        MASK_DECODER,
+        (
+            *levels,
+            TensorSpec(ENCODER_MEMORY, "TYPE_FP32", (-1, h * h, d.fpn_dim)),
+            TensorSpec(TEXT_FEATURES, "TYPE_FP32", (-1, d.text_len, d.text_dim)),
+            TensorSpec(TEXT_MASK, "TYPE_INT32", (-1, d.text_len)),
+            TensorSpec(KEPT_QUERIES, "TYPE_FP32", (-1, d.fpn_dim)),
+            TensorSpec(QUERY_PROMPTS, "TYPE_INT32", (-1,)),
+        ),
+        (TensorSpec(MASK_LOGITS, "TYPE_FP32", (-1, m, m)),),
     )
 
 
@@ -248,6 +311,7 @@ def preprocess_spec(d: GraphDims) -> ModelSpec:
             TensorSpec(CLASSES, "TYPE_STRING", (-1,), optional=True),  # see dart_spec
             TensorSpec(IMAGE_BYTES, "TYPE_STRING", (1,), optional=True),
             *_request_options(),
+            *_mask_options(),  # the ensemble's gate refuses RETURN_MASKS, naming `dart`
         ),
         (
             TensorSpec(PIXEL_VALUES, "TYPE_FP32", (1, 3, s, s)),
@@ -276,6 +340,13 @@ def _request_options() -> tuple[TensorSpec, ...]:
     )
 
 
+def _mask_options() -> tuple[TensorSpec, ...]:
+    return (
+        TensorSpec(RETURN_MASKS, "TYPE_BOOL", (1,), optional=True),
+        TensorSpec(MASK_THRESHOLD, "TYPE_FP32", (1,), optional=True),
+    )
+
+
 def _detections() -> tuple[TensorSpec, ...]:
     return (
         TensorSpec(BOXES, "TYPE_FP32", (-1, 4)),
@@ -288,13 +359,19 @@ def postprocess_spec(d: GraphDims) -> ModelSpec:
     enc_dec = enc_dec_spec(d)
     return ModelSpec(
         POSTPROCESS,
-        (*enc_dec.outputs, TensorSpec(ORIGINAL_SIZE, "TYPE_INT32", (2,)), *_request_options()),
+        (*(enc_dec.output(n) for n in HEAD_OUTPUTS), TensorSpec(ORIGINAL_SIZE, "TYPE_INT32", (2,)),
+         *_request_options()),
         _detections(),
     )
 
 
 def dart_spec(d: GraphDims, name: str = DART) -> ModelSpec:
-    """The public contract, shared by the BLS model ``dart`` and ``dart_ensemble``."""
+    """The public contract, shared by the BLS model ``dart`` and ``dart_ensemble``.
+
+    Both take RETURN_MASKS and MASK_THRESHOLD; only ``dart`` returns MASKS (``[0]`` when
+    masks were not asked for). The ensemble stays boxes-only: its gate refuses
+    RETURN_MASKS in one line naming ``dart``."""
+    masks = (TensorSpec(MASKS, "TYPE_STRING", (-1,)),) if name == DART else ()
     return ModelSpec(
         name,
         (
@@ -306,8 +383,9 @@ def dart_spec(d: GraphDims, name: str = DART) -> ModelSpec:
             TensorSpec(CLASSES, "TYPE_STRING", (-1,), optional=True),
             TensorSpec(IMAGE_BYTES, "TYPE_STRING", (1,), optional=True),  # or IMAGE
             *_request_options(),
+            *_mask_options(),
         ),
-        _detections(),
+        (*_detections(), *masks),
     )
 
 
@@ -320,5 +398,6 @@ def all_specs(d: GraphDims) -> dict[str, ModelSpec]:
         postprocess_spec(d),
         dart_spec(d, DART),
         dart_spec(d, DART_ENSEMBLE),
+        *([mask_decoder_spec(d)] if d.masks else []),
     ]
     return {s.name: s for s in specs}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dart_triton.contract.specs import (
+    DEFAULT_MASK_THRESHOLD,
     DEFAULT_MAX_DETECTIONS,
     DEFAULT_NMS_IOU,
     DEFAULT_SCORE_THRESHOLD,
@@ -129,6 +130,19 @@ class DetectOptions:
 
 
 @dataclass(frozen=True)
+class MaskOptions:
+    """RETURN_MASKS and MASK_THRESHOLD, checked when made. A mask pixel is kept where the
+    sigmoid of its (resized) logit is above the threshold, as in SAM3's processor."""
+
+    return_masks: bool = False
+    mask_threshold: float = DEFAULT_MASK_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"MASK_THRESHOLD must be in (0, 1), got {self.mask_threshold}")
+
+
+@dataclass(frozen=True)
 class DetectRequest:
     """One detection request, read and checked: the image, as pixels (UINT8 [H, W, 3],
     checked) or as the bytes of an image file (decoded, and its header checked, by
@@ -138,6 +152,7 @@ class DetectRequest:
     names: list[str]
     options: DetectOptions = field(default_factory=DetectOptions)
     image_bytes: bytes | None = None
+    masks: MaskOptions = field(default_factory=MaskOptions)
 
     def __post_init__(self) -> None:
         if (self.image is None) == (self.image_bytes is None):

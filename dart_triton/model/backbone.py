@@ -173,10 +173,10 @@ class RestructuredBackbone(nn.Module):
         return tuple(layer(x) for layer in self.fpn)
 
 
-def neck_dims(vision_model, with_mask_levels: bool = False) -> GraphDims:
+def neck_dims(vision_model, masks: bool = False) -> GraphDims:
     """The neck's layout as `specs.GraphDims` sees it (only the scale-derived fields count)."""
     return GraphDims(scale_factors=tuple(vision_model.config.scale_factors),
-                     with_mask_levels=with_mask_levels)
+                     masks=masks)
 
 
 def detection_level(vision_model) -> int:

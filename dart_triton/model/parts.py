@@ -18,7 +18,7 @@ def image_size_of(model) -> int:
 
 
 def graph_dims(model, max_classes: int = DEFAULT_MAX_CLASSES,
-               with_mask_levels: bool = False) -> GraphDims:
+               masks: bool = False) -> GraphDims:
     cfg = model.config
     return GraphDims(
         imgsz=image_size_of(model),
@@ -27,7 +27,7 @@ def graph_dims(model, max_classes: int = DEFAULT_MAX_CLASSES,
         text_dim=int(model.text_projection.out_features),
         num_queries=int(cfg.detr_decoder_config.num_queries),
         max_classes=max_classes,
-        with_mask_levels=with_mask_levels,
+        masks=masks,
         scale_factors=tuple(cfg.vision_config.scale_factors),  # where detection reads
     )
 
@@ -47,13 +47,13 @@ class Sam3Parts:
 
 
 def load_parts(checkpoint: str | Path, imgsz: int | None = None,
-               max_classes: int = DEFAULT_MAX_CLASSES, with_mask_levels: bool = False) -> Sam3Parts:
+               max_classes: int = DEFAULT_MAX_CLASSES, masks: bool = False) -> Sam3Parts:
     if imgsz is not None and (imgsz <= 0 or imgsz % PATCH_SIZE):
         raise ValueError(f"--imgsz must be a positive multiple of {PATCH_SIZE}, got {imgsz}")
     if max_classes < 1:
         raise ValueError(f"--max-classes must be at least 1, got {max_classes}")
     model = load_sam3(checkpoint, imgsz=imgsz)
-    dims = graph_dims(model, max_classes, with_mask_levels)
+    dims = graph_dims(model, max_classes, masks)
     backbone = RestructuredBackbone(model.vision_encoder, dims.imgsz,
                                     list(dims.backbone_levels)).eval()
     head = BatchedDetectionHead(model, dims).eval()

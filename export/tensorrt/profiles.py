@@ -122,7 +122,7 @@ def graph_dims_from_onnx(
         backbone_sizes = (pix[2], fpn[2])
         features.append((fpn[2], "backbone.onnx"))
         found += [("imgsz", pix[2], "backbone.onnx"), ("fpn_dim", fpn[1], "backbone.onnx"),
-                  ("with_mask_levels", len(backbone.outputs) > 1, "backbone.onnx")]
+                  ("masks", len(backbone.outputs) > 1, "backbone.onnx")]
     if enc_dec is not None:
         fpn = _need(enc_dec.inputs, specs.FPN_FEATURES, 4, "enc_dec.onnx")
         text = _need(enc_dec.inputs, specs.TEXT_FEATURES, 3, "enc_dec.onnx")

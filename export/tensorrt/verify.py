@@ -368,7 +368,7 @@ def pick_reference(graphs: Mapping[str, Path], dims: specs.GraphDims,
     if gpu and checkpoint is not None and Path(checkpoint).is_dir():
         from dart_triton.model.parts import load_parts
 
-        parts = load_parts(checkpoint, dims.imgsz, dims.max_classes, dims.with_mask_levels)
+        parts = load_parts(checkpoint, dims.imgsz, dims.max_classes, dims.masks)
         if backbone != "vit":
             from dart_triton.backbones.choice import with_backbone
 

@@ -72,7 +72,7 @@ def test_enc_dec_prompt_count_is_dynamic(exported, n):
 
 def test_cli_export_with_mask_levels(tiny_checkpoint, tmp_path, capsys):
     code = cli(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path),
-                "--max-classes", "2", "--with-mask-levels"])
+                "--max-classes", "2", "--masks"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "cosine" in printed and "FAIL" not in printed
@@ -102,7 +102,7 @@ def test_detection_level_recorded_and_read_back(exported):
 def test_graphs_json_without_scales_reads_as_stride_14(tmp_path):
     """A dart_graphs.json written before the scales were recorded (it had `extra`)."""
     dims = {"imgsz": 644, "fpn_dim": 256, "text_len": 32, "text_dim": 256, "num_queries": 200,
-            "max_classes": 8, "with_mask_levels": False, "extra": {}}
+            "max_classes": 8, "masks": False, "extra": {}}
     (tmp_path / GRAPHS_JSON).write_text(json.dumps({"dims": dims}))
     d = read_graphs_meta(tmp_path)
     assert d.scale_factors == specs.SAM3_SCALE_FACTORS
@@ -112,7 +112,7 @@ def test_graphs_json_without_scales_reads_as_stride_14(tmp_path):
 def test_cli_export_detection_level_not_at_stride_14(tiny_checkpoint_c, tmp_path, capsys):
     """Variant c (scales [4, 2, 1]): detection on the 2x level, one mask level at 4x."""
     code = cli(["export", "--checkpoint", str(tiny_checkpoint_c), "--output", str(tmp_path),
-                "--max-classes", "2", "--with-mask-levels"])
+                "--max-classes", "2", "--masks"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "cosine" in printed and "FAIL" not in printed
@@ -123,7 +123,7 @@ def test_cli_export_detection_level_not_at_stride_14(tiny_checkpoint_c, tmp_path
                           specs.FPN_FEATURES_4X: (1, 16, 4 * grid, 4 * grid)}
     assert ed.inputs[specs.FPN_FEATURES] == (1, 16, 2 * grid, 2 * grid)
     dims = read_graphs_meta(tmp_path)
-    assert dims.with_mask_levels and dims.detection_stride == 7
+    assert dims.masks and dims.detection_stride == 7
     for spec, io in ((specs.backbone_spec(dims), bb), (specs.enc_dec_spec(dims), ed)):
         assert {t.name: t.dims for t in spec.outputs if -1 not in t.dims} == {
             k: v for k, v in io.outputs.items() if -1 not in v}

@@ -171,7 +171,7 @@ def test_graph_dims_from_tiny_onnx(onnx_dir: Path):
     dims = graph_dims_from_onnx(bb, ed, 16)
     assert (dims.imgsz, dims.fpn_dim, dims.text_len, dims.text_dim, dims.num_queries) == (
         56, 8, 6, 8, 5)
-    assert not dims.with_mask_levels
+    assert not dims.masks
     assert graph_dims_from_onnx(None, ed, 4).imgsz == 56
     check_graph_matches_spec(ed, specs.enc_dec_spec(dims), "enc_dec.onnx")
     with pytest.raises(ValueError, match=r"pred_boxes is \[-1, 5, 4\], spec says \[-1, 7, 4\]"):
@@ -194,7 +194,7 @@ def test_graph_dims_hint_fills_symbolic_dims(tmp_path: Path):
     assert ed.outputs[specs.PRED_BOXES] == (-1, -1, 4)
     assert graph_dims_from_onnx(None, ed).num_queries == 200  # spec default, still valid
     hint = {"imgsz": 56, "fpn_dim": 8, "text_len": 6, "text_dim": 8, "num_queries": 5,
-            "max_classes": 8, "with_mask_levels": False}
+            "max_classes": 8, "masks": False}
     (tmp_path / "dart_graphs.json").write_text(json.dumps({"dims": hint}))
     opts = tensorrt_build.PlanBuildOptions()
     dims, _ = tensorrt_build.plan_jobs(tmp_path, tmp_path / "repo", opts)
