@@ -74,7 +74,8 @@ class Detections:
     def to_coco(
         self, image_id: int, category_ids: Sequence[int] | None = None
     ) -> list[dict]:
-        """COCO results format (``bbox`` is xywh), plus ``category_name``.
+        """COCO results format (``bbox`` is xywh), plus ``category_name``; with masks,
+        ``segmentation`` too: COCO compressed RLE, its counts a str (JSON has no bytes).
 
         ``category_ids[i]`` is the dataset category id of ``class_names[i]``;
         without it the class index itself is the category id.
@@ -97,7 +98,18 @@ class Detections:
                     "score": _short(score),
                 }
             )
+        for i, record in enumerate(out if self.masks is not None else ()):
+            record["segmentation"] = self.rle(i, text=True)
         return out
+
+    def rle(self, i: int, *, text: bool = False) -> dict:
+        """The COCO RLE of detection ``i``'s mask (``pycocotools.mask.decode`` takes it);
+        ``text``: counts as str, for JSON. ValueError without masks."""
+        if self.masks is None or self.image_size is None:
+            raise ValueError("these detections have no masks (ask for them: masks=True)")
+        counts = self.masks[i]
+        return {"size": list(self.image_size),
+                "counts": counts.decode("ascii") if text else counts}
 
 
 def _short(value: np.float32) -> float:

@@ -226,9 +226,10 @@ ENCODER_MEMORY = "encoder_memory"  # [N, h*w, C] the encoder's image tokens, per
 DECODER_QUERIES = "decoder_queries"  # [N, Q, C] the last decoder layer's queries (normed)
 MASK_INPUTS = (ENCODER_MEMORY, DECODER_QUERIES)
 # mask_decoder's own tensors:
-KEPT_QUERIES = "kept_queries"  # [K, C] the decoder queries of the kept detections
-QUERY_PROMPTS = "query_prompts"  # [K] INT32: the prompt row (of P) each kept query is of
-MASK_LOGITS = "mask_logits"  # [K, m, m] at the finest mask level (GraphDims.mask_hw)
+# [P, J, C] the decoder queries of the kept detections, prompt by prompt (rows of a prompt
+# with fewer than J kept are padding: their masks are dropped)
+KEPT_QUERIES = "kept_queries"
+MASK_LOGITS = "mask_logits"  # [P, J, m, m] at the finest mask level (GraphDims.mask_hw)
 DETECTION_OUTPUTS = (BOXES, SCORES, CLASS_IDS)  # dart's outputs, in order
 
 
@@ -270,12 +271,13 @@ def enc_dec_spec(d: GraphDims) -> ModelSpec:
 
 
 def mask_decoder_spec(d: GraphDims) -> ModelSpec:
-    """Masks of K kept detections from P prompts (DART with --masks; SAM3's mask head).
+    """Masks of the kept detections of P prompts, J per prompt (SAM3's mask head).
 
     Per prompt: the encoder memory attends to the prompt's text, replaces the detection
     level, and the pixel decoder climbs the finer backbone levels (the costly part:
     3x3 convolutions at 4x the detection grid); per kept query: its mask embedding dotted
-    with its prompt's pixel embedding. Only kept prompts and kept queries come in."""
+    with its prompt's pixel embedding (one batched matmul). Only kept prompts and kept
+    queries come in."""
     h = d.feat_hw
     levels = tuple(
         TensorSpec(d.level_name(i), "TYPE_FP32",
@@ -289,10 +291,9 @@ def mask_decoder_spec(d: GraphDims) -> ModelSpec:
             TensorSpec(ENCODER_MEMORY, "TYPE_FP32", (-1, h * h, d.fpn_dim)),
             TensorSpec(TEXT_FEATURES, "TYPE_FP32", (-1, d.text_len, d.text_dim)),
             TensorSpec(TEXT_MASK, "TYPE_INT32", (-1, d.text_len)),
-            TensorSpec(KEPT_QUERIES, "TYPE_FP32", (-1, d.fpn_dim)),
-            TensorSpec(QUERY_PROMPTS, "TYPE_INT32", (-1,)),
+            TensorSpec(KEPT_QUERIES, "TYPE_FP32", (-1, -1, d.fpn_dim)),
         ),
-        (TensorSpec(MASK_LOGITS, "TYPE_FP32", (-1, m, m)),),
+        (TensorSpec(MASK_LOGITS, "TYPE_FP32", (-1, -1, m, m)),),
     )
 
 

@@ -17,27 +17,48 @@ from dart_triton.contract import specs
 
 
 class LocalGraphs(Protocol):
-    """The two graphs in this process, synchronously (numpy in, numpy out)."""
+    """The graphs in this process, synchronously (numpy in, numpy out). With masks (a
+    mask head, `GraphDims.masks`): `backbone_levels`, enc_dec's mask inputs, `mask_decoder`."""
 
     def backbone(self, pixel_values: np.ndarray) -> np.ndarray: ...
 
+    def backbone_levels(self, pixel_values: np.ndarray) -> list[np.ndarray]:
+        """Every level the backbone returns: detection first, then the mask levels."""
+        ...
+
     def enc_dec(self, fpn_features: np.ndarray, text_features: np.ndarray,
-                text_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+                text_mask: np.ndarray) -> tuple[np.ndarray, ...]: ...
+
+    def mask_decoder(self, levels: list[np.ndarray], encoder_memory: np.ndarray,
+                     text_features: np.ndarray, text_mask: np.ndarray,
+                     kept_queries: np.ndarray) -> np.ndarray: ...
 
 
 class TorchModuleGraphs(LocalGraphs):
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
-        self._backbone, self._head = backbone, head
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module,
+                 mask_head: torch.nn.Module | None = None):
+        self._backbone, self._head, self._mask_head = backbone, head, mask_head
 
     @torch.no_grad()
     def backbone(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._backbone(torch.from_numpy(pixel_values))[0].numpy()
+        return self.backbone_levels(pixel_values)[0]
+
+    @torch.no_grad()
+    def backbone_levels(self, pixel_values: np.ndarray) -> list[np.ndarray]:
+        return [t.numpy() for t in self._backbone(torch.from_numpy(pixel_values))]
 
     @torch.no_grad()
     def enc_dec(self, fpn_features, text_features, text_mask):
         out = self._head(torch.from_numpy(fpn_features), torch.from_numpy(text_features),
                          torch.from_numpy(text_mask))
         return tuple(t.numpy() for t in out)
+
+    @torch.no_grad()
+    def mask_decoder(self, levels, encoder_memory, text_features, text_mask, kept_queries):
+        if self._mask_head is None:
+            raise ValueError("these graphs were built without masks")
+        inputs = (*levels, encoder_memory, text_features, text_mask, kept_queries)
+        return self._mask_head(*(torch.from_numpy(np.asarray(x)) for x in inputs)).numpy()
 
 
 def ort_session(path: str | Path, threads: int | None = None, spin: bool = True):
@@ -74,9 +95,21 @@ class OrtGraphs(LocalGraphs):
         onnx_dir = Path(onnx_dir)
         self._backbone = OrtGraph(onnx_dir / "backbone.onnx", threads)
         self._enc_dec = OrtGraph(onnx_dir / "enc_dec.onnx", threads)
+        masks = onnx_dir / f"{specs.MASK_DECODER}.onnx"
+        self._mask_decoder = OrtGraph(masks, threads) if masks.is_file() else None
 
     def backbone(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._backbone(**{specs.PIXEL_VALUES: pixel_values})[0]
+        return self.backbone_levels(pixel_values)[0]
+
+    def backbone_levels(self, pixel_values: np.ndarray) -> list[np.ndarray]:
+        return self._backbone(**{specs.PIXEL_VALUES: pixel_values})
+
+    def mask_decoder(self, levels, encoder_memory, text_features, text_mask, kept_queries):
+        if self._mask_decoder is None:
+            raise ValueError("these graphs were built without masks")
+        names = [i.name for i in self._mask_decoder.session.get_inputs()]
+        values = (*levels, encoder_memory, text_features, text_mask, kept_queries)
+        return self._mask_decoder(**dict(zip(names, values, strict=True)))[0]
 
     def enc_dec(self, fpn_features, text_features, text_mask):
         return tuple(self._enc_dec(**{

@@ -3,8 +3,9 @@
 One image's detection-level FPN features are broadcast to N class prompts inside the graph, so
 all prompts are decoded in one pass. Text enters only through cross-attention, which
 is independent across the batch axis, so row i equals SAM3 run alone on prompt i.
-The mask head is gone; shape-only tensors (image position encoding, the coordinate
-grids of the box relative-position bias) are constants for the build resolution.
+The mask head is apart (`mask_head`: run only for kept detections); shape-only tensors
+(image position encoding, the coordinate grids of the box relative-position bias) are
+constants for the build resolution.
 Only the last decoder layer is scored: earlier layers' logits are training signals.
 
 Work that does not depend on the prompt runs once per pass, not once per prompt, and is
@@ -90,16 +91,21 @@ def _decoder_cross_and_mlp(layer: nn.Module, hidden: torch.Tensor, query_pos: to
 class BatchedDetectionHead(nn.Module):
     """(fpn_features [1,C,h,w], text_features [N,L,D], text_mask [N,L]) -> boxes, logits, presence.
 
-    Outputs: boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence logits [N,1].
+    Outputs: boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence logits [N,1]; with
+    `mask_inputs`, also encoder memory [N,h*w,C] and decoder queries [N,Q,C].
     """
 
-    def __init__(self, sam3_model, dims: GraphDims, attn_implementation: str = "eager"):
+    def __init__(self, sam3_model, dims: GraphDims, attn_implementation: str = "eager",
+                 mask_inputs: bool | None = None):
         """`dims.feat_hw` sizes the shape-only constants (the side of the level `Sam3Model`
         reads, from the checkpoint's scale factors); `attn_implementation`: "eager"
         (explicit softmax attention: what is exported) or
         "sdpa" for the PyTorch runtime, where a fused kernel avoids materialising the
-        [N, heads, h*w, h*w] encoder attention (GBs at 1008 px and 16 prompts)."""
+        [N, heads, h*w, h*w] encoder attention (GBs at 1008 px and 16 prompts).
+        `mask_inputs` (default: `dims.masks`): also return the encoder memory and the last
+        decoder layer's queries, what the mask head reads (`specs.MASK_INPUTS`)."""
         super().__init__()
+        self.mask_inputs = dims.masks if mask_inputs is None else mask_inputs
         self.encoder_layers = sam3_model.detr_encoder.layers
         dec = sam3_model.detr_decoder
         self.decoder_layers = dec.layers
@@ -147,7 +153,7 @@ class BatchedDetectionHead(nn.Module):
 
     def forward(
         self, fpn_features: torch.Tensor, text_features: torch.Tensor, text_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         n = text_features.shape[0]
         valid = text_mask.to(text_features.dtype)  # [N, L], 1 = token
         text_bias = ((1.0 - valid) * MASK_NEG)[:, None, None, :]  # [N, 1, 1, L]
@@ -188,4 +194,6 @@ class BatchedDetectionHead(nn.Module):
         presence = presence.clamp(-self.presence_clamp, self.presence_clamp)
         logits = self.scoring(query_hidden[None], text_features, valid)[0].squeeze(-1)
         assert logits.shape[-1] == q
+        if self.mask_inputs:  # [N, h*w, C] encoder memory, [N, Q, C] decoder queries
+            return _cxcywh_to_xyxy(boxes), logits, presence, vision, query_hidden
         return _cxcywh_to_xyxy(boxes), logits, presence

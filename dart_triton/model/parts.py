@@ -1,4 +1,5 @@
-"""SAM3 split into DART's parts: restructured backbone, batched detection head, text encoder."""
+"""SAM3 split into DART's parts: restructured backbone, batched detection head, text
+encoder, and (with masks) the mask head for kept detections."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dart_triton.contract.specs import DEFAULT_MAX_CLASSES, PATCH_SIZE, GraphDim
 from dart_triton.model.backbone import RestructuredBackbone
 from dart_triton.model.checkpoint import TEXT_MAX_LENGTH, load_sam3, load_tokenizer
 from dart_triton.model.detection_head import BatchedDetectionHead
+from dart_triton.model.mask_head import MaskHead
 
 
 def image_size_of(model) -> int:
@@ -39,6 +41,7 @@ class Sam3Parts:
     backbone: RestructuredBackbone
     head: BatchedDetectionHead  # explicit attention: the graph that is exported
     dims: GraphDims
+    mask_head: MaskHead | None = None  # with masks (`dims.masks`)
 
     @cached_property
     def runtime_head(self) -> BatchedDetectionHead:
@@ -57,4 +60,5 @@ def load_parts(checkpoint: str | Path, imgsz: int | None = None,
     backbone = RestructuredBackbone(model.vision_encoder, dims.imgsz,
                                     list(dims.backbone_levels)).eval()
     head = BatchedDetectionHead(model, dims).eval()
-    return Sam3Parts(model, load_tokenizer(checkpoint), backbone, head, dims)
+    mask_head = MaskHead(model, dims).eval() if masks else None
+    return Sam3Parts(model, load_tokenizer(checkpoint), backbone, head, dims, mask_head)

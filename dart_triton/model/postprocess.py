@@ -76,7 +76,19 @@ def select(
     original_size: tuple[int, int] | Array,
     options: DetectOptions = DEFAULT_OPTIONS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence [N,1] -> (boxes, scores, class ids).
+    """`select_kept` without the query indices."""
+    return select_kept(boxes, logits, presence_logits, original_size, options)[:3]
+
+
+def select_kept(
+    boxes: Array,
+    logits: Array,
+    presence_logits: Array,
+    original_size: tuple[int, int] | Array,
+    options: DetectOptions = DEFAULT_OPTIONS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence [N,1] -> (boxes, scores, class
+    ids, query ids): the query index of each detection says whose mask it gets.
 
     Keeps scores > threshold (as SAM3's processor), runs per-class NMS (or one
     class-agnostic pass), sorts by score and caps at `max_detections`. Boxes come back
@@ -101,7 +113,8 @@ def select(
     keep = keep[nms(pixel_boxes[keep], scores[keep], groups, options.nms_iou)]
     keep = keep[:options.max_detections]
     return (pixel_boxes[keep].cpu().numpy().astype(np.float32),
-            scores[keep].cpu().numpy().astype(np.float32), class_ids[keep].cpu().numpy())
+            scores[keep].cpu().numpy().astype(np.float32), class_ids[keep].cpu().numpy(),
+            (keep % q).cpu().numpy())
 
 
 def postprocess(boxes, logits, presence_logits, original_size, class_names: list[str],

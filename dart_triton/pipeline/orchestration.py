@@ -27,17 +27,27 @@ Array = np.ndarray | torch.Tensor
 
 
 class HeadOutputs(NamedTuple):
-    """What the detection head returns for N prompts (enc_dec's outputs, in spec order)."""
+    """What the detection head returns for N prompts (enc_dec's outputs, in spec order);
+    the last two only when asked for (masks)."""
 
     boxes: Array  # [N, Q, 4] xyxy, normalised to [0, 1]
     logits: Array  # [N, Q] per-query class logits
     presence_logits: Array  # [N, 1] is the class in the image at all
+    encoder_memory: Array | None = None  # [N, h*w, C] (specs.MASK_INPUTS)
+    decoder_queries: Array | None = None  # [N, Q, C]
+
+    @property
+    def detection(self) -> tuple[Array, Array, Array]:
+        """(boxes, logits, presence logits): what selection reads."""
+        return self.boxes, self.logits, self.presence_logits
 
     @classmethod
     def concat(cls, chunks: Sequence[HeadOutputs]) -> HeadOutputs:
         """Passes side by side along the prompt axis, in the order given. numpy arrays,
         or torch tensors (which stay on their device: NMS then runs there too)."""
         def cat(parts):
+            if parts[0] is None:
+                return None
             if isinstance(parts[0], torch.Tensor):
                 return torch.cat(parts, dim=0)
             return np.concatenate(parts, axis=0)
@@ -46,7 +56,7 @@ class HeadOutputs(NamedTuple):
 
     def rows(self, n: int) -> HeadOutputs:
         """The first n prompts (drops the rows a pass was padded with)."""
-        return HeadOutputs(*(unpad(t, n) for t in self))
+        return HeadOutputs(*(None if t is None else unpad(t, n) for t in self))
 
 
 class ModelCallError(RuntimeError):
@@ -62,28 +72,56 @@ class ModelCallError(RuntimeError):
 
 class GraphRunner(Protocol):
     """How each step runs. `Features`/text tensors are whatever the runner hands itself
-    (numpy arrays, torch tensors, Triton tensors); text tensors must support row indexing."""
+    (numpy arrays, torch tensors, Triton tensors); text tensors must support row indexing.
+    The mask arguments are for requests that want masks (`pipeline.masks`)."""
 
-    async def backbone(self, pixel_values: Any) -> Any: ...
+    async def backbone(self, pixel_values: Any, mask_levels: bool = False) -> Any:
+        """The detection level; with `mask_levels`, ``[detection level, *finer levels]``."""
+        ...
 
     async def text(self, names: list[str]) -> tuple[Any, Any]: ...
 
-    async def enc_dec(self, features: Any, text_features: Any, text_mask: Any) -> HeadOutputs: ...
+    async def enc_dec(self, features: Any, text_features: Any, text_mask: Any,
+                      mask_inputs: bool = False) -> HeadOutputs: ...
+
+    async def mask_decoder(self, levels: list, encoder_memory: torch.Tensor,
+                           text_features: torch.Tensor, text_mask: torch.Tensor,
+                           kept_queries: torch.Tensor) -> Array:
+        """mask_logits [P, J, m, m] (`specs.mask_decoder_spec`)."""
+        ...
+
+
+class MaskCollector(Protocol):
+    """Keeps, pass by pass, what the mask head will need (`pipeline.masks.MaskSources`)."""
+
+    def add(self, start: int, head: HeadOutputs) -> None: ...
+
+    def set_inputs(self, levels: list, text_features: Any, text_mask: Any) -> None: ...
 
 
 async def _decode(runner: GraphRunner, features: Any, text_features: Any, text_mask: Any,
-                  p: Pass) -> HeadOutputs:
+                  p: Pass, masks: MaskCollector | None) -> HeadOutputs:
     feats, mask = pad_to_bucket(text_features[p.start:p.stop], text_mask[p.start:p.stop], p.rows)
-    return (await runner.enc_dec(features, feats, mask)).rows(p.stop - p.start)
+    head = (await runner.enc_dec(features, feats, mask, masks is not None)).rows(
+        p.stop - p.start)
+    if masks is None:
+        return head
+    masks.add(p.start, head)  # keeps the rows masks may need; the rest is freed with `head`
+    return HeadOutputs(*head.detection)
 
 
 async def run_graphs(runner: GraphRunner, pixel_values: Any, names: list[str],
-                     passes: Sequence[Pass]) -> HeadOutputs:
-    """Backbone ∥ text encoding, then every enc_dec pass in flight at once."""
-    features, (text_features, text_mask) = await asyncio.gather(
-        runner.backbone(pixel_values), runner.text(names))
+                     passes: Sequence[Pass], masks: MaskCollector | None = None) -> HeadOutputs:
+    """Backbone ∥ text encoding, then every enc_dec pass in flight at once. With `masks`,
+    the backbone's finer levels and enc_dec's mask inputs are asked for and handed to it."""
+    levels, (text_features, text_mask) = await asyncio.gather(
+        runner.backbone(pixel_values, masks is not None), runner.text(names))
+    features = levels
+    if masks is not None:
+        features, *finer = levels
+        masks.set_inputs(finer, text_features, text_mask)
     return HeadOutputs.concat(await asyncio.gather(
-        *(_decode(runner, features, text_features, text_mask, p) for p in passes)))
+        *(_decode(runner, features, text_features, text_mask, p, masks) for p in passes)))
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
