@@ -17,6 +17,7 @@ from pathlib import Path
 from .cli_common import (
     Parser,
     UsageError,
+    add_mask_args,
     add_send_arg,
     add_server_args,
     check_urls,
@@ -112,6 +113,8 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
                         help="annotated image: a file (.png, .jpg) for one image, or a folder "
                              "(ends with /, exists, or has no extension; created) that gets "
                              "one file per image, named after it")
+    add_mask_args(parser, "each detection gets a COCO RLE `segmentation` ({size: [H, W], "
+                          "counts}) in the JSON, and --annotate draws the masks")
     args = parser.parse_args(argv)
     try:
         classes = class_names(args.classes)
@@ -171,6 +174,9 @@ def detect_main(argv: Sequence[str] | None = None) -> int:
         status = 1
     except OSError as e:  # an annotated image that could not be saved after all
         say("detect", f"error: cannot write {e.filename or ''}: {e.strerror or e}")
+        status = 1
+    except ValueError as e:  # masks that do not fit their image: an off-contract answer
+        say("detect", f"error: {e}")
         status = 1
     except KeyboardInterrupt:
         say("detect", "interrupted; nothing written")

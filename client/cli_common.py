@@ -26,6 +26,7 @@ OPTION_TENSORS = {
     "--score-threshold": specs.SCORE_THRESHOLD,
     "--nms-iou": specs.NMS_IOU,
     "--max-detections": specs.MAX_DETECTIONS,
+    "--mask-threshold": specs.MASK_THRESHOLD,
 }
 
 
@@ -76,17 +77,35 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help=f"server default {specs.DEFAULT_MAX_DETECTIONS}")
 
 
+def add_mask_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--masks`` (``what`` says what the command does with them) and ``--mask-threshold``."""
+    parser.add_argument("--masks", action="store_true",
+                        help=f"also ask for each detection's mask (model dart only): {what}")
+    parser.add_argument("--mask-threshold", type=float, metavar="P",
+                        help="with --masks: a pixel is in a mask where its probability is "
+                             f"above P, in (0, 1) (server default {specs.DEFAULT_MASK_THRESHOLD})")
+
+
 def request_options(args: argparse.Namespace) -> dict:
-    """The request options, checked by the server's own rules, or UsageError naming the option."""
-    from .inputs import option_arrays
+    """The request options, checked by the server's own rules, or UsageError naming the option.
+
+    The mask options are there only with ``--masks``, so a request without is as before."""
+    from .inputs import mask_arrays, option_arrays
 
     options = {
         "score_threshold": args.score_threshold,
         "nms_iou": args.nms_iou,
         "max_detections": args.max_detections,
     }
+    threshold = getattr(args, "mask_threshold", None)
+    if threshold is not None and not getattr(args, "masks", False):
+        raise UsageError("--mask-threshold needs --masks")
     try:
         option_arrays(**options)
+        if getattr(args, "masks", False):
+            threshold = specs.DEFAULT_MASK_THRESHOLD if threshold is None else threshold
+            mask_arrays(True, threshold)
+            options |= {"masks": True, "mask_threshold": threshold}
     except ValueError as e:
         message = str(e)
         for option, tensor in OPTION_TENSORS.items():

@@ -1,4 +1,5 @@
-"""Boxes and "name score" (or, tracked, "name #id score") labels drawn with supervision."""
+"""Boxes, masks (when the detections carry them) and "name score" (or, tracked,
+"name #id score") labels drawn with supervision."""
 
 from __future__ import annotations
 
@@ -29,9 +30,17 @@ def _annotators(width: int, height: int) -> tuple[Any, Any]:
     return boxes, labels
 
 
+@lru_cache(maxsize=1)
+def _mask_annotator() -> Any:
+    import supervision as sv
+
+    return sv.MaskAnnotator(opacity=0.45)
+
+
 def annotate(image: np.ndarray, detections: Detections,
              track_ids: np.ndarray | None = None) -> np.ndarray:
-    """A copy of ``image`` (RGB uint8) with the detections drawn on it.
+    """A copy of ``image`` (RGB uint8) with the detections drawn on it, their masks too
+    when they have them (ValueError when those are not at the image's size).
 
     With ``track_ids`` (one per detection) labels read ``name #id score`` and each
     track keeps its colour from frame to frame; otherwise colours follow the class.
@@ -40,8 +49,17 @@ def annotate(image: np.ndarray, detections: Detections,
 
     if not len(detections):
         return image.copy()
+    masks = None
+    if detections.masks is not None:
+        from .masks import decode_masks
+
+        if tuple(detections.image_size or ()) != image.shape[:2]:
+            raise ValueError(f"masks are {detections.image_size} (H, W), the image "
+                             f"{image.shape[:2]}")
+        masks = decode_masks(detections)
     sv_dets = sv.Detections(
         xyxy=detections.boxes.astype(np.float64),
+        mask=masks,
         confidence=detections.scores,
         class_id=detections.class_ids.astype(np.int64),
     )
@@ -58,6 +76,8 @@ def annotate(image: np.ndarray, detections: Detections,
     box_annotator, label_annotator = _annotators(image.shape[1], image.shape[0])
     # supervision draws numpy images as OpenCV BGR: flip so palette colours come out right.
     out = np.ascontiguousarray(image[..., ::-1])
+    if masks is not None:
+        out = _mask_annotator().annotate(out, sv_dets, custom_color_lookup=colours)
     out = box_annotator.annotate(out, sv_dets, custom_color_lookup=colours)
     out = label_annotator.annotate(out, sv_dets, labels=labels, custom_color_lookup=colours)
     return np.ascontiguousarray(out[..., ::-1])

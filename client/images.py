@@ -101,6 +101,19 @@ def read_image_input(path: str | Path, send: str = "file", *, exif: bool = True)
     return ImageInput(path, pixels.shape[1], pixels.shape[0], pixels=pixels)
 
 
+def image_size(image: np.ndarray | bytes) -> tuple[int, int]:
+    """(H, W) of an image as the server sees it: an array's own shape, or a file's upright
+    size from its header (the server applies the EXIF orientation), without decoding."""
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0]), int(image.shape[1])
+    try:
+        with Image.open(io.BytesIO(bytes(image))) as img:
+            (w, h), orientation = img.size, img.getexif().get(0x0112, 1)
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"cannot read the image file's header: {e}") from None
+    return (w, h) if orientation in _ROTATED else (h, w)
+
+
 def jpeg_bytes(image: np.ndarray, quality: int = 90) -> bytes:
     """An RGB uint8 frame as the bytes of a JPEG file (for IMAGE_BYTES)."""
     out = io.BytesIO()

@@ -69,3 +69,16 @@ def option_arrays(
         for name, value in given.items()
         if value is not None
     }
+
+
+def mask_arrays(masks: bool, mask_threshold: float = specs.DEFAULT_MASK_THRESHOLD
+                ) -> dict[str, np.ndarray]:
+    """RETURN_MASKS and MASK_THRESHOLD when masks are asked for; nothing otherwise, so a
+    request without masks is exactly what it was before masks existed."""
+    validation.MaskOptions(bool(masks), float(mask_threshold))  # ValueError: out of (0, 1)
+    if not masks:
+        return {}
+    return {
+        specs.RETURN_MASKS: np.array([True], dtype=_dtype(specs.RETURN_MASKS)),
+        specs.MASK_THRESHOLD: np.array([mask_threshold], dtype=_dtype(specs.MASK_THRESHOLD)),
+    }

@@ -26,6 +26,7 @@ from dart_triton.contract import specs
 from .cli_common import (
     Parser,
     UsageError,
+    add_mask_args,
     add_send_arg,
     add_server_args,
     check_urls,
@@ -34,6 +35,7 @@ from .cli_common import (
     print_out,
     readable_image,
     request_options,
+    require,
     say,
     server_ready,
 )
@@ -45,7 +47,8 @@ STATE_DIR = ".dart-label"
 JOURNAL, RUN = "journal.jsonl", "run.json"
 COCO_JSON = Path("annotations") / "instances.json"
 # Settings that change what the server answers: a journal never mixes two of them.
-_RUN_KEYS = ("model", "classes", "score_threshold", "nms_iou", "max_detections")
+_RUN_KEYS = ("model", "classes", "score_threshold", "nms_iou", "max_detections", "masks",
+             "mask_threshold")
 
 
 @dataclass(frozen=True)
@@ -246,10 +249,28 @@ def _write_json(path: Path, data: object) -> None:
     tmp.replace(path)
 
 
+def _yolo_polygon(segmentation: dict, category: int) -> str | None:
+    """An Ultralytics segmentation label line ``class x1 y1 x2 y2 ...`` (normalised): the
+    outline of the mask's largest part; None when it has none of 3 or more points."""
+    from pycocotools import mask as mask_utils
+
+    from .masks import largest_polygon
+
+    polygon = largest_polygon(mask_utils.decode(segmentation).astype(bool))
+    if polygon is None:
+        return None
+    h, w = segmentation["size"]
+    xy = np.clip(polygon / np.array([w, h], dtype=np.float64), 0.0, 1.0)
+    return f"{category} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)) + "\n"
+
+
 def write_dataset(out: Path, images_dir: Path, records: list[dict], names: list[str],
-                  categories: Categories, fmt: str, nms_iou: float) -> int:
+                  categories: Categories, fmt: str, nms_iou: float,
+                  masks: bool = False) -> int:
     """``images/`` links plus COCO ``annotations/instances.json`` or YOLO ``labels/`` +
-    ``data.yaml``; returns the number of boxes written."""
+    ``data.yaml``; returns the number of boxes written. With ``masks`` COCO annotations
+    carry their RLE ``segmentation`` (``area`` is the mask's) and YOLO labels are
+    segmentation labels (a mask without an outline is left out, and counted on stderr)."""
     image_dir = _fresh(out / "images")
     for sub in ("labels", "annotations", "data.yaml"):  # the other format's files
         target = out / sub
@@ -275,6 +296,11 @@ def write_dataset(out: Path, images_dir: Path, records: list[dict], names: list[
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                     "category_id": d["category"] + 1, "bbox": d["bbox"],
                                     "area": w * h, "iscrowd": 0, "score": d["score"]})
+                if masks:
+                    from pycocotools import mask as mask_utils
+
+                    annotations[-1] |= {"segmentation": d["segmentation"],
+                                        "area": int(mask_utils.area(d["segmentation"]))}
         _write_json(out / COCO_JSON, {
             "info": {"description": "written by dart-triton label"},
             "images": images,
@@ -284,16 +310,26 @@ def write_dataset(out: Path, images_dir: Path, records: list[dict], names: list[
         })
         return boxes
     label_dir = _fresh(out / "labels")
+    outlineless = 0
     for record, stem, dets in zip(records, names, per_image, strict=True):
         w, h = float(record["width"]), float(record["height"])
         lines = []
         for d in dets:
+            if masks:
+                line = _yolo_polygon(d["segmentation"], d["category"])
+                outlineless += line is None
+                lines += [line] if line else []
+                continue
             x, y, bw, bh = d["bbox"]
             x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
             x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
             lines.append(f"{d['category']} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
                          f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}\n")
         (label_dir / f"{stem}.txt").write_text("".join(lines))
+    if outlineless:
+        say("label", f"warning: {outlineless} of {boxes} masks have no outline of 3 or more "
+                     "points (empty or a pixel thin): left out of the YOLO labels")
+        boxes -= outlineless
     yaml_names = "\n".join(f"  {i}: {json.dumps(n)}" for i, n in enumerate(categories.names))
     (out / "data.yaml").write_text(
         "# written by dart-triton label\n"
@@ -314,7 +350,8 @@ def _parser() -> argparse.ArgumentParser:
                "annotations with bbox, area, iscrowd 0 and score) and DATASET_DIR/images/. "
                "YOLO (Ultralytics layout): DATASET_DIR/images/ (links to the images), "
                "DATASET_DIR/labels/STEM.txt (class cx cy w h, normalised; empty without "
-               "detections) and DATASET_DIR/data.yaml. An image that cannot be read is named "
+               "detections) and DATASET_DIR/data.yaml; with --masks, segmentation labels "
+               "(class x1 y1 x2 y2 ..., normalised). An image that cannot be read is named "
                "on stderr and skipped (exit 1). "
                "Exit status: 0 ok, 1 an image or the server failed, 2 a usage error.",
     )
@@ -332,6 +369,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="forget the journal in DATASET_DIR and label every image again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_send_arg(p)
+    add_mask_args(p, "COCO annotations get an RLE `segmentation` (and the mask's `area`); "
+                     "YOLO labels become segmentation labels: the outline of each mask's "
+                     "largest part")
     return p
 
 
@@ -343,6 +383,8 @@ def label_main(argv: Sequence[str] | None = None) -> int:
         classes = class_names(args.classes)
         categories = parse_merge(args.merge, classes)
         options = request_options(args)
+        if args.masks and args.format == "yolo":
+            require("cv2", "draw", "--masks --format yolo (outlines of masks)")
         check_urls(args)
         if not args.images.is_dir():
             raise UsageError(f"{args.images}: no such folder" if not args.images.exists()
@@ -391,10 +433,11 @@ def label_main(argv: Sequence[str] | None = None) -> int:
     records = [rec for rec, _ in labelled]
     nms_iou = args.nms_iou if args.nms_iou is not None else specs.DEFAULT_NMS_IOU
     boxes = write_dataset(args.out, args.images, records, [n for _, n in labelled],
-                          categories, args.format, nms_iou)
+                          categories, args.format, nms_iou, masks=args.masks)
     where = COCO_JSON if args.format == "coco" else Path("data.yaml")
-    print_out(f"{args.out}: {len(records)} images, {boxes} boxes, {len(categories.names)} "
-           f"categories ({args.format}: {args.out / where})")
+    kind = "masks" if args.masks else "boxes"
+    print_out(f"{args.out}: {len(records)} images, {boxes} {kind}, {len(categories.names)} "
+              f"categories ({args.format}: {args.out / where})")
     return 1 if failed else 0
 
 
@@ -433,7 +476,10 @@ def _detect(client, todo: list[tuple[Path, str]], classes: list[str], options: d
                 continue
             record = {"file": rel, "width": image.width, "height": image.height,
                       "detections": [{"bbox": d["bbox"], "score": d["score"],
-                                      "class": d["category_id"]} for d in dets.to_coco(0)]}
+                                      "class": d["category_id"],
+                                      **({"segmentation": d["segmentation"]}
+                                         if "segmentation" in d else {})}
+                                     for d in dets.to_coco(0)]}
             out.write(json.dumps(record) + "\n")
             out.flush()  # a crash or Ctrl-C after this point loses nothing
             done[rel] = record

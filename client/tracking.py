@@ -107,8 +107,12 @@ class MultiClassTracker:
                 ids.append(self._ids[key])
         order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
         picked = np.asarray(rows, dtype=np.int64).reshape(-1)[order]
+        # Masks follow their boxes by row: a tracked box keeps the mask it came with.
+        masks = (None if detections.masks is None
+                 else tuple(detections.masks[i] for i in picked.tolist()))
         subset = Detections(detections.boxes[picked], detections.scores[picked],
-                            detections.class_ids[picked], detections.class_names)
+                            detections.class_ids[picked], detections.class_names,
+                            masks=masks, image_size=detections.image_size)
         return Tracked(subset, np.asarray(ids, dtype=np.int64)[order])
 
 

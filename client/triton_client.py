@@ -17,8 +17,9 @@ from dart_triton.contract.detections import Detections
 
 from .endpoints import Endpoints, call_spread
 from .errors import DartClientError
-from .inputs import class_list, encode_classes, image_arrays, option_arrays
+from .inputs import class_list
 from .pipeline import completed, in_order, interleaved
+from .request import Request, build_request, parse_result, requested_outputs
 from .server_errors import (
     NO_MODEL,
     config_parameter,
@@ -34,8 +35,6 @@ Transport = Literal["grpc", "http"]
 DEFAULT_RETRY_DEADLINE = 180.0
 DEFAULT_URLS: dict[str, str] = {p: f"127.0.0.1:{port}" for p, port in specs.DEFAULT_PORTS.items()
                                  if p != "metrics"}
-_CONTRACT = specs.dart_spec(specs.GraphDims())
-_OUTPUTS = (specs.BOXES, specs.SCORES, specs.CLASS_IDS)
 T = TypeVar("T")
 
 
@@ -140,14 +139,12 @@ class DartClient:
         # Imported here so that importing this module does not pull in both stacks.
         if protocol == "grpc":
             import tritonclient.grpc as tc
-
-            self._outputs = [tc.InferRequestedOutput(n) for n in _OUTPUTS]
         else:
             import tritonclient.http as tc
 
-            self._outputs = [tc.InferRequestedOutput(n, binary_data=True) for n in _OUTPUTS]
             quiet_gevent()
         self._tc = tc
+        self._outputs = requested_outputs(tc, protocol)
         self._connections = [
             _Connection(self._connect(u), endpoints.generation(i)) for i, u in enumerate(urls)
         ]
@@ -307,36 +304,9 @@ class DartClient:
         return None
 
     # --- inference --------------------------------------------------------------------
-    def _inputs(
-        self,
-        image: np.ndarray | bytes,
-        classes: Sequence[str],
-        score_threshold: float | None,
-        nms_iou: float | None,
-        max_detections: int | None,
-    ) -> list[Any]:
-        arrays = {
-            **image_arrays(image),
-            specs.CLASSES: encode_classes(classes),
-            **option_arrays(score_threshold, nms_iou, max_detections),
-        }
-        inputs = []
-        for name, array in arrays.items():
-            dtype = _CONTRACT.input(name).triton_dtype
-            tensor = self._tc.InferInput(name, list(array.shape), dtype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        return inputs
-
-    def _parse(self, result: Any, classes: Sequence[str]) -> Detections:
-        arrays = [result.as_numpy(name) for name in _OUTPUTS]
-        missing = [n for n, a in zip(_OUTPUTS, arrays, strict=True) if a is None]
-        if missing:
-            raise DartClientError(f"model {self.model!r} returned no {', '.join(missing)}")
-        try:
-            return Detections(*arrays, class_names=tuple(classes))
-        except ValueError as e:  # a server answering off-contract is a server error
-            raise DartClientError(f"malformed response from {self.model!r}: {e}") from e
+    def _request(self, image: np.ndarray | bytes, classes: Sequence[str],
+                 **options: Any) -> Request:
+        return build_request(self._tc, self._outputs, image, classes, **options)
 
     def detect(
         self,
@@ -345,31 +315,34 @@ class DartClient:
         score_threshold: float | None = None,
         nms_iou: float | None = None,
         max_detections: int | None = None,
+        *,
+        masks: bool = False,
+        mask_threshold: float = specs.DEFAULT_MASK_THRESHOLD,
     ) -> Detections:
         """Detect ``classes`` in one image: RGB uint8 ``[H, W, 3]`` pixels, or the bytes of
         a JPEG, PNG or WebP file (sent as they are, as IMAGE_BYTES; the server decodes them
         and applies their EXIF orientation).
 
-        Options left as None are not sent, so the server's defaults apply.
+        Options left as None are not sent, so the server's defaults apply. ``masks=True``
+        (`dart` only) also returns each detection's mask, cut at ``mask_threshold``, as COCO
+        RLE in ``Detections.masks`` at ``Detections.image_size`` (`client.masks` decodes).
         """
-        classes = class_list(classes)
-        inputs = self._inputs(image, classes, score_threshold, nms_iou, max_detections)
-        return self._spread(lambda i: self._detect_once(i, inputs, classes))
+        request = self._request(image, classes, score_threshold=score_threshold,
+                                nms_iou=nms_iou, max_detections=max_detections,
+                                masks=masks, mask_threshold=mask_threshold)
+        return self._spread(lambda i: self._detect_once(i, request))
 
-    def _detect_once(self, i: int, inputs: list[Any], classes: list[str]) -> Detections:
+    def _detect_once(self, i: int, request: Request) -> Detections:
         client = self._client(i)
         with server_errors(self.urls[i]):
             if self.protocol == "grpc":
-                result = client.infer(
-                    self.model, inputs, outputs=self._outputs, client_timeout=self.timeout
-                )
+                result = client.infer(self.model, request.inputs, outputs=request.outputs,
+                                      client_timeout=self.timeout)
             else:
-                result = client.infer(self.model, inputs, outputs=self._outputs)
-            return self._parse(result, classes)
+                result = client.infer(self.model, request.inputs, outputs=request.outputs)
+            return parse_result(result, request, self.model)
 
-    def _resend(
-        self, i: int, inputs: list[Any], classes: list[str]
-    ) -> Callable[[DartClientError], Detections]:
+    def _resend(self, i: int, request: Request) -> Callable[[DartClientError], Detections]:
         """For a DetectionFuture: once its attempt on server ``i`` failed with ``error``,
         send it again (synchronously) to the next server, or raise ``error``."""
 
@@ -377,7 +350,7 @@ class DartClient:
             if not self._is_gone(error):
                 raise error
             return self._spread(
-                lambda j: self._detect_once(j, inputs, classes), tried=[i], last=error
+                lambda j: self._detect_once(j, request), tried=[i], last=error
             )
 
         return resend
@@ -389,19 +362,25 @@ class DartClient:
         score_threshold: float | None = None,
         nms_iou: float | None = None,
         max_detections: int | None = None,
+        *,
+        masks: bool = False,
+        mask_threshold: float = specs.DEFAULT_MASK_THRESHOLD,
     ) -> DetectionFuture:
-        """Send one request without waiting; ``.result()`` on the return value waits."""
-        classes = class_list(classes)
-        inputs = self._inputs(image, classes, score_threshold, nms_iou, max_detections)
+        """Send one request without waiting; ``.result()`` on the return value waits.
+        Options as `detect`'s."""
+        request = self._request(image, classes, score_threshold=score_threshold,
+                                nms_iou=nms_iou, max_detections=max_detections,
+                                masks=masks, mask_threshold=mask_threshold)
         i = self._endpoints.pick()
         assert i is not None  # nothing is excluded
         generation, url = self._endpoints.generation(i), self.urls[i]
-        resend = self._resend(i, inputs, classes)
+        resend = self._resend(i, request)
         try:
             with server_errors(url):
                 if self.protocol == "grpc":
-                    return self._send_grpc(i, generation, inputs, classes, resend)
-                request = self._client(i).async_infer(self.model, inputs, outputs=self._outputs)
+                    return self._send_grpc(i, generation, request, resend)
+                pending = self._client(i).async_infer(self.model, request.inputs,
+                                                      outputs=request.outputs)
         except DartClientError as e:
             self._report(i, generation, e)
             return DetectionFuture(completed(resend(e)).result, url)
@@ -411,13 +390,13 @@ class DartClient:
         def wait(timeout: float | None) -> Detections:
             try:
                 with server_errors(url):
-                    answer = request.get_result(timeout=timeout)
+                    answer = pending.get_result(timeout=timeout)
             except DartClientError as e:
                 if e.status != "TIMEOUT":  # a slow answer says nothing of the server
                     self._report(i, generation, e)
                 raise
             self._report(i, generation, None)
-            return self._parse(answer, classes)
+            return parse_result(answer, request, self.model)
 
         return DetectionFuture(wait, url, resend)
 
@@ -425,8 +404,7 @@ class DartClient:
         self,
         i: int,
         generation: int,
-        inputs: list[Any],
-        classes: list[str],
+        request: Request,
         resend: Callable[[DartClientError], Detections],
     ) -> DetectionFuture:
         fut: Future[Detections] = Future()
@@ -440,7 +418,7 @@ class DartClient:
                     if error is not None:
                         raise error
                 self._report(i, generation, None)
-                fut.set_result(self._parse(result, classes))
+                fut.set_result(parse_result(result, request, self.model))
             except DartClientError as e:
                 if e.status != "StatusCode.DEADLINE_EXCEEDED":
                     self._report(i, generation, e)
@@ -449,7 +427,7 @@ class DartClient:
                 fut.set_exception(e)
 
         self._client(i).async_infer(
-            self.model, inputs, done, outputs=self._outputs, client_timeout=self.timeout
+            self.model, request.inputs, done, outputs=request.outputs, client_timeout=self.timeout
         )
         return DetectionFuture(fut.result, url, resend)
 
@@ -461,13 +439,15 @@ class DartClient:
         score_threshold: float | None = None,
         nms_iou: float | None = None,
         max_detections: int | None = None,
+        **mask_options: Any,
     ) -> Iterator[Detections]:
         """Detections of each frame, in input order, with ``in_flight`` requests pending
-        (over all servers together)."""
+        (over all servers together). ``mask_options``: masks, mask_threshold."""
         classes = class_list(classes)
 
         def submit(frame: np.ndarray) -> DetectionFuture:
-            return self.detect_async(frame, classes, score_threshold, nms_iou, max_detections)
+            return self.detect_async(frame, classes, score_threshold, nms_iou, max_detections,
+                                     **mask_options)
 
         for _, detections in in_order(frames, submit, in_flight):
             yield detections
@@ -477,16 +457,16 @@ class DartClient:
         streams: Sequence[Iterable[np.ndarray | bytes]],
         classes: Sequence[str],
         in_flight: int = 8,
-        **options: float | int | None,
+        **options: Any,
     ) -> Iterator[tuple[int, Detections]]:
         """``(stream index, detections)`` for the frames of several streams (cameras) that
         share one budget: frames are taken round robin, ``in_flight`` requests pending over
         all of them; each stream's detections come in its frame order. ``options``:
-        score_threshold, nms_iou, max_detections."""
+        score_threshold, nms_iou, max_detections, masks, mask_threshold."""
         classes = class_list(classes)
 
         def submit(frame: np.ndarray | bytes) -> DetectionFuture:
-            return self.detect_async(frame, classes, **options)  # type: ignore[arg-type]
+            return self.detect_async(frame, classes, **options)
 
         for index, _, detections in interleaved(streams, submit, in_flight):
             yield index, detections

@@ -183,6 +183,8 @@ def video_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q",
                         help="with --encode jpeg: JPEG quality 1..95 (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli_common.add_mask_args(parser, "drawn on each frame (with --track, each tracked box "
+                                     "with its own mask)")
     args = parser.parse_args(argv)
     args.track = args.track or args.tracks is not None
     try:

@@ -242,11 +242,36 @@ def _fake_model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = min(n, int(inputs[specs.MAX_DETECTIONS][0]))
     x = float(image[0, 0, 0])
     boxes = np.array([[x, i, x + 10, i + 20] for i in range(n)], np.float32).reshape(-1, 4)
-    return {
+    outputs = {
         specs.BOXES: boxes,
         specs.SCORES: np.linspace(0.9, 0.5, n).astype(np.float32),
         specs.CLASS_IDS: np.arange(n, dtype=np.int32)[::-1].copy(),
     }
+    if specs.RETURN_MASKS in inputs and bool(inputs[specs.RETURN_MASKS][0]):
+        outputs[specs.MASKS] = fake_masks(boxes, image.shape[:2])
+    return outputs
+
+
+def fake_masks(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """MASKS as `dart` sends them: the COCO RLE counts of each box's pixels, clipped to the
+    image, as a BYTES [K] tensor."""
+    from dart_triton.client.masks import encode_mask
+
+    counts = []
+    for x1, y1, x2, y2 in np.round(boxes).astype(int).tolist():
+        mask = np.zeros(size, dtype=bool)
+        mask[max(y1, 0):y2, max(x1, 0):x2] = True
+        counts.append(encode_mask(mask))
+    return np.array(counts, dtype=object).reshape(-1)
+
+
+def _raw(array: np.ndarray) -> bytes:
+    """A tensor's bytes on the wire (BYTES tensors length-prefixed, as Triton sends them)."""
+    from tritonclient.utils import serialize_byte_tensor
+
+    if array.dtype == object:
+        return serialize_byte_tensor(array).item() if array.size else b""
+    return array.tobytes()
 
 
 _CONFIG = {"name": "dart", "max_batch_size": 0, "parameters": {"imgsz": {"string_value": "644"}}}
@@ -304,7 +329,7 @@ def _grpc_server(recorder: _Recorder, port: int = 0) -> tuple[object, str]:
             for name, array in outputs.items():
                 response.outputs.add(name=name, datatype=np_to_triton_dtype(array.dtype),
                                      shape=array.shape)
-                response.raw_output_contents.append(array.tobytes())
+                response.raw_output_contents.append(_raw(array))
             return response
 
     server = grpc.server(ThreadPoolExecutor(8))
@@ -361,10 +386,12 @@ def _http_server(recorder: _Recorder, port: int = 0) -> tuple[object, str]:
             except ValueError as e:
                 self._send(400, json.dumps({"error": str(e)}).encode())
                 return
+            raw = {k: _raw(v) for k, v in outputs.items()}
             meta = [{"name": k, "datatype": np_to_triton_dtype(v.dtype), "shape": list(v.shape),
-                     "parameters": {"binary_data_size": v.nbytes}} for k, v in outputs.items()]
+                     "parameters": {"binary_data_size": len(raw[k])}}
+                    for k, v in outputs.items()]
             head = json.dumps({"model_name": "dart", "outputs": meta}).encode()
-            self._send(200, head + b"".join(v.tobytes() for v in outputs.values()), len(head))
+            self._send(200, head + b"".join(raw.values()), len(head))
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
