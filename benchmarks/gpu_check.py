@@ -114,7 +114,7 @@ def in_process_timing(repo: Path, facts: dict, names: list[str], iters: int) -> 
     def frame():
         pixels = preprocess_tensor(torch.from_numpy(image).to(device), facts["imgsz"])
         head = run_sync(run_graphs(runner, pixels, names, passes))
-        return select(*head, np.array(image.shape[:2]))
+        return select(*head.detection, np.array(image.shape[:2]))
 
     pixels = preprocess_tensor(torch.from_numpy(image).to(device), facts["imgsz"])
     backbone = common.time_call(lambda: graphs.backbone(pixels), iters=iters, warmup=3,

@@ -82,9 +82,12 @@ class Backend:
                              "the backbone one frame per call for now; use --backend torch "
                              "or python, or --max-batch 1")
 
-    def python_models(self) -> dict[str, str]:
-        """Every python model of a repository with this backend -> implementing module."""
-        return {**PYTHON_MODELS, **self.graph_python_models}
+    def python_models(self, dims: GraphDims | None = None) -> dict[str, str]:
+        """Every python model of a repository with this backend at `dims` -> implementing
+        module (without `dims`: of any repository, mask_decoder included)."""
+        graphs = specs.graph_models(dims) if dims is not None else specs.MASK_GRAPH_MODELS
+        return {**PYTHON_MODELS, **{m: module for m, module in self.graph_python_models.items()
+                                    if m in graphs}}
 
     def graph_config(self, spec: ModelSpec, opts: RepoOptions) -> str:
         profiles = None
@@ -117,6 +120,8 @@ def tensorrt_graph_shapes(spec: ModelSpec, opts: RepoOptions) -> list[int | None
     profile ending at its bucket) keep theirs."""
     if not opts.cuda_graphs:
         return []
+    if spec.name == specs.MASK_DECODER:
+        return []  # two dynamic dimensions (prompts, kept queries): no fixed shape to capture
     if spec.name != specs.ENC_DEC:
         return [None]
     buckets = sorted(set(opts.enc_dec_buckets))
@@ -157,7 +162,7 @@ def _python_graph_extras(spec: ModelSpec, opts: RepoOptions) -> str:
 
 def _copy_onnx(repo: Path, graphs: Path, build: BuildOptions, opts: RepoOptions,
                log: Callable) -> None:
-    for name in specs.GRAPH_MODELS:
+    for name in specs.graph_models(opts.dims):
         version = repo / name / "1"
         for old in version.glob("model.onnx*"):
             old.unlink()
@@ -204,7 +209,7 @@ BACKENDS: dict[str, Backend] = {
             graph_extras=_python_graph_extras,
             write_artifacts=_copy_onnx,
             graph_python_models={m: "dart_triton.triton_models.graph_model"
-                                 for m in specs.GRAPH_MODELS},
+                                 for m in specs.MASK_GRAPH_MODELS},
             batches_backbone=True,
         ),
         Backend(
@@ -215,7 +220,7 @@ BACKENDS: dict[str, Backend] = {
             runtime='backend: "python"\n',
             graph_extras=torch_weights.graph_extras,
             write_artifacts=torch_weights.copy_weights,
-            graph_python_models={m: torch_weights.MODULE for m in specs.GRAPH_MODELS},
+            graph_python_models={m: torch_weights.MODULE for m in specs.MASK_GRAPH_MODELS},
             export=torch_weights.export_weights,
             graph_settings=torch_weights.settings,
             batches_backbone=True,
@@ -230,6 +235,9 @@ def check_build(build: BuildOptions) -> Backend:
     backend = get_backend(build.backend)
     backend.graph_settings(build)
     backend.check_max_batch(build)
+    if build.masks and backend.name == "tensorrt":
+        raise ValueError("--masks: the tensorrt backend builds no mask_decoder plan yet; "
+                         "serve masks with --backend torch (GPU) or python/onnxruntime")
     return backend
 
 

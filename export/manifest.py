@@ -164,7 +164,7 @@ def _differences(prefix: str, built: Any, wanted: Any) -> list[str]:
 
 def plan_models(repo: Path) -> list[str]:
     """Graph models of ``repo`` that Triton serves from TensorRT plans."""
-    return [m for m in specs.GRAPH_MODELS
+    return [m for m in specs.MASK_GRAPH_MODELS
             if (repo / m / "config.pbtxt").is_file()
             and _PLAN_PLATFORM.search((repo / m / "config.pbtxt").read_text())]
 

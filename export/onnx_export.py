@@ -1,6 +1,7 @@
-"""Checkpoint -> backbone.onnx + enc_dec.onnx, each checked against PyTorch in ONNX Runtime.
+"""Checkpoint -> backbone.onnx + enc_dec.onnx (+ mask_decoder.onnx with --masks), each
+checked against PyTorch in ONNX Runtime.
 
-`dart-triton export --checkpoint DIR --output DIR [--imgsz N] [--max-classes M]`
+`dart-triton export --checkpoint DIR --output DIR [--imgsz N] [--max-classes M] [--masks]`
 """
 
 from __future__ import annotations
@@ -111,6 +112,36 @@ def export_enc_dec(parts: Sam3Parts, out_dir: Path) -> Path:
     return path
 
 
+def mask_decoder_example(parts: Sam3Parts, prompts: int = 2, queries: int = 3,
+                         inputs: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """mask_decoder's inputs in spec order: zeros, or the given `inputs` by name."""
+    spec = specs.mask_decoder_spec(parts.dims)
+    out = []
+    for t in spec.inputs:
+        if inputs is not None:
+            out.append(torch.as_tensor(inputs[t.name]))
+            continue
+        shape = [prompts if i == 0 else queries for i, d in enumerate(t.dims) if d == -1]
+        shape += [d for d in t.dims if d != -1]
+        dtype = getattr(torch, t.numpy_dtype)
+        out.append(torch.ones(shape, dtype=dtype) if dtype == torch.int32
+                   else torch.zeros(shape, dtype=dtype))
+    return tuple(out)
+
+
+def export_mask_decoder(parts: Sam3Parts, out_dir: Path) -> Path:
+    """P prompts and J kept queries per prompt, both dynamic (P, J >= 2 at export so the
+    exporter cannot specialise them to 1)."""
+    spec = specs.mask_decoder_spec(parts.dims)
+    path = out_dir / f"{specs.MASK_DECODER}.onnx"
+    axes = {specs.ENCODER_MEMORY: {0: "P"}, specs.TEXT_FEATURES: {0: "P"},
+            specs.TEXT_MASK: {0: "P"}, specs.KEPT_QUERIES: {0: "P", 1: "J"},
+            specs.MASK_LOGITS: {0: "P", 1: "J"}}
+    export_module(parts.mask_head, mask_decoder_example(parts), path,
+                  [t.name for t in spec.inputs], [t.name for t in spec.outputs], axes)
+    return path
+
+
 def fused_attention_nodes(path: Path) -> list[str]:
     graph = onnx.load(str(path), load_external_data=False).graph
     return [f"{n.op_type}:{n.name}" for n in graph.node if n.op_type in FUSED_ATTENTION_OPS]
@@ -134,11 +165,23 @@ def check_graphs(parts: Sam3Parts, out_dir: Path, n: int) -> list[Agreement]:
         specs.TEXT_MASK: x[specs.TEXT_MASK]})
     for t, o, r in zip(specs.enc_dec_spec(parts.dims).outputs, head_ort, head_ref, strict=True):
         results.append(Agreement(t.name, cosine(o, r.numpy()), float(np.abs(o - r.numpy()).max())))
+    if parts.dims.masks:  # the mask head on this sample's own memory and queries
+        named = {t.name: r for t, r in zip(spec.outputs[1:], feats_ref[1:], strict=True)}
+        named.update({specs.ENCODER_MEMORY: head_ref[3], specs.TEXT_FEATURES:
+                      x[specs.TEXT_FEATURES], specs.TEXT_MASK: x[specs.TEXT_MASK],
+                      specs.KEPT_QUERIES: head_ref[4][:, :3]})
+        inputs = mask_decoder_example(parts, inputs=named)
+        ref = parts.mask_head(*inputs).numpy()
+        mask_spec = specs.mask_decoder_spec(parts.dims)
+        (got,) = OrtGraph(out_dir / f"{specs.MASK_DECODER}.onnx")(**{
+            t.name: v.numpy() for t, v in zip(mask_spec.inputs, inputs, strict=True)})
+        results.append(Agreement(specs.MASK_LOGITS, cosine(got, ref),
+                                 float(np.abs(got - ref).max())))
     return results
 
 
 def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None = None,
-                  max_classes: int = specs.DEFAULT_MAX_CLASSES, with_mask_levels: bool = False,
+                  max_classes: int = specs.DEFAULT_MAX_CLASSES, masks: bool = False,
                   check: bool = True, log=print,
                   backbone: str = "vit") -> tuple[dict, list[Agreement]]:
     """Export both graphs and write `dart_graphs.json` (the dims every later step reads).
@@ -150,7 +193,7 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     choice = BackboneChoice.parse(backbone)
-    parts = with_backbone(load_parts(checkpoint, imgsz, max_classes, with_mask_levels), choice)
+    parts = with_backbone(load_parts(checkpoint, imgsz, max_classes, masks), choice)
     log(f"exporting backbone {choice} ({parts.dims.imgsz}px) ...")
     bb = export_backbone(parts, out)
     if choice.kind == "student":
@@ -160,6 +203,9 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
         raise RuntimeError(f"backbone graph contains fused attention nodes: {fused[:3]}")
     log(f"exporting enc_dec (N = 1..{max_classes}) ...")
     export_enc_dec(parts, out)
+    if masks:
+        log("exporting mask_decoder (P prompts x J kept queries) ...")
+        export_mask_decoder(parts, out)
     d = parts.dims
     meta = {"dims": asdict(d),  # read back by read_graphs_meta
             # derived from dims.scale_factors; recorded for people reading the file
@@ -187,15 +233,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="input resolution, a multiple of 14 (default: the checkpoint's, 1008)")
     p.add_argument("--max-classes", type=int, default=specs.DEFAULT_MAX_CLASSES,
                    help="largest prompt count N decoded in one enc_dec pass")
-    p.add_argument("--with-mask-levels", action="store_true",
-                   help="backbone also returns the two finer FPN levels (for a masks path)")
+    p.add_argument("--masks", action="store_true",
+                   help="also export mask_decoder.onnx (masks on demand); backbone then also "
+                        "returns the finer FPN levels and enc_dec what the mask head reads")
     p.add_argument("--skip-check", action="store_true", help="do not compare with PyTorch")
     p.add_argument("--backbone", default="vit", metavar="{vit|pruned:PLAN.json:K|student:DIR}",
                    help="the module behind backbone.onnx (default: SAM3's ViT)")
     args = p.parse_args(argv)
     try:
         _, agreements = export_graphs(args.checkpoint, args.output, args.imgsz, args.max_classes,
-                                      args.with_mask_levels, check=not args.skip_check,
+                                      args.masks, check=not args.skip_check,
                                       backbone=args.backbone)
     except (CheckpointError, ValueError) as exc:
         print(f"dart-triton export: error: {exc}", file=sys.stderr)
@@ -206,5 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     if not all(a.ok for a in agreements):
         print("dart-triton export: ONNX Runtime disagrees with PyTorch", file=sys.stderr)
         return 1
-    print(f"wrote {args.output}/backbone.onnx and enc_dec.onnx")
+    print(f"wrote {args.output}/backbone.onnx and enc_dec.onnx"
+          + (" and mask_decoder.onnx" if args.masks else ""))
     return 0

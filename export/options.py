@@ -27,6 +27,7 @@ DEFAULT_INSTANCES = {
     specs.BACKBONE: 1,
     specs.ENC_DEC: 1,
     specs.POSTPROCESS: 2,
+    specs.MASK_DECODER: 1,  # only in a repository built with --masks
 }
 
 
@@ -107,6 +108,7 @@ class BuildOptions:
     backbone: str = "vit"
     max_batch: int = 1  # frames per backbone call (RepoOptions.max_batch)
     batch_delay_us: int = 0
+    masks: bool = False  # also serve masks on demand (a mask_decoder model; GraphDims.masks)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -137,7 +139,7 @@ class BuildOptions:
                    plan=PlanBuildOptions.from_args(args), precision=args.precision,
                    compile=args.compile, cuda_graphs=args.cuda_graphs,
                    backbone=args.backbone, max_batch=args.max_batch,
-                   batch_delay_us=args.batch_delay_us)
+                   batch_delay_us=args.batch_delay_us, masks=args.masks)
 
     def plan_options(self, max_classes: int) -> PlanBuildOptions:
         return replace(self.plan, max_classes=max_classes, buckets=self.buckets)

@@ -51,13 +51,13 @@ def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
 
 
 def _graphs_match(onnx_dir: Path, imgsz: int | None, max_classes: int,
-                  backbone: str = "vit") -> bool:
+                  backbone: str = "vit", masks: bool = False) -> bool:
     if not (onnx_dir / GRAPHS_JSON).is_file():
         return False
     dims = read_graphs_meta(onnx_dir)
     recorded = json.loads((onnx_dir / GRAPHS_JSON).read_text()).get("backbone", "vit")
     return ((imgsz in (None, dims.imgsz)) and dims.max_classes == max_classes
-            and recorded == BackboneChoice.parse(backbone).describe())
+            and dims.masks == masks and recorded == BackboneChoice.parse(backbone).describe())
 
 
 def build_repository(checkpoint: str | Path, output: str | Path,
@@ -74,9 +74,10 @@ def build_repository(checkpoint: str | Path, output: str | Path,
         if backend.export is not None:  # the backend serves something else (torch: weights)
             graphs = Path(scratch)
             dims = backend.export(checkpoint, graphs, build, log)
-        elif not _graphs_match(graphs, build.imgsz, build.max_classes, build.backbone):
+        elif not _graphs_match(graphs, build.imgsz, build.max_classes, build.backbone,
+                               build.masks):
             _, agreements = export_graphs(checkpoint, graphs, build.imgsz, build.max_classes,
-                                          log=log, backbone=build.backbone)
+                                          build.masks, log=log, backbone=build.backbone)
             bad = [a for a in agreements if not a.ok]
             if bad:
                 raise RuntimeError(f"ONNX Runtime disagrees with PyTorch on {bad[0].tensor} "
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "call through Triton's dynamic batcher (python and torch backends; "
                         "`dart` gets B instances unless --instances says otherwise). "
                         "Default 1: one call per frame")
+    p.add_argument("--masks", action="store_true",
+                   help="serve masks on demand: a mask_decoder model, and `dart` answers "
+                        "RETURN_MASKS with MASKS (COCO RLE) for the kept detections; "
+                        "requests without it cost what they cost without --masks")
     p.add_argument("--batch-delay-us", type=int, default=0, metavar="US",
                    help="with --max-batch: how long a frame may wait for others to join its "
                         "batch (default 0: only frames already queued join)")

@@ -55,9 +55,11 @@ def export_weights(checkpoint: Path, out: Path, build: BuildOptions, log: Callab
     from dart_triton.model.parts import load_parts
 
     settings(build)  # a bad combination fails before minutes of loading
-    parts = with_backbone(load_parts(checkpoint, build.imgsz, build.max_classes),
+    parts = with_backbone(load_parts(checkpoint, build.imgsz, build.max_classes, build.masks),
                           build.backbone)
     modules = {specs.BACKBONE: parts.backbone, specs.ENC_DEC: parts.runtime_head}
+    if parts.mask_head is not None:
+        modules[specs.MASK_DECODER] = parts.mask_head
     for name, module in modules.items():
         log(f"torch: saving {name} ({parts.dims.imgsz}px) as safetensors ...")
         record = served_record(module) if name == specs.BACKBONE else None
@@ -105,7 +107,7 @@ def copy_weights(repo: Path, exported: Path, build: BuildOptions, opts: RepoOpti
     """Move the exported weights into `repo/<model>/1/weights/` (a rebuild replaces them)."""
     from dart_triton.graphs.torch_graphs import WEIGHTS_DIR
 
-    for name in specs.GRAPH_MODELS:
+    for name in specs.graph_models(opts.dims):
         version = repo / name / "1"
         for stale in version.glob("model.onnx*"):  # left by a build with another backend
             stale.unlink()

@@ -46,7 +46,7 @@ def ensemble_config(opts: RepoOptions) -> str:
     steps = [
         step(specs.PREPROCESS,
              same(specs.IMAGE, specs.IMAGE_BYTES, specs.CLASSES, specs.SCORE_THRESHOLD,
-                  specs.NMS_IOU, specs.MAX_DETECTIONS),
+                  specs.NMS_IOU, specs.MAX_DETECTIONS, specs.RETURN_MASKS, specs.MASK_THRESHOLD),
              same(specs.PIXEL_VALUES, specs.ORIGINAL_SIZE, specs.CHECKED_CLASSES)),
         step(specs.TEXT_ENCODER, {specs.CLASSES: specs.CHECKED_CLASSES},
              same(specs.TEXT_FEATURES, specs.TEXT_MASK)),
@@ -74,12 +74,14 @@ def all_configs(opts: RepoOptions, backend: Backend | None = None) -> dict[str, 
             s[specs.PREPROCESS], opts, PreprocessParameters(d.imgsz, d.max_classes)),
         specs.TEXT_ENCODER: python_model_config(
             s[specs.TEXT_ENCODER], opts, TextEncoderParameters(opts.warm_vocabulary)),
-        **{name: backend.graph_config(s[name], opts) for name in specs.GRAPH_MODELS},
+        **{name: backend.graph_config(s[name], opts) for name in specs.graph_models(d)},
         specs.POSTPROCESS: python_model_config(s[specs.POSTPROCESS], opts,
                                                PostprocessParameters()),
         specs.DART: python_model_config(
-            s[specs.DART], opts, DartParameters(d.imgsz, d.max_classes, opts.enc_dec_buckets,
-                                                opts.backbone)),
+            s[specs.DART], opts, DartParameters(
+                d.imgsz, d.max_classes, opts.enc_dec_buckets, opts.backbone, d.masks,
+                ",".join(t.name for t in s[specs.MASK_DECODER].inputs
+                         if t.name.startswith(specs.FPN_FEATURES)) if d.masks else "")),
         specs.DART_ENSEMBLE: ensemble_config(opts),
     }
 
@@ -108,7 +110,7 @@ def write_repository_files(repo, opts: RepoOptions, backend: Backend | None = No
     for name, text in all_configs(opts, backend).items():
         (repo / name / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version dir
         (repo / name / "config.pbtxt").write_text(text)
-    for name, module in backend.python_models().items():
+    for name, module in backend.python_models(opts.dims).items():
         (repo / name / "1" / "model.py").write_text(python_model_entry(module))
 
 

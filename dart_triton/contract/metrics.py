@@ -16,8 +16,10 @@ STEP_CALLS = "dart_step_calls_total"
 # read: reading and checking the request; preprocess: resize and normalise; backbone,
 # text_encoder, enc_dec: each BLS call from sending it to its answer (the called model's
 # queue and compute time included; backbone and text_encoder run at once, enc_dec once
-# per pass); select: scores, threshold, NMS, cap; respond: the output tensors.
-STEPS = ("read", "preprocess", "backbone", "text_encoder", "enc_dec", "select", "respond")
+# per pass); select: scores, threshold, NMS, cap; respond: the output tensors;
+# mask_decoder: each BLS call for masks (only requests with RETURN_MASKS make any).
+STEPS = ("read", "preprocess", "backbone", "text_encoder", "enc_dec", "select", "respond",
+         "mask_decoder")
 
 # text_encoder: class names served from the embedding cache, and encoded.
 TEXT_CACHE_HITS = "dart_text_cache_hits_total"

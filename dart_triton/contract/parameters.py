@@ -87,6 +87,7 @@ class DartParameters(ModelParameters):
     enc_dec_buckets: tuple[int, ...] = ()  # N buckets enc_dec passes are padded to
     backbone: str = "vit"  # what serves `backbone` (`BackboneChoice.describe`)
     masks: bool = False  # built with --masks: a `mask_decoder` model serves RETURN_MASKS
+    mask_levels: str = ""  # the backbone outputs mask_decoder reads, comma-separated
 
 
 @dataclass(frozen=True)

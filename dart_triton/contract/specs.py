@@ -390,6 +390,11 @@ def dart_spec(d: GraphDims, name: str = DART) -> ModelSpec:
     )
 
 
+def graph_models(d: GraphDims) -> tuple[str, ...]:
+    """The graph models of a repository at `d`: mask_decoder too when built with masks."""
+    return MASK_GRAPH_MODELS if d.masks else GRAPH_MODELS
+
+
 def all_specs(d: GraphDims) -> dict[str, ModelSpec]:
     specs = [
         preprocess_spec(d),

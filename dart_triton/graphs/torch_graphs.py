@@ -93,7 +93,7 @@ def save_graph_module(out_dir: str | Path, name: str, module: nn.Module, sam3_co
     """Write one graph module's weights directory (config, tensors, dims)."""
     from safetensors.torch import save_file
 
-    if name not in specs.GRAPH_MODELS:
+    if name not in specs.MASK_GRAPH_MODELS:
         raise ValueError(f"not a graph model: {name!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +117,7 @@ def skeleton(name: str, sam3_config, dims: GraphDims, backbone: dict | None = No
 
     from dart_triton.model.backbone import RestructuredBackbone
     from dart_triton.model.detection_head import BatchedDetectionHead
+    from dart_triton.model.mask_head import MaskHead
 
     if name == specs.BACKBONE and backbone and backbone.get("kind") == "timm":
         from dart_triton.backbones.students import (
@@ -134,6 +135,8 @@ def skeleton(name: str, sam3_config, dims: GraphDims, backbone: dict | None = No
 
                 module = prune(module, [(int(b), p) for b, p in backbone["removed"]])
             return module
+        if name == specs.MASK_DECODER:
+            return MaskHead(sam3, dims)
         return BatchedDetectionHead(sam3, dims, "sdpa")
 
 
@@ -190,7 +193,7 @@ def example_inputs(name: str, dims: GraphDims, n: int = 1,
                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
     """Inputs of the served dtypes and shapes (contents irrelevant: for warm-up/capture);
     ``n``: prompts (enc_dec) or frames (backbone)."""
-    spec = specs.backbone_spec(dims) if name == specs.BACKBONE else specs.enc_dec_spec(dims)
+    spec = specs.all_specs(dims)[name]
     out = []
     for t in spec.inputs:
         shape = ((n, *t.dims[1:]) if name == specs.BACKBONE
@@ -248,7 +251,9 @@ class TorchGraph:
         self.dtype = PRECISIONS[self.settings.precision]
         self.module = None if module is None else aot.ServedModule(
             module.to(device=self.device, dtype=self.dtype), self.dtype).eval()
-        mode = COMPILE_MODES[self.settings.compile]
+        # mask_decoder runs eagerly: two dynamic dimensions (prompts, kept queries) and
+        # convolutions that cuDNN already runs as single kernels.
+        mode = None if name == specs.MASK_DECODER else COMPILE_MODES[self.settings.compile]
         self._fn: Callable = self.module
         self.compiled_ahead = compiled is not None
         if compiled is not None:
@@ -271,7 +276,7 @@ class TorchGraph:
         The backbone's batch of frames likewise, compiled too (its shapes are static)."""
         static = self.settings.cuda_graphs or (
             self.name == specs.BACKBONE and self.settings.compile != "none")
-        if not static:
+        if not static or self.name == specs.MASK_DECODER:
             return n
         return min((b for b in self._warm if b >= n), default=n)
 
@@ -294,6 +299,8 @@ class TorchGraph:
         else max_classes), the backbone's frame counts (`batch_buckets`, else 1)."""
         if self.name == specs.BACKBONE:
             return sorted(set(buckets)) or [1]
+        if self.name == specs.MASK_DECODER:
+            return [1]  # one prompt, one query: loads the kernels; shapes vary anyway
         return sorted(set(buckets)) or [self.dims.max_classes]
 
     @torch.no_grad()
@@ -303,7 +310,7 @@ class TorchGraph:
         self._warm = shapes
         for n in shapes:
             inputs = example_inputs(self.name, self.dims, n, self.device)
-            if self.settings.cuda_graphs:
+            if self.settings.cuda_graphs and self.name != specs.MASK_DECODER:
                 self._graphs[_shape_key(inputs)] = _CapturedGraph(self._fn, inputs)
             else:
                 self._fn(*inputs)

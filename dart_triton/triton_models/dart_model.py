@@ -27,9 +27,10 @@ from dart_triton.contract.passes import plan_passes
 from dart_triton.model import image_files
 from dart_triton.model.postprocess import select
 from dart_triton.model.preprocess import preprocess_tensor
+from dart_triton.pipeline.masks import detect_with_masks
 from dart_triton.pipeline.orchestration import HeadOutputs, ModelCallError, run_graphs
 from dart_triton.triton_models import pb
-from dart_triton.triton_models.postprocess_model import detection_tensors
+from dart_triton.triton_models.postprocess_model import detection_tensors, masks_tensor
 from dart_triton.triton_models.step_metrics import StepMetrics
 
 # What a called model says when its stub is gone or not loaded: retrying later can help.
@@ -67,18 +68,19 @@ class BlsRunner:
     features stay a Triton tensor from backbone to enc_dec (no copy); text features
     become torch tensors for slicing."""
 
-    def __init__(self, steps: StepMetrics):
-        self.steps = steps
-
     async def _call(self, model: str, inputs: list, outputs: tuple[str, ...]) -> list:
         with self.steps.time(model):
             return await call_model(model, inputs, outputs)
 
-    async def backbone(self, pixel_values: torch.Tensor):
-        (features,) = await self._call(
-            specs.BACKBONE, [pb.from_torch(specs.PIXEL_VALUES, pixel_values)],
-            (specs.FPN_FEATURES,))
-        return features
+    def __init__(self, steps: StepMetrics, mask_levels: tuple[str, ...] = ()):
+        self.steps = steps
+        self.mask_levels = mask_levels  # backbone outputs mask_decoder reads
+
+    async def backbone(self, pixel_values: torch.Tensor, mask_levels: bool = False):
+        outputs = (specs.FPN_FEATURES, *(self.mask_levels if mask_levels else ()))
+        levels = await self._call(
+            specs.BACKBONE, [pb.from_torch(specs.PIXEL_VALUES, pixel_values)], outputs)
+        return levels if mask_levels else levels[0]
 
     async def text(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         classes = np.array([n.encode("utf-8") for n in names], dtype=object)
@@ -88,15 +90,27 @@ class BlsRunner:
         return pb.as_torch(features), pb.as_torch(mask)
 
     async def enc_dec(self, features, text_features: torch.Tensor,
-                      text_mask: torch.Tensor) -> HeadOutputs:
+                      text_mask: torch.Tensor, mask_inputs: bool = False) -> HeadOutputs:
         outs = await self._call(specs.ENC_DEC, [
             features,
             pb.from_torch(specs.TEXT_FEATURES, text_features),
             pb.from_torch(specs.TEXT_MASK, text_mask),
-        ], specs.HEAD_OUTPUTS)
+        ], (*specs.HEAD_OUTPUTS, *(specs.MASK_INPUTS if mask_inputs else ())))
         # Zero-copy torch views: GPU outputs (the torch backend) stay on the GPU, and
         # `select` runs NMS there; CPU outputs are numpy underneath.
         return HeadOutputs(*(pb.as_torch(t) for t in outs))
+
+    async def mask_decoder(self, levels: list, encoder_memory: torch.Tensor,
+                           text_features: torch.Tensor, text_mask: torch.Tensor,
+                           kept_queries: torch.Tensor) -> torch.Tensor:
+        (logits,) = await self._call(specs.MASK_DECODER, [
+            *levels,  # the backbone's own output tensors, passed on as they are
+            pb.from_torch(specs.ENCODER_MEMORY, encoder_memory.contiguous()),
+            pb.from_torch(specs.TEXT_FEATURES, text_features.contiguous()),
+            pb.from_torch(specs.TEXT_MASK, text_mask.contiguous()),
+            pb.from_torch(specs.KEPT_QUERIES, kept_queries.contiguous()),
+        ], (specs.MASK_LOGITS,))
+        return pb.as_torch(logits)
 
 
 class TritonPythonModel:
@@ -104,7 +118,7 @@ class TritonPythonModel:
         self.params = pb.model_parameters(args, DartParameters)
         self.device = pb.device_of(args)
         self.steps = StepMetrics()
-        self.runner = BlsRunner(self.steps)
+        self.runner = BlsRunner(self.steps, tuple(filter(None, self.params.mask_levels.split(","))))
         family = pb.pb_utils.MetricFamily
         # The family must outlive its metrics: keep both on the instance.
         self.failure_family = family(
@@ -124,11 +138,23 @@ class TritonPythonModel:
             pixels = preprocess_tensor(image, self.params.imgsz)
         passes = plan_passes(len(req.names), self.params.max_classes,
                              self.params.enc_dec_buckets)
+        if req.masks.return_masks:
+            return await self._run_with_masks(req, pixels, image.shape[:2], passes)
         head = await run_graphs(self.runner, pixels, req.names, passes)
         with steps.time("select"):
-            kept = select(*head, image.shape[:2], req.options)
+            kept = select(*head.detection, image.shape[:2], req.options)
         with steps.time("respond"):
-            return detection_tensors(*kept)
+            return [*detection_tensors(*kept), masks_tensor(None)]
+
+    async def _run_with_masks(self, req, pixels, size, passes) -> list:
+        if not self.params.masks:
+            raise ValueError("RETURN_MASKS: this repository was built without masks; build "
+                             "one with `dart-triton build --masks` to serve them")
+        size = (int(size[0]), int(size[1]))
+        kept, rles = await detect_with_masks(self.runner, pixels, req.names, passes, size,
+                                             req.options, req.masks, self.params.max_classes)
+        with self.steps.time("respond"):
+            return [*detection_tensors(*kept), masks_tensor(rles)]
 
     def _error(self, exc: BaseException):
         self.failures[pb.error_code(exc)].increment(1)

@@ -32,7 +32,7 @@ class TritonPythonModel:
         inputs = {name: pb.as_numpy(pb.required_input(request, name))
                   for name in self.input_names}
         text = inputs.get(specs.TEXT_FEATURES)
-        if text is not None:
+        if text is not None:  # enc_dec's prompts per pass; mask_decoder's per call
             check_pass_rows(text.shape[0], self.max_classes)
         outputs = self.graph(**inputs)
         return [pb.pb_utils.Tensor(n, v) for n, v in zip(self.output_names, outputs,

@@ -17,6 +17,7 @@ from dart_triton.contract.validation import (
     ONE_IMAGE,
     DetectOptions,
     DetectRequest,
+    MaskOptions,
     check_image,
     decode_class_names,
     image_file_bytes,
@@ -107,6 +108,14 @@ def read_options(request) -> DetectOptions:
         max_detections=scalar(request, specs.MAX_DETECTIONS, specs.DEFAULT_MAX_DETECTIONS, int))
 
 
+def read_mask_options(request) -> MaskOptions:
+    """RETURN_MASKS and MASK_THRESHOLD, defaults filled in, checked."""
+    return MaskOptions(
+        return_masks=scalar(request, specs.RETURN_MASKS, False, bool),
+        mask_threshold=scalar(request, specs.MASK_THRESHOLD, specs.DEFAULT_MASK_THRESHOLD,
+                              float))
+
+
 def read_classes(request, name: str = specs.CLASSES) -> list[str]:
     return decode_class_names(as_numpy(required_input(request, name)))
 
@@ -125,7 +134,8 @@ def read_request(request) -> DetectRequest:
     """The public contract's request (IMAGE or IMAGE_BYTES, CLASSES, options), read and
     checked once (an image file's header is checked when it is decoded)."""
     image, data = read_image(request)
-    return DetectRequest(image, read_classes(request), read_options(request), data)
+    return DetectRequest(image, read_classes(request), read_options(request), data,
+                         read_mask_options(request))
 
 
 def error_code(exc: BaseException) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from dart_triton.contract import specs
 from dart_triton.model.postprocess import select
 from dart_triton.triton_models import pb
@@ -12,6 +14,11 @@ def detection_tensors(boxes, scores, class_ids) -> list:
     return [pb.pb_utils.Tensor(name, value)
             for name, value in zip(specs.DETECTION_OUTPUTS, (boxes, scores, class_ids),
                                    strict=True)]
+
+
+def masks_tensor(rles: list[bytes] | None):
+    """MASKS: one COCO RLE counts string per detection; [0] when none were asked for."""
+    return pb.pb_utils.Tensor(specs.MASKS, np.array(rles or [], dtype=object))
 
 
 class TritonPythonModel:

@@ -44,6 +44,9 @@ class TritonPythonModel:
         pixels, data = pb.read_image(request)
         decode_class_names(classes)
         pb.read_options(request)  # checked here, at the gate; postprocess reads them again
+        if pb.read_mask_options(request).return_masks:
+            raise ValueError(f"{specs.DART_ENSEMBLE} returns boxes only: send RETURN_MASKS "
+                             f"to the `{specs.DART}` model for masks")
         image = (torch.from_numpy(pixels).to(self.device) if pixels is not None
                  else image_files.decode(data, self.device))  # the costly part, last
         size = np.array(image.shape[:2], dtype=np.int32)

@@ -41,7 +41,7 @@ class TritonPythonModel:
         self.max_classes = params.max_classes
         self.batched = self.name == specs.BACKBONE and config.get("max_batch_size", 0) > 0
         buckets = (batch_buckets(config["max_batch_size"]) if self.batched
-                   else list(params.enc_dec_buckets))
+                   else list(params.enc_dec_buckets) if self.name == specs.ENC_DEC else [])
         settings = TorchSettings.from_parameters(params)
         device = pb.device_of(args)
         if args.get("model_instance_kind") == "GPU" and device == "cpu":
@@ -72,6 +72,8 @@ class TritonPythonModel:
         inputs = [pb.as_torch(t) for t in tensors]
         if self.name == specs.ENC_DEC:
             check_pass_rows(inputs[1].shape[0], self.max_classes)
+        elif self.name == specs.MASK_DECODER:  # as many prompts per call as in a pass
+            check_pass_rows(inputs[-1].shape[0], self.max_classes)
         return inputs
 
     def _tensors(self, outputs) -> list:
