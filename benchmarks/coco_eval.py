@@ -1,10 +1,12 @@
-"""COCO box AP of a `dart` Triton server: `dart-triton coco-eval`.
+"""COCO box AP (and, with ``--iou-type segm``, mask AP) of a `dart` Triton server:
+`dart-triton coco-eval`.
 
 Every image goes to the server with all category names as CLASSES; CLASS_IDS
 map back to COCO category ids. Each image's detections are appended to a JSONL
 file as they arrive, so an interrupted run (Ctrl-C, server restart) resumes
 where it stopped. The detect step is a plain ``image -> Detections`` callable,
 so mapping, writing, resuming and scoring run the same with or without a server.
+Mask AP asks the server for masks (COCO RLE, written as each result's ``segmentation``).
 With ``--url`` repeated, the images are spread over several servers; one that fails
 is set aside and its images go to the others (`dart_triton.client.endpoints`).
 """
@@ -37,6 +39,9 @@ JSONL_NAME, RESULTS_NAME, METRICS_NAME, RUN_NAME = (
 # Settings that change detections: a resumed run must not mix two of them in one file.
 _RUN_KEYS = ("model", "imgsz", "score_threshold", "nms_iou", "max_detections",
              "prompt_template", "categories")
+# ... and with masks: a run that needs them cannot use detections made without them.
+_MASK_KEYS = ("masks", "mask_threshold")
+IOU_TYPES = {"bbox": "box", "segm": "mask"}
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,16 @@ class CocoDataset:
     images: list[dict]  # COCO image records (id, file_name, width, height), sorted by id
     category_ids: list[int]  # sorted; index i is CLASSES[i]
     category_names: list[str]
+    unsegmented: int = 0  # annotations without a `segmentation` (mask AP needs them all)
 
     @classmethod
     def load(cls, annotations: Path, limit: int | None = None) -> CocoDataset:
         data = json.loads(Path(annotations).read_text())
         images = sorted(data["images"], key=lambda im: im["id"])
         cats = sorted(data["categories"], key=lambda c: c["id"])
-        return cls(images[:limit], [c["id"] for c in cats], [c["name"] for c in cats])
+        unsegmented = sum("segmentation" not in a for a in data.get("annotations", []))
+        return cls(images[:limit], [c["id"] for c in cats], [c["name"] for c in cats],
+                   unsegmented)
 
     @property
     def image_ids(self) -> list[int]:
@@ -177,13 +185,24 @@ def _quiet(*args: object, **kwargs: object) -> None:
     """The evaluator's own printout is replaced by `format_table`."""
 
 
-def evaluate(annotations: Path, results_json: Path, image_ids: Sequence[int]) -> dict[str, float]:
-    """Box AP of a COCO results file over ``image_ids`` (fractions; -1 = no such GT)."""
+def evaluate(annotations: Path, results_json: Path, image_ids: Sequence[int],
+             iou_type: str = "bbox") -> dict[str, float]:
+    """Box (``bbox``) or mask (``segm``) AP of a COCO results file over ``image_ids``
+    (fractions; -1 = no such GT)."""
     from faster_coco_eval import COCO, COCOeval_faster
 
     gt = COCO(str(annotations), print_function=_quiet)
-    dt = gt.loadRes(str(results_json))
-    ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=_quiet)
+    results: str | list[dict] = str(results_json)
+    if iou_type == "segm":
+        results = json.loads(results_json.read_text())
+        if any("segmentation" not in r for r in results):
+            raise ValueError(f"{results_json}: detections without masks cannot be scored "
+                             "for mask AP (rerun with --overwrite)")
+        # Without its box a result's area is its mask's, so small/medium/large are the
+        # masks' sizes, as for the ground truth (what Detectron2 does too).
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    dt = gt.loadRes(results)
+    ev = COCOeval_faster(gt, dt, iouType=iou_type, print_function=_quiet)
     ev.params.imgIds = list(image_ids)
     ev.evaluate()
     ev.accumulate()
@@ -200,13 +219,18 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 def _check_run(output: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to resume a JSONL written with different detection settings."""
+    """Refuse to resume a JSONL written with different detection settings (detections with
+    masks still serve a run without: they are kept, and remembered as having them)."""
     run_file, jsonl = output / RUN_NAME, output / JSONL_NAME
     if overwrite:
         jsonl.unlink(missing_ok=True)
     elif run_file.exists() and jsonl.exists():
         before = json.loads(run_file.read_text())
         changed = [k for k in _RUN_KEYS if before.get(k) != settings.get(k)]
+        if settings.get("masks"):
+            changed += [k for k in _MASK_KEYS if before.get(k) != settings.get(k)]
+        else:
+            settings = settings | {k: before[k] for k in _MASK_KEYS if k in before}
         if changed:
             raise SystemExit(
                 f"coco-eval: {jsonl} was made with different {', '.join(changed)}; "
@@ -228,8 +252,10 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     send: str = "file",
+    iou_types: Sequence[str] = ("bbox",),
 ) -> dict[str, Any]:
-    """Detect (resumably), write results and metrics JSON, return the metrics record."""
+    """Detect (resumably), write results and metrics JSON, return the metrics record:
+    ``metrics`` of the first of ``iou_types``, ``metrics_by_iou_type`` of each."""
     dataset = dataset or CocoDataset.load(annotations)
     settings = {**(settings or {}), "categories": dataset.category_names}
     _check_run(output, settings, overwrite)
@@ -238,11 +264,13 @@ def run(
                       concurrency=concurrency, progress=progress, send=send)
     seconds = time.perf_counter() - start
     results = write_results(done, dataset.image_ids, output / RESULTS_NAME)
-    metrics = evaluate(annotations, output / RESULTS_NAME, dataset.image_ids)
+    by_type = {t: evaluate(annotations, output / RESULTS_NAME, dataset.image_ids, t)
+               for t in iou_types}
     import faster_coco_eval
 
     record = {
-        "metrics": metrics,
+        "metrics": by_type[iou_types[0]],
+        "metrics_by_iou_type": by_type,
         "images": len(dataset.images),
         "detections": len(results),
         "seconds_this_run": round(seconds, 3),
@@ -258,7 +286,8 @@ def run(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dart-triton coco-eval",
-        description="COCO box AP of a `dart` Triton server (resumable: rerun to continue).",
+        description="COCO box or mask AP of a `dart` Triton server (resumable: rerun to "
+                    "continue).",
     )
     p.add_argument("--images", type=Path, required=True, metavar="DIR",
                    help="image folder, e.g. coco/val2017")
@@ -287,6 +316,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="per image; 100 is what COCO AP counts (default: 100)")
     p.add_argument("--prompt-template", default="{}", metavar="TEMPLATE",
                    help="prompt per category, {} = category name (default: name as is)")
+    p.add_argument("--iou-type", nargs="+", choices=tuple(IOU_TYPES), default=["bbox"],
+                   metavar="TYPE",
+                   help="bbox (default): box AP; segm: mask AP (asks the server for masks: "
+                        "model dart; the annotations need a segmentation each); both: "
+                        "--iou-type bbox segm")
+    p.add_argument("--mask-threshold", type=float, default=specs.DEFAULT_MASK_THRESHOLD,
+                   metavar="P",
+                   help="with segm: mask probability cut, in (0, 1) (default %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard earlier detections in --output instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -309,7 +346,17 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
     if not args.images.is_dir() or not args.annotations.is_file():
         print("coco-eval: --images must be a folder and --annotations a file", file=sys.stderr)
         return 2
+    iou_types = list(dict.fromkeys(args.iou_type))
+    masks = "segm" in iou_types
+    if not 0.0 < args.mask_threshold < 1.0:
+        print(f"coco-eval: --mask-threshold must be in (0, 1), got {args.mask_threshold}",
+              file=sys.stderr)
+        return 2
     dataset = CocoDataset.load(args.annotations, args.limit)
+    if masks and dataset.unsegmented:
+        print(f"coco-eval: --iou-type segm: {dataset.unsegmented} annotations in "
+              f"{args.annotations} have no segmentation", file=sys.stderr)
+        return 2
     classes = [args.prompt_template.replace("{}", n) for n in dataset.category_names]
     settings: dict[str, Any] = {
         "model": args.model,
@@ -318,6 +365,7 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
         "nms_iou": args.nms_iou,
         "max_detections": args.max_detections,
         "prompt_template": args.prompt_template,
+        **({"masks": True, "mask_threshold": args.mask_threshold} if masks else {}),
     }
     detector = None
     if detect is None:
@@ -328,6 +376,7 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
                 classes, args.url, args.protocol, args.model,
                 score_threshold=args.score_threshold, nms_iou=args.nms_iou,
                 max_detections=args.max_detections,
+                **({"masks": True, "mask_threshold": args.mask_threshold} if masks else {}),
             )
         except ValueError as e:  # an empty --url
             print(f"coco-eval: --url: {e}", file=sys.stderr)
@@ -349,7 +398,8 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
         record = run(args.images, args.annotations, output, detect, dataset=dataset,
                      concurrency=args.concurrency, settings=settings,
                      overwrite=args.overwrite, progress=not args.no_progress,
-                     send=args.send if detector is not None else "pixels")
+                     send=args.send if detector is not None else "pixels",
+                     iou_types=iou_types)
     except DartClientError as e:
         print(f"coco-eval: server error: {e}\ncoco-eval: detections so far are kept in "
               f"{output / JSONL_NAME}; rerun the same command to resume", file=sys.stderr)
@@ -367,8 +417,9 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
         if detector is not None:
             detector.close()
     imgsz = f", imgsz {record['imgsz']}" if record.get("imgsz") else ""
-    print(f"COCO box AP, {record['images']} images, model {args.model}{imgsz}, "
-          f"score >= {args.score_threshold}:")
-    print(format_table(record["metrics"]))
+    for iou_type, metrics in record["metrics_by_iou_type"].items():
+        print(f"COCO {IOU_TYPES[iou_type]} AP, {record['images']} images, model "
+              f"{args.model}{imgsz}, score >= {args.score_threshold}:")
+        print(format_table(metrics))
     print(f"results: {output / RESULTS_NAME}\nmetrics: {output / METRICS_NAME}")
     return 0

@@ -44,7 +44,7 @@ def coco(tmp_path: Path) -> tuple[Path, Path]:
         images.append({"id": image_id, "file_name": name, "width": w, "height": h})
     anns = [
         {"id": n + 1, "image_id": i, "category_id": c, "bbox": [x, y, w, h], "area": w * h,
-         "iscrowd": 0}
+         "iscrowd": 0, "segmentation": [_diamond(x, y, w, h)]}
         for n, (i, c, x, y, w, h) in enumerate(BOXES)
     ]
     annotations = tmp_path / "instances.json"
@@ -54,6 +54,20 @@ def coco(tmp_path: Path) -> tuple[Path, Path]:
 
 
 Shift = Callable[[int, int, int, int, int], tuple[int, int, int, int]]
+
+
+def _diamond(x: float, y: float, w: float, h: float) -> list[float]:
+    """A polygon that fills its box only in part, so mask AP is not box AP in disguise."""
+    return [x, y + h / 2, x + w / 2, y, x + w, y + h / 2, x + w / 2, y + h]
+
+
+def _mask_counts(image_id: int, x: int, y: int, w: int, h: int) -> bytes:
+    """The RLE counts of the (shifted) ground-truth polygon, as `dart` would send them."""
+    from pycocotools import mask as mask_utils
+
+    width, height, _ = IMAGES[image_id]
+    return mask_utils.merge(mask_utils.frPyObjects([_diamond(x, y, w, h)], height, width))[
+        "counts"]
 
 
 def _no_shift(k: int, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
@@ -70,8 +84,10 @@ def _score(k: int) -> float:
 
 
 def _fake_detector(shift: Shift = _no_shift, calls: list[int] | None = None,
-                   fail_after: int | None = None) -> Callable[[np.ndarray], Detections]:
-    """Answers with the (shifted) ground truth of whichever image it is shown."""
+                   fail_after: int | None = None, masks: bool = False,
+                   ) -> Callable[[np.ndarray], Detections]:
+    """Answers with the (shifted) ground truth of whichever image it is shown; ``masks``:
+    the ground-truth polygons too, as RLE masks."""
     by_fill = {fill: image_id for image_id, (_, _, fill) in IMAGES.items()}
 
     def detect(image: np.ndarray) -> Detections:
@@ -88,6 +104,8 @@ def _fake_detector(shift: Shift = _no_shift, calls: list[int] | None = None,
             class_ids=np.array([SORTED_CAT_IDS.index(c) for _, c, *_ in rows], np.int32),
             # What the server echoes: the (templated) prompts, in sorted-category order.
             class_names=[f"a photo of a {NAME_OF[c]}" for c in SORTED_CAT_IDS],
+            masks=[_mask_counts(image_id, *r[2:]) for r in rows] if masks else None,
+            image_size=image.shape[:2] if masks else None,
         )
 
     return detect
@@ -224,3 +242,86 @@ def test_missing_image_is_a_clear_error(coco, tmp_path, capsys):
     (images_dir / "000000000632.png").unlink()
     assert _main(images_dir, annotations, tmp_path / "out", _fake_detector()) == 2
     assert "000000000632.png" in capsys.readouterr().err
+
+
+# --- mask AP ---------------------------------------------------------------------------------
+def test_mask_ap_of_ground_truth_is_one(coco, tmp_path, capsys):
+    images_dir, annotations = coco
+    out = tmp_path / "out"
+    assert _main(images_dir, annotations, out, _fake_detector(masks=True),
+                 "--iou-type", "bbox", "segm") == 0
+    record = json.loads((out / coco_eval.METRICS_NAME).read_text())
+    ones = {name: 1.0 for name in coco_eval.METRIC_NAMES}
+    assert record["metrics_by_iou_type"] == {"bbox": ones, "segm": ones}
+    assert record["metrics"] == ones and record["masks"] is True
+    printed = capsys.readouterr().out
+    assert "COCO box AP" in printed and "COCO mask AP" in printed
+    results = json.loads((out / coco_eval.RESULTS_NAME).read_text())
+    assert len(results) == len(BOXES)
+    assert all(set(r["segmentation"]) == {"size", "counts"} for r in results)
+
+
+def test_mask_ap_matches_the_evaluator_run_directly(coco, tmp_path):
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    images_dir, annotations = coco
+    out = tmp_path / "out"
+    assert _main(images_dir, annotations, out, _fake_detector(_shift, masks=True),
+                 "--iou-type", "segm") == 0
+
+    direct = [{"image_id": i, "category_id": c, "score": _score(k),
+               "segmentation": {"size": [IMAGES[i][1], IMAGES[i][0]],
+                                "counts": _mask_counts(i, *_shift(k, x, y, w, h)).decode()}}
+              for k, (i, c, x, y, w, h) in enumerate(BOXES)]
+    gt = COCO(str(annotations))
+    ev = COCOeval_faster(gt, gt.loadRes(direct), iouType="segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    expected = dict(zip(coco_eval.METRIC_NAMES, map(float, ev.stats[:6]), strict=True))
+    record = json.loads((out / coco_eval.METRICS_NAME).read_text())
+    assert record["metrics"] == expected and list(record["metrics_by_iou_type"]) == ["segm"]
+    assert 0.0 < expected["AP"] < 1.0
+
+
+def test_masks_are_a_setting_of_the_detections(coco, tmp_path):
+    images_dir, annotations = coco
+    out = tmp_path / "out"
+    assert _main(images_dir, annotations, out, _fake_detector()) == 0
+    # Boxes-only detections cannot give mask AP ...
+    with pytest.raises(SystemExit, match="masks"):
+        _main(images_dir, annotations, out, _fake_detector(masks=True), "--iou-type", "segm")
+    calls: list[int] = []
+    assert _main(images_dir, annotations, out, _fake_detector(calls=calls, masks=True),
+                 "--iou-type", "segm", "--overwrite") == 0
+    assert sorted(calls) == sorted(IMAGES)
+    # ... while detections with masks still serve box AP, and are remembered as having them.
+    calls = []
+    assert _main(images_dir, annotations, out, _fake_detector(calls=calls)) == 0
+    assert calls == [] and _metrics(out)["AP"] == 1.0
+    assert _main(images_dir, annotations, out, _fake_detector(calls=calls, masks=True),
+                 "--iou-type", "segm") == 0
+    assert calls == [] and _metrics(out)["AP"] == 1.0
+    with pytest.raises(SystemExit, match="mask_threshold"):
+        _main(images_dir, annotations, out, _fake_detector(masks=True), "--iou-type", "segm",
+              "--mask-threshold", "0.7")
+
+
+def test_mask_ap_errors_are_one_line(coco, tmp_path, capsys):
+    images_dir, annotations = coco
+    # A detector (server) that sends no masks.
+    assert _main(images_dir, annotations, tmp_path / "a", _fake_detector(),
+                 "--iou-type", "segm") == 2
+    assert "without masks" in capsys.readouterr().err
+    assert _main(images_dir, annotations, tmp_path / "b", _fake_detector(masks=True),
+                 "--iou-type", "segm", "--mask-threshold", "1") == 2
+    assert "--mask-threshold must be in (0, 1)" in capsys.readouterr().err
+    # Ground truth without masks.
+    data = json.loads(annotations.read_text())
+    for ann in data["annotations"][:3]:
+        del ann["segmentation"]
+    annotations.write_text(json.dumps(data))
+    assert _main(images_dir, annotations, tmp_path / "c", _fake_detector(masks=True),
+                 "--iou-type", "segm") == 2
+    err = capsys.readouterr().err
+    assert "3 annotations" in err and "no segmentation" in err
