@@ -366,3 +366,24 @@ def test_yolo_polygon_skips_masks_without_an_outline(tmp_path, capsys):
     (line,) = (tmp_path / "ds" / "labels" / "a.txt").read_text().splitlines()
     assert line.split()[0] == "0" and len(line.split()) == 9  # a rectangle: 4 corners
     assert "2 of 3 masks have no outline" in capsys.readouterr().err
+
+
+def test_cli_video_masks_tracked(fake_server, photo, tmp_path, capsys):
+    pytest.importorskip("av")
+    pytest.importorskip("trackers")
+    from dart_triton.client.video_cli import video_main
+
+    protocol, url, recorder = fake_server
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):  # a real photo, panning: the first pixel (the fake's box x) changes
+        Image.fromarray(np.ascontiguousarray(photo[i * 4:i * 4 + 96, :128])).save(
+            frames / f"{i:03d}.png")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(video_main, [frames, "--classes", "cup", "rocket", "--out",
+                                             f"{out}/", "--url", url, "--protocol", protocol,
+                                             "--masks", "--track", "--encode", "jpeg",
+                                             "--no-progress"], capsys)
+    assert code == 0, err
+    assert "4 frames" in stdout and len(list(out.glob("*.jpg"))) == 4
+    assert all(specs.RETURN_MASKS in r and specs.IMAGE_BYTES in r for r in recorder.requests)
