@@ -352,6 +352,10 @@ def main(argv: Sequence[str] | None = None, detect: Detect | None = None) -> int
         print(f"coco-eval: --mask-threshold must be in (0, 1), got {args.mask_threshold}",
               file=sys.stderr)
         return 2
+    if masks and args.model == specs.DART_ENSEMBLE:
+        print(f"coco-eval: --iou-type segm needs --model {specs.DART}: {specs.DART_ENSEMBLE} "
+              "returns boxes only", file=sys.stderr)
+        return 2
     dataset = CocoDataset.load(args.annotations, args.limit)
     if masks and dataset.unsegmented:
         print(f"coco-eval: --iou-type segm: {dataset.unsegmented} annotations in "

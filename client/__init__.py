@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_image": ".images",
     "annotate": ".draw",
     "annotate_video": ".video",
+    "decode_masks": ".masks",
 }
 
 __all__ = sorted(_EXPORTS)

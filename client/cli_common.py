@@ -100,6 +100,9 @@ def request_options(args: argparse.Namespace) -> dict:
     threshold = getattr(args, "mask_threshold", None)
     if threshold is not None and not getattr(args, "masks", False):
         raise UsageError("--mask-threshold needs --masks")
+    if getattr(args, "masks", False) and args.model == specs.DART_ENSEMBLE:
+        raise UsageError(f"--masks needs --model {specs.DART}: {specs.DART_ENSEMBLE} "
+                         "returns boxes only")
     try:
         option_arrays(**options)
         if getattr(args, "masks", False):

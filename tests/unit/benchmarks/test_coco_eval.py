@@ -316,6 +316,9 @@ def test_mask_ap_errors_are_one_line(coco, tmp_path, capsys):
     assert _main(images_dir, annotations, tmp_path / "b", _fake_detector(masks=True),
                  "--iou-type", "segm", "--mask-threshold", "1") == 2
     assert "--mask-threshold must be in (0, 1)" in capsys.readouterr().err
+    assert _main(images_dir, annotations, tmp_path / "b", _fake_detector(masks=True),
+                 "--iou-type", "segm", "--model", "dart_ensemble") == 2
+    assert "needs --model dart" in capsys.readouterr().err
     # Ground truth without masks.
     data = json.loads(annotations.read_text())
     for ann in data["annotations"][:3]:

@@ -262,6 +262,10 @@ def test_cli_detect_masks_json_and_annotate(fake_server, photo_dir, tmp_path, ca
     code, _, err = run_cli(detect_main, [image, "--classes", "cup", "--url", url, "--masks",
                                          "--mask-threshold", "1"], capsys)
     assert code == 2 and "--mask-threshold must be in (0, 1)" in err[0] and len(err) == 1
+    code, _, err = run_cli(detect_main, [image, "--classes", "cup", "--url", url, "--masks",
+                                         "--model", "dart_ensemble"], capsys)
+    assert code == 2 and err == ["dart-triton detect: error: --masks needs --model dart: "
+                                 "dart_ensemble returns boxes only"]
 
 
 def _label_dir(photo_dir: Path, tmp_path: Path) -> Path:
