@@ -86,7 +86,8 @@ class ServedModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cast = [t.to(self.dtype) if t.is_floating_point() else t for t in inputs]
-        return tuple(t.float() for t in self.module(*cast))
+        out = self.module(*cast)
+        return tuple(t.float() for t in ((out,) if isinstance(out, torch.Tensor) else out))
 
 
 def compile_package(name: str, module: nn.Module, dims: GraphDims, device: torch.device | str,
