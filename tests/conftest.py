@@ -91,8 +91,10 @@ def python_repository(tiny_checkpoint, tmp_path_factory):
     from dart_triton.export.repository import build_repository
 
     repo = tmp_path_factory.mktemp("repo_python")
+    # With masks: every server test of the session also checks that a request without
+    # RETURN_MASKS is answered as by a repository without them.
     build_repository(tiny_checkpoint, repo, backend="python", max_classes=TEST_MAX_CLASSES,
-                     log=lambda *_: None)
+                     masks=True, log=lambda *_: None)
     return repo
 
 

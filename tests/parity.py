@@ -48,3 +48,26 @@ def raw_inputs(image, classes, extra=()):
         t.set_data_from_numpy(np.array([value], dtype=numpy_dtype))
         inputs.append(t)
     return inputs
+
+
+def mask_ious(served, ref) -> list[float]:
+    """IoU of each served mask with the reference's (1 where both are empty)."""
+    from dart_triton.model.masks import decode_rle
+
+    assert served.image_size == ref.image_size and len(served.masks) == len(ref.masks)
+    ious = []
+    for a, b in zip(served.masks, ref.masks, strict=True):
+        ma, mb = decode_rle(a, served.image_size), decode_rle(b, ref.image_size)
+        union = int((ma | mb).sum())
+        ious.append(1.0 if union == 0 else int((ma & mb).sum()) / union)
+    return ious
+
+
+def assert_same_masks(served, ref, side: int = 512):
+    """Same detections (`assert_served_same`), and every mask within MASK_MIN_IOU."""
+    from tests.tolerances import MASK_MIN_IOU
+
+    assert_served_same(served, ref, side)
+    assert len(served) > 0, "no detection kept: the comparison would be empty"
+    ious = mask_ious(served, ref)
+    assert min(ious) >= MASK_MIN_IOU, f"worst mask IoU {min(ious):.4f}"

@@ -131,3 +131,18 @@ def test_a_bad_request_in_a_burst_fails_alone(batched_server):
             assert len(result.as_numpy(specs.SCORES)) == len(alone[k % 4])
     with DartClient(url) as client:  # still serving
         assert_same(client.detect(frames[0], CLASS_LISTS[0]), alone[0], side=max(SIZES[0]))
+
+
+def test_masks_from_a_repository_built_without_them_are_refused(batched_server):
+    """RETURN_MASKS to a repository built without --masks: one line saying how to build
+    one; a request without it is still answered."""
+    from dart_triton.client import DartClientError
+
+    image = images()[1]
+    with DartClient(batched_server.grpc_url) as client:
+        with pytest.raises(DartClientError) as err:
+            client.detect(image, CLASS_LISTS[1], masks=True)
+        assert err.value.status == "StatusCode.INVALID_ARGUMENT"
+        assert "built without masks" in err.value.message
+        assert "dart-triton build --masks" in err.value.message
+        assert client.detect(image, CLASS_LISTS[1]).masks is None

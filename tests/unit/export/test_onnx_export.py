@@ -70,15 +70,22 @@ def test_enc_dec_prompt_count_is_dynamic(exported, n):
     assert boxes.shape == (n, d.num_queries, 4) and presence.shape == (n, 1)
 
 
-def test_cli_export_with_mask_levels(tiny_checkpoint, tmp_path, capsys):
+def test_cli_export_with_masks(tiny_checkpoint, tmp_path, capsys):
     code = cli(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path),
                 "--max-classes", "2", "--masks"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "cosine" in printed and "FAIL" not in printed
+    assert "mask_logits" in printed and "encoder_memory" in printed  # each checked vs PyTorch
     graph = onnx.load(str(tmp_path / "backbone.onnx")).graph
     assert [o.name for o in graph.output] == [
         specs.FPN_FEATURES, specs.FPN_FEATURES_4X, specs.FPN_FEATURES_2X]
+    dims = read_graphs_meta(tmp_path)
+    for name, spec in ((specs.ENC_DEC, specs.enc_dec_spec(dims)),
+                       (specs.MASK_DECODER, specs.mask_decoder_spec(dims))):
+        io = read_onnx_io(tmp_path / f"{name}.onnx")
+        assert list(io.inputs) == [t.name for t in spec.inputs]
+        assert list(io.outputs) == [t.name for t in spec.outputs]
     assert json.loads((tmp_path / "dart_graphs.json").read_text())["dims"]["max_classes"] == 2
 
 
