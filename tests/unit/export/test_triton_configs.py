@@ -38,14 +38,24 @@ def check_against_spec(cfg: mc.ModelConfig, spec: specs.ModelSpec) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gpu", [False, True])
-def test_generated_configs_match_specs(backend, gpu):
-    opts = RepoOptions(backend=backend, dims=DIMS, gpu=gpu,
+@pytest.mark.parametrize("masks", [False, True])
+def test_generated_configs_match_specs(backend, gpu, masks):
+    dims = specs.GraphDims(imgsz=644, max_classes=8, masks=masks)
+    opts = RepoOptions(backend=backend, dims=dims, gpu=gpu,
                        enc_dec_buckets=(1, 4, 8) if backend == "tensorrt" else ())
     configs = {name: parse(text) for name, text in all_configs(opts).items()}
-    all_specs = specs.all_specs(DIMS)
+    all_specs = specs.all_specs(dims)
     assert set(configs) == set(all_specs)
+    assert (specs.MASK_DECODER in configs) == masks
     for name, cfg in configs.items():
         check_against_spec(cfg, all_specs[name])
+    dart = {k: v.string_value for k, v in configs[specs.DART].parameters.items()}
+    assert dart["masks"] == ("yes" if masks else "no")
+    if masks:  # the backbone outputs dart hands mask_decoder, by name
+        assert dart["mask_levels"].split(",") == [
+            t.name for t in all_specs[specs.MASK_DECODER].inputs[:len(dims.mask_levels)]]
+        assert set(dart["mask_levels"].split(",")) <= {
+            t.name for t in all_specs[specs.BACKBONE].outputs}
 
 
 def test_committed_reference_configs_are_generated():
