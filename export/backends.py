@@ -235,9 +235,6 @@ def check_build(build: BuildOptions) -> Backend:
     backend = get_backend(build.backend)
     backend.graph_settings(build)
     backend.check_max_batch(build)
-    if build.masks and backend.name == "tensorrt":
-        raise ValueError("--masks: the tensorrt backend builds no mask_decoder plan yet; "
-                         "serve masks with --backend torch (GPU) or python/onnxruntime")
     return backend
 
 

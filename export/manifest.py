@@ -214,7 +214,7 @@ def stale_reasons(repo: str | Path, checkpoint: str | Path, build: BuildOptions,
         # version and typing when it is installed here).
         want = wanted_plan_fields(build.plan_options(dims.get("max_classes")),
                                   dims.get("imgsz"), dims.get("max_classes"), build.backbone,
-                                  installed_path())
+                                  installed_path(), dims.get("num_queries"))
         reasons += plan_stale(repo, models, device=current_device(), want=want)
     return reasons
 

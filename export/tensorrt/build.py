@@ -1,7 +1,8 @@
 """ONNX graphs -> verified TensorRT plans in a Triton model repository (paper §3.3-3.4).
 
 ``dart-triton build-plans --onnx-dir DIR --output REPO`` builds ``REPO/backbone/1/model.plan``
-and ``REPO/enc_dec/1/model.plan`` (FP16 by default), runs each on real inputs against an
+and ``REPO/enc_dec/1/model.plan``, and ``REPO/mask_decoder/1/model.plan`` when the graphs
+were exported with ``--masks`` (FP16 by default), runs each on real inputs against an
 FP32 reference (see ``plan_verify``), and only then moves them into the repository, each
 with a ``model.plan.json`` sidecar recording everything that shaped it (see
 ``plan_sidecar``). The repository builder calls :func:`build_plans` for
@@ -24,6 +25,9 @@ one line (:class:`TensorRTError`), never a traceback.
 The enc_dec plan gets optimisation profiles over the class count N: one profile
 ``1..max_classes`` tuned at ``--opt-classes``, or with ``--buckets 1,4,16`` one profile per
 bucket (see ``dart_triton.contract.passes`` for why buckets are ranges tuned at their top).
+The mask_decoder plan has one profile over its prompts P (``1..max_classes``, tuned like
+enc_dec's single profile: ``dart`` sends the kept prompts in chunks, unpadded) and kept
+queries per prompt J (``1..num_queries``, tuned at ``MASK_OPT_QUERIES``).
 
 TensorRT is imported lazily: everything up to the build itself (graph checks, profiles,
 the equivalent ``trtexec`` line: ``--dry-run``) works on a machine without it.
@@ -67,6 +71,7 @@ from dart_triton.export.tensorrt.profiles import (
     graph_dims_from_onnx,
     model_profiles,
     profile_shapes,
+    query_range,
     read_graphs_json,
     read_onnx_io,
     trtexec_command,
@@ -82,7 +87,10 @@ from dart_triton.export.tensorrt.sidecar import (
 )
 from dart_triton.export.tensorrt.verify import VerificationError
 
-SPEC_FOR = {specs.BACKBONE: specs.backbone_spec, specs.ENC_DEC: specs.enc_dec_spec}
+SPEC_FOR = {specs.BACKBONE: specs.backbone_spec, specs.ENC_DEC: specs.enc_dec_spec,
+            specs.MASK_DECODER: specs.mask_decoder_spec}
+# Plans with optimisation profiles over prompts (their PlanJob.ranges).
+PROMPT_MODELS = (specs.ENC_DEC, specs.MASK_DECODER)
 
 
 @dataclass
@@ -102,6 +110,7 @@ class PlanJob:
     # The strongly typed FP16 path builds from a converted graph: the command that makes
     # it by hand (before the trtexec line), else None.
     prepare: str | None = None
+    queries: ProfileRange | None = None  # mask_decoder's kept queries per prompt (J)
 
     @property
     def fp16_graph(self) -> bool:
@@ -119,9 +128,10 @@ def plan_jobs(
     path = path or installed_path() or TensorRTPath.for_version(DEFAULT_DRY_RUN_VERSION)
     onnx_dir = Path(onnx_dir)
     paths = {m: onnx_dir / f"{m}.onnx" for m in MODELS}
-    for m in opts.models:
+    for m in opts.models or specs.GRAPH_MODELS:  # asked for, or what every export has
         if not paths[m].is_file():
-            raise FileNotFoundError(f"{paths[m]} not found (run `dart-triton export` first)")
+            how = " --masks" if m == specs.MASK_DECODER else ""
+            raise FileNotFoundError(f"{paths[m]} not found (run `dart-triton export{how}` first)")
     ios = {m: read_onnx_io(p) for m, p in paths.items() if p.is_file()}
     hint = read_graphs_json(onnx_dir).get("dims", {})
     max_classes = opts.resolved_max_classes(hint.get("max_classes"))
@@ -129,17 +139,33 @@ def plan_jobs(
     if opts.imgsz is not None and opts.imgsz != dims.imgsz:
         raise ValueError(f"--imgsz {opts.imgsz} but the ONNX graphs in {onnx_dir} are for "
                          f"imgsz {dims.imgsz}: re-export or drop --imgsz")
+    models = opts.models or specs.graph_models(dims)
+    if specs.MASK_DECODER in models:
+        if not dims.masks:
+            raise ValueError(f"mask_decoder: the graphs in {onnx_dir} were exported without "
+                             "--masks (no mask inputs from backbone and enc_dec)")
+        if not paths[specs.MASK_DECODER].is_file():
+            raise FileNotFoundError(f"{paths[specs.MASK_DECODER]} not found (the graphs say "
+                                    "--masks: re-run `dart-triton export --masks`)")
     ranges = profile_ranges(max_classes, opts.buckets, opts.opt_classes)
     jobs = []
-    for model in opts.models:
+    for model in models:
         io, spec = ios[model], SPEC_FOR[model](dims)
         check_graph_matches_spec(io, spec, f"{model}.onnx")
         if model == specs.ENC_DEC and io.inputs[specs.TEXT_FEATURES][0] != -1:
             raise ValueError(f"enc_dec.onnx has a fixed class count N="
                              f"{io.inputs[specs.TEXT_FEATURES][0]}: export it with a dynamic "
                              "N axis so one plan serves 1..max_classes")
+        model_ranges, queries = ranges, None
+        if model == specs.MASK_DECODER:
+            if io.inputs[specs.KEPT_QUERIES][:2] != (-1, -1):
+                raise ValueError(f"mask_decoder.onnx has fixed {specs.KEPT_QUERIES} "
+                                 f"{list(io.inputs[specs.KEPT_QUERIES])}: export it with "
+                                 "dynamic P and J axes")
+            prompts, queries = mask_ranges(opts, max_classes, dims.num_queries)
+            model_ranges = [prompts]
         dyn = dynamic_inputs(io)
-        profiles = model_profiles(spec, ranges)
+        profiles = model_profiles(spec, model_ranges, queries)
         if not profiles and dyn:  # graph left a fixed dim dynamic: pin it to the spec
             profiles = [profile_shapes(spec, None)]
         plan = plan_path(repo_dir, model, opts.version)
@@ -151,8 +177,8 @@ def plan_jobs(
                                opts.opt_level, only_inputs=dyn,
                                strongly_typed=path.strongly_typed)
         jobs.append(PlanJob(model, paths[model], plan, io, spec,
-                            ranges if profiles and model == specs.ENC_DEC else [], profiles, dyn,
-                            line, path, prepare))
+                            model_ranges if profiles and model in PROMPT_MODELS else [],
+                            profiles, dyn, line, path, prepare, queries))
     return dims, jobs
 
 
@@ -208,9 +234,28 @@ def build_engine(trt, job: PlanJob, opts: PlanBuildOptions, logger,
 # Sidecar --------------------------------------------------------------------------------
 
 
+def mask_ranges(opts: PlanBuildOptions, max_classes: int, num_queries: int
+                ) -> tuple[ProfileRange, ProfileRange]:
+    """mask_decoder's one profile: prompts P as enc_dec's single profile (one, not one per
+    bucket: `dart` sends the kept prompts unpadded), kept queries J per prompt."""
+    return profile_ranges(max_classes, (), opts.opt_classes)[0], query_range(num_queries)
+
+
+def mask_profiles(opts: PlanBuildOptions, max_classes: int | None,
+                  num_queries: int | None) -> list[dict] | None:
+    """mask_decoder's one profile as its sidecar records it; None where the query count
+    is not known."""
+    if max_classes is None or num_queries is None:
+        return None
+    prompts, queries = mask_ranges(opts, max_classes, num_queries)
+    return [{"index": 0, **{axis: {"min": r.min, "opt": r.opt, "max": r.max}
+                            for axis, r in (("prompts", prompts), ("queries", queries))}}]
+
+
 def plan_fields(model: str, opts: PlanBuildOptions, imgsz: int, max_classes: int | None,
                 backbone: str, path: TensorRTPath | None,
-                ranges: list[ProfileRange] | None = None) -> dict:
+                ranges: list[ProfileRange] | None = None, num_queries: int | None = None
+                ) -> dict:
     """What shapes a plan, as its sidecar records it (``plan_sidecar.PLAN_FIELDS``).
 
     The build writes these; ``check-repository`` computes them from the build options
@@ -218,6 +263,8 @@ def plan_fields(model: str, opts: PlanBuildOptions, imgsz: int, max_classes: int
     enc = model == specs.ENC_DEC
     if ranges is None and enc:
         ranges = profile_ranges(max_classes, opts.buckets, opts.opt_classes)
+    mask = (mask_profiles(opts, max_classes, num_queries) if model == specs.MASK_DECODER
+            else None)
     fields = {
         "precision": opts.precision,
         "opt_level": opts.opt_level,
@@ -228,6 +275,7 @@ def plan_fields(model: str, opts: PlanBuildOptions, imgsz: int, max_classes: int
         "max_classes": max_classes if enc else None,
         "profiles": [{"index": i, "min": r.min, "opt": r.opt, "max": r.max}
                      for i, r in enumerate(ranges or [])] if enc else [],
+        "mask_profiles": mask,
     }
     if path is not None:
         fields.update({
@@ -240,18 +288,22 @@ def plan_fields(model: str, opts: PlanBuildOptions, imgsz: int, max_classes: int
 
 
 def wanted_plan_fields(opts: PlanBuildOptions, imgsz: int, max_classes: int, backbone: str,
-                       path: TensorRTPath | None) -> dict:
-    """What building with ``opts`` would record now, both plans' fields in one mapping
-    (``plan_sidecar.stale_reasons`` compares each plan with the fields that are its own)."""
+                       path: TensorRTPath | None, num_queries: int | None = None) -> dict:
+    """What building with ``opts`` would record now, every plan's fields in one mapping
+    (``plan_sidecar.stale_reasons`` compares each plan with the fields that are its own;
+    mask_decoder's profile only given ``num_queries``)."""
     fields = plan_fields(specs.ENC_DEC, opts, imgsz, max_classes, backbone, path)
     fields["backbone_kind"] = backbone_kind(backbone)
+    fields["mask_profiles"] = mask_profiles(opts, max_classes, num_queries)
+    if fields["mask_profiles"] is None:
+        del fields["mask_profiles"]  # not known: not compared
     return fields
 
 
 def _sidecar(job: PlanJob, dims: specs.GraphDims, opts: PlanBuildOptions, backbone: str,
              device: dict | None, onnx_digest: str, plan_digest: str, size: int,
              verification: dict, fp16_report: dict | None) -> dict:
-    enc = job.model == specs.ENC_DEC
+    ranged = job.model in PROMPT_MODELS
     dims_dict = {k: v for k, v in dataclasses.asdict(dims).items() if k != "extra"}
     return {
         "model": job.model,
@@ -264,14 +316,15 @@ def _sidecar(job: PlanJob, dims: specs.GraphDims, opts: PlanBuildOptions, backbo
         "compute_capability": (device or {}).get("compute_capability"),
         "graph_dims": dims_dict,
         "backbone": backbone if job.model == specs.BACKBONE else None,
-        "n_range": [job.ranges[0].min, job.ranges[-1].max] if enc and job.ranges else None,
+        "n_range": [job.ranges[0].min, job.ranges[-1].max] if ranged and job.ranges else None,
+        "j_range": [job.queries.min, job.queries.max] if job.queries else None,
         "workspace_bytes": opts.workspace_bytes(),
         "fp16_report": fp16_report,
         "trtexec": ([job.prepare] if job.prepare else []) + [job.trtexec],
         "verification": verification,
         "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **plan_fields(job.model, opts, dims.imgsz, dims.max_classes, backbone, job.path,
-                      job.ranges),
+                      job.ranges, dims.num_queries),
     }
 
 
@@ -344,7 +397,7 @@ def build_plans(
                 verification = {"skipped": True}
             else:
                 verification = check_plan(trt, job.model, job.ranges, job.path, blob, checker,
-                                          logger)
+                                          logger, job.queries)
                 print(f"[build-plans] {job.model}: verified against {verification['reference']}"
                       f" on {'; '.join(verification['inputs'].values())}: "
                       f"{_worst_line(verification)}", flush=True)
@@ -368,9 +421,10 @@ def build_plans(
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dart-triton build-plans",
-        description="Build verified TensorRT plans (backbone, enc_dec) from the ONNX graphs.")
+        description="Build verified TensorRT plans (backbone, enc_dec; mask_decoder from an "
+                    "export with --masks) from the ONNX graphs.")
     ap.add_argument("--onnx-dir", required=True, type=Path,
-                    help="folder with backbone.onnx and enc_dec.onnx")
+                    help="folder with backbone.onnx and enc_dec.onnx (and mask_decoder.onnx)")
     ap.add_argument("--output", required=True, type=Path, help="Triton model repository")
     ap.add_argument("--max-classes", type=int,
                     help=f"largest N per pass (default {specs.DEFAULT_MAX_CLASSES}, "
@@ -378,7 +432,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--opt-classes", type=int, help="N the single profile is tuned for")
     ap.add_argument("--buckets", help="e.g. 1,4,16: one profile per bucket (callers pad N)")
     ap.add_argument("--imgsz", type=int, help="expected image size (checked against ONNX)")
-    ap.add_argument("--models", default=",".join(MODELS), help="subset, e.g. enc_dec")
+    ap.add_argument("--models", help=f"subset of {','.join(MODELS)}, e.g. enc_dec "
+                                     "(default: every graph exported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dry-run", action="store_true",
                     help="check the graphs and print the trtexec lines; build nothing")

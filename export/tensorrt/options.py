@@ -105,7 +105,7 @@ class PlanBuildOptions:
     opt_classes: int | None = None  # single-profile opt N; None: min(4, max_classes)
     buckets: tuple[int, ...] = ()  # e.g. (1, 4, 16): one profile per bucket
     imgsz: int | None = None  # expected image size; checked against the ONNX graphs
-    models: tuple[str, ...] = MODELS
+    models: tuple[str, ...] = ()  # (): every graph of the export (mask_decoder too, if any)
     skip_verify: bool = False
     sample: Path | None = None  # .npz with real pixel_values / text_features / text_mask
     seed: int = 0
@@ -163,7 +163,7 @@ class PlanBuildOptions:
         if self.workspace_gb is not None and self.workspace_gb <= 0:
             raise ValueError(f"workspace must be > 0 GB, got {self.workspace_gb}")
         unknown = set(self.models) - set(MODELS)
-        if unknown or not self.models:
+        if unknown:
             raise ValueError(f"models must be among {MODELS}, got {self.models}")
 
     def workspace_bytes(self) -> int | None:

@@ -1,8 +1,11 @@
 """Checking a freshly built plan against the FP32 reference, before it is installed.
 
 The reference (ONNX Runtime on the CPU, or the checkpoint's PyTorch modules on the GPU),
-the real inputs (the packaged photograph, real class names) and the FPN features enc_dec
-is checked on are each made once per build (`PlanChecker`).
+the real inputs (the packaged photograph, real class names) and the FPN levels enc_dec
+and mask_decoder are checked on are each made once per build (`PlanChecker`).
+mask_decoder is checked as it is served: on the photograph's finer levels, the reference
+enc_dec's encoder memory for the class names, and each prompt's best-scoring decoder
+queries (those `dart` keeps first).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dart_triton.export.tensorrt.profiles import MODELS, backbone_from_descripti
 from dart_triton.export.tensorrt.verify import (
     Reference,
     TextSample,
+    VerifyCase,
     backbone_cases,
     enc_dec_cases,
     load_sample,
@@ -41,7 +45,7 @@ class PlanChecker:
         self.sample = load_sample(opts.sample)
         self.log = log
         self._reference: Reference | None = None
-        self._fpn: tuple[np.ndarray, str] | None = None
+        self._levels: tuple[dict[str, np.ndarray], str] | None = None
         self._text: TextSample | None = None
 
     @property
@@ -52,20 +56,28 @@ class PlanChecker:
                                              self.backbone, log=self.log)
         return self._reference
 
+    def _has(self, model: str) -> bool:
+        return hasattr(self.reference, "parts") or (self.onnx_dir / f"{model}.onnx").is_file()
+
+    def levels(self) -> tuple[dict[str, np.ndarray], str]:
+        """Every backbone output on the photo from the reference backbone (the detection
+        level for enc_dec's check, the finer ones for mask_decoder's)."""
+        if self._levels is None:
+            if self._has(specs.BACKBONE):
+                case = backbone_cases(self.dims, self.sample)[0]
+                self._levels = (self.reference.run(specs.BACKBONE, case.inputs),
+                                f"reference features of the {case.label}")
+            else:  # no backbone graph and no checkpoint: features of the right sizes
+                rng = np.random.default_rng(self.opts.seed + 2)
+                self._levels = ({t.name: rng.standard_normal(t.dims).astype(np.float32)
+                                 for t in specs.backbone_spec(self.dims).outputs},
+                                "random FPN features (no backbone graph or checkpoint)")
+        return self._levels
+
     def fpn(self) -> tuple[np.ndarray, str]:
         """FPN features of the photo from the reference backbone (for enc_dec's check)."""
-        if self._fpn is None:
-            ref = self.reference
-            if hasattr(ref, "parts") or (self.onnx_dir / "backbone.onnx").is_file():
-                case = backbone_cases(self.dims, self.sample)[0]
-                self._fpn = (ref.run(specs.BACKBONE, case.inputs)[specs.FPN_FEATURES],
-                             f"reference features of the {case.label}")
-            else:  # only enc_dec.onnx given and no checkpoint: features of the right size
-                rng = np.random.default_rng(self.opts.seed + 2)
-                h = self.dims.feat_hw
-                self._fpn = (rng.standard_normal((1, self.dims.fpn_dim, h, h)).astype(
-                    np.float32), "random FPN features (no backbone graph or checkpoint)")
-        return self._fpn
+        levels, label = self.levels()
+        return levels[specs.FPN_FEATURES], label
 
     def text(self, rows: int) -> TextSample:
         if self._text is None:
@@ -84,11 +96,40 @@ class PlanChecker:
                 self.log(f"[build-plans] warning: {self._text.label}")
         return self._text
 
-    def verify(self, model: str, ranges: list[ProfileRange], run_plan) -> dict:
+    def mask_cases(self, prompts: ProfileRange, queries: ProfileRange
+                   ) -> tuple[list[VerifyCase], dict[str, str]]:
+        """mask_decoder's cases, and where their inputs came from."""
+        levels, label = self.levels()
+        text = self.text(prompts.max)
+        rows = {specs.TEXT_FEATURES: np.ascontiguousarray(text.features[:prompts.max]),
+                specs.TEXT_MASK: np.ascontiguousarray(text.mask[:prompts.max])}
+        if self._has(specs.ENC_DEC):
+            head = self.reference.run(specs.ENC_DEC, {specs.FPN_FEATURES: levels[
+                specs.FPN_FEATURES], **rows})
+            how = "the best-scoring decoder queries of the reference enc_dec per prompt"
+        else:  # no enc_dec graph and no checkpoint: mask inputs of the right sizes
+            rng = np.random.default_rng(self.opts.seed + 3)
+            d = self.dims
+            head = {specs.ENCODER_MEMORY: rng.standard_normal(
+                        (prompts.max, d.feat_hw ** 2, d.fpn_dim)).astype(np.float32),
+                    specs.DECODER_QUERIES: rng.standard_normal(
+                        (prompts.max, d.num_queries, d.fpn_dim)).astype(np.float32),
+                    specs.PRED_LOGITS: np.zeros((prompts.max, d.num_queries), np.float32)}
+            how = "random encoder memory and queries (no enc_dec graph or checkpoint)"
+        cases = mask_decoder_cases(prompts, queries, {**levels, **rows, **head},
+                                   text.label.split(" (")[0])
+        return cases, {"fpn_levels": label, "text": text.label, "queries": how}
+
+    def verify(self, model: str, ranges: list[ProfileRange], run_plan,
+               queries: ProfileRange | None = None) -> dict:
         ref = self.reference
         if model == specs.BACKBONE:
             cases = backbone_cases(self.dims, self.sample)
             inputs = {"pixels": cases[0].label}
+        elif model == specs.MASK_DECODER:
+            if queries is None:
+                raise ValueError("mask_decoder: no range of kept queries to verify over")
+            cases, inputs = self.mask_cases(ranges[0], queries)
         else:
             fpn, fpn_label = self.fpn()
             text = self.text(max(r.max for r in ranges))
@@ -99,8 +140,35 @@ class PlanChecker:
         return {**result, "inputs": inputs}
 
 
+def mask_decoder_cases(prompts: ProfileRange, queries: ProfileRange,
+                       named: Mapping[str, np.ndarray], label: str) -> list[VerifyCase]:
+    """(P, J) at both minima, at the opt, and each maximum with the other axis small (both
+    maxima at once are P x J full-size masks, and J only widens the last matmul).
+
+    ``named``: the backbone's levels, ``prompts.max`` rows of text, and enc_dec's outputs
+    for them; each prompt's J kept queries are its best-scoring ones, as `dart` keeps."""
+    order = np.argsort(-np.asarray(named[specs.PRED_LOGITS]), axis=1, kind="stable")
+    ranked = np.take_along_axis(np.asarray(named[specs.DECODER_QUERIES], np.float32),
+                                order[..., None], axis=1)
+    shapes = sorted({(prompts.min, queries.min), (prompts.opt, queries.opt),
+                     (prompts.max, queries.opt), (prompts.min, queries.max)})
+    cases = []
+    for p, j in shapes:
+        inputs = {name: np.asarray(named[name], np.float32) for name in named
+                  if name.startswith(specs.FPN_FEATURES) and name != specs.FPN_FEATURES}
+        inputs.update({
+            specs.ENCODER_MEMORY: np.ascontiguousarray(named[specs.ENCODER_MEMORY][:p],
+                                                       np.float32),
+            specs.TEXT_FEATURES: np.ascontiguousarray(named[specs.TEXT_FEATURES][:p]),
+            specs.TEXT_MASK: np.ascontiguousarray(named[specs.TEXT_MASK][:p]),
+            specs.KEPT_QUERIES: np.ascontiguousarray(ranked[:p, :j]),
+        })
+        cases.append(VerifyCase(f"{label}, P={p}, J={j}", 0, inputs))
+    return cases
+
+
 def check_plan(trt, model: str, ranges: list[ProfileRange], path: TensorRTPath, blob: bytes,
-               checker: PlanChecker, logger) -> dict:
+               checker: PlanChecker, logger, queries: ProfileRange | None = None) -> dict:
     """Load `blob` (a serialized plan of `model`) and compare it with the reference."""
     from dart_triton.export.tensorrt.executor import PlanExecutor
 
@@ -112,7 +180,7 @@ def check_plan(trt, model: str, ranges: list[ProfileRange], path: TensorRTPath, 
             return runner(inputs, profile)
 
     try:
-        return checker.verify(model, ranges, run_plan)
+        return checker.verify(model, ranges, run_plan, queries)
     finally:
         runner.close()
 

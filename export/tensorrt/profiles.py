@@ -20,7 +20,10 @@ from dart_triton.contract import specs
 from dart_triton.contract.passes import ProfileRange
 
 Shape = tuple[int, ...]
-MODELS = specs.GRAPH_MODELS
+MODELS = specs.MASK_GRAPH_MODELS  # every graph a plan can be built for (mask_decoder: --masks)
+# Kept queries per prompt the mask_decoder profile is tuned for: a prompt keeps a few
+# detections in a typical image, never more than the decoder's queries (the profile's max).
+MASK_OPT_QUERIES = 4
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,9 @@ def graph_dims_from_onnx(
         fpn = _need(backbone.outputs, specs.FPN_FEATURES, 4, "backbone.onnx")
         backbone_sizes = (pix[2], fpn[2])
         features.append((fpn[2], "backbone.onnx"))
-        found += [("imgsz", pix[2], "backbone.onnx"), ("fpn_dim", fpn[1], "backbone.onnx"),
-                  ("masks", len(backbone.outputs) > 1, "backbone.onnx")]
+        found += [("imgsz", pix[2], "backbone.onnx"), ("fpn_dim", fpn[1], "backbone.onnx")]
+        if len(backbone.outputs) > 1:  # mask levels; a single output says nothing: a
+            found.append(("masks", True, "backbone.onnx"))  # checkpoint may have none
     if enc_dec is not None:
         fpn = _need(enc_dec.inputs, specs.FPN_FEATURES, 4, "enc_dec.onnx")
         text = _need(enc_dec.inputs, specs.TEXT_FEATURES, 3, "enc_dec.onnx")
@@ -134,7 +138,8 @@ def graph_dims_from_onnx(
         h = _imgsz_for_features(fpn[2], scales, backbone_sizes)
         found += [("imgsz", h, "enc_dec.onnx"), ("fpn_dim", fpn[1], "enc_dec.onnx"),
                   ("text_len", text[1], "enc_dec.onnx"), ("text_dim", text[2], "enc_dec.onnx"),
-                  ("num_queries", boxes[1], "enc_dec.onnx")]
+                  ("num_queries", boxes[1], "enc_dec.onnx"),
+                  ("masks", specs.ENCODER_MEMORY in enc_dec.outputs, "enc_dec.onnx")]
     kw: dict = {}
     where: dict[str, str] = {}
     for key, value, src in found:
@@ -186,28 +191,36 @@ def check_graph_matches_spec(io: GraphIO, spec: specs.ModelSpec, where: str) -> 
 
 
 def profile_shapes(
-    spec: specs.ModelSpec, n: ProfileRange | None
+    spec: specs.ModelSpec, n: ProfileRange | None, j: ProfileRange | None = None
 ) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """``{input: (min, opt, max)}`` for one profile: each -1 in the spec dims is N."""
+    """``{input: (min, opt, max)}`` for one profile: the first -1 of an input's spec dims
+    is N (classes, or mask_decoder's prompts P), a second one is ``j`` (its kept queries J)."""
     out = {}
     for t in spec.inputs:
-        if n is None:
-            if -1 in t.dims:
-                raise ValueError(f"{spec.name}.{t.name} is dynamic but no N range was given")
-            out[t.name] = (t.dims, t.dims, t.dims)
-            continue
-        lo, opt, hi = (tuple(v if d == -1 else d for d in t.dims) for v in (n.min, n.opt, n.max))
-        out[t.name] = (lo, opt, hi)
+        axes = [n, j][:t.dims.count(-1)]
+        if None in axes or t.dims.count(-1) > 2:
+            raise ValueError(f"{spec.name}.{t.name} {list(t.dims)} is dynamic but no "
+                             f"{'N' if axes and axes[0] is None else 'J'} range was given")
+        shapes = []
+        for k in ("min", "opt", "max"):
+            values = iter(getattr(r, k) for r in axes)
+            shapes.append(tuple(next(values) if d == -1 else d for d in t.dims))
+        out[t.name] = (shapes[0], shapes[1], shapes[2])
     return out
 
 
 def model_profiles(
-    spec: specs.ModelSpec, ranges: Sequence[ProfileRange]
+    spec: specs.ModelSpec, ranges: Sequence[ProfileRange], j: ProfileRange | None = None
 ) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
     """Profiles for a model: none for a fully static spec (TensorRT adds its own)."""
     if not any(-1 in t.dims for t in spec.inputs):
         return []
-    return [profile_shapes(spec, r) for r in ranges]
+    return [profile_shapes(spec, r, j) for r in ranges]
+
+
+def query_range(num_queries: int) -> ProfileRange:
+    """mask_decoder's J: 1 up to every decoder query, tuned at `MASK_OPT_QUERIES`."""
+    return ProfileRange(1, min(MASK_OPT_QUERIES, num_queries), num_queries)
 
 
 def dynamic_inputs(io: GraphIO) -> list[str]:

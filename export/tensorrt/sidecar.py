@@ -1,17 +1,18 @@
 """The JSON sidecar written next to every TensorRT plan, and checks built on it.
 
 A plan only runs on the TensorRT version that built it and is tuned for one GPU, and the
-two plans of a repository must agree on the image size (the backbone's output is the
-enc_dec's input). The sidecar (``model.plan.json`` beside ``model.plan``) records what
-a plan was built for, so that:
+plans of a repository must agree on the image size (the backbone's output is the
+enc_dec's input, and mask_decoder's with --masks). The sidecar (``model.plan.json``
+beside ``model.plan``) records what a plan was built for, so that:
 
 * :func:`check_repository_compatibility` refuses to mix plans built for different image
   sizes or TensorRT versions in one repository;
 * :func:`stale_reasons` tells whether the plans must be rebuilt: for this GPU and this
   TensorRT, and for the build options. Everything that shapes a plan is recorded
   (:data:`PLAN_FIELDS`: precision, network typing and FP16 graph pass, builder
-  optimisation level, workspace, image size, backbone kind, and for enc_dec the buckets,
-  max classes and profiles), and a difference in any field is a reason to rebuild.
+  optimisation level, workspace, image size, backbone kind, for enc_dec the buckets,
+  max classes and profiles, for mask_decoder its profile over prompts and kept queries),
+  and a difference in any field is a reason to rebuild.
   ``dart-triton check-repository`` (``export.manifest``, run by the container entrypoint)
   calls it with what the build options want, after comparing the repository's manifest;
   ``python -m dart_triton.export.tensorrt.sidecar check REPO [--precision ...]`` checks the
@@ -34,7 +35,7 @@ from dart_triton.contract import specs
 
 SIDECAR_SUFFIX = ".json"
 PLAN_NAME = "model.plan"
-PLAN_MODELS = specs.GRAPH_MODELS
+PLAN_MODELS = specs.MASK_GRAPH_MODELS  # mask_decoder: in a repository built with --masks
 # Fields two plans of one repository must share, with what to say when they do not.
 SHARED_FIELDS = {"imgsz": "image size", "tensorrt_version": "TensorRT version"}
 # Everything besides the GPU that shapes a plan, as recorded in its sidecar and named in a
@@ -52,12 +53,13 @@ PLAN_FIELDS = {
     "buckets": "buckets",
     "max_classes": "max_classes",
     "profiles": "optimisation profiles",
+    "mask_profiles": "mask optimisation profile",
 }
-# Fields that belong to one of the two plans (enc_dec's class-count axis, the backbone's
-# module); the other plan records them as None.
+# Fields that belong to one plan (enc_dec's class-count axis, the backbone's module,
+# mask_decoder's prompts and kept queries); the other plans record them as None.
 FIELD_MODEL = {"buckets": specs.ENC_DEC, "max_classes": specs.ENC_DEC,
                "profiles": specs.ENC_DEC, "backbone": specs.BACKBONE,
-               "backbone_kind": specs.BACKBONE}
+               "backbone_kind": specs.BACKBONE, "mask_profiles": specs.MASK_DECODER}
 GPU_FIELDS = ("gpu_name", "compute_capability")
 
 
@@ -180,9 +182,9 @@ def check_repository_compatibility(
             if info.get(field) != base.get(field):
                 raise PlanCompatibilityError(
                     f"{base_name} is for {what} {base.get(field)} but {name} in {repo_dir} was "
-                    f"built for {what} {info.get(field)}: both plans of a repository must "
+                    f"built for {what} {info.get(field)}: the plans of a repository must "
                     "share image size and TensorRT version. Rebuild all plans together "
-                    "(dart-triton build-plans builds both) or use a fresh output directory."
+                    "(dart-triton build-plans builds them all) or use a fresh output directory."
                 )
 
 
@@ -195,9 +197,16 @@ def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def repository_plan_models(repo_dir: str | Path) -> list[str]:
+    """The plans a repository should hold: backbone and enc_dec, and mask_decoder where the
+    repository has that model (built with --masks)."""
+    return [m for m in PLAN_MODELS
+            if m in specs.GRAPH_MODELS or (Path(repo_dir) / m).is_dir()]
+
+
 def stale_reasons(
     repo_dir: str | Path,
-    models: Iterable[str] = PLAN_MODELS,
+    models: Iterable[str] | None = None,
     imgsz: int | None = None,
     max_classes: int | None = None,
     device: Mapping | None = None,
@@ -209,7 +218,8 @@ def stale_reasons(
 
     ``want`` maps :data:`PLAN_FIELDS` to the values the build would record now; only the
     fields given are compared (``imgsz``, ``max_classes`` and ``trt_version`` are
-    shorthands for three of them), ``device`` is this GPU.
+    shorthands for three of them), ``device`` is this GPU. ``models`` default:
+    :func:`repository_plan_models`.
     """
     wanted = dict(want or {})
     for key, value in (("imgsz", imgsz), ("max_classes", max_classes),
@@ -220,7 +230,7 @@ def stale_reasons(
     if unknown:
         raise ValueError(f"unknown plan fields {sorted(unknown)}")
     reasons = []
-    for model in models:
+    for model in repository_plan_models(repo_dir) if models is None else models:
         plan = plan_path(repo_dir, model)
         info = read_sidecar(plan)
         if not plan.is_file():

@@ -19,7 +19,9 @@ CPU otherwise), and refuses to install a plan that misses these bars:
 * FPN features (every backbone output): cosine >= 0.999, the paper's "correct" bar;
 * ``pred_logits`` / ``presence_logits``: cosine >= 0.999;
 * ``pred_boxes``: max |diff| <= 0.02 in normalised xyxy units (2 % of the image side,
-  ~20 px at 1008: well inside what NMS at IoU 0.7 and COCO AP tolerate).
+  ~20 px at 1008: well inside what NMS at IoU 0.7 and COCO AP tolerate);
+* everything else (with ``--masks``: enc_dec's ``encoder_memory`` and ``decoder_queries``,
+  mask_decoder's ``mask_logits``): cosine >= 0.999.
 
 A cosine over fewer than 8 values says little (over one value it is just the sign), so
 such tensors (``presence_logits`` at N=1) are held to max |diff| <= 1 % of max(1, |ref|).
@@ -332,16 +334,18 @@ class TorchCudaReference(Reference):
 
     def __init__(self, parts, device: str = "cuda") -> None:
         self.parts, self.device = parts, device
-        self.backbone = parts.backbone.to(device).float().eval()
-        self.head = parts.head.to(device).float().eval()
+        self.modules = {specs.BACKBONE: parts.backbone, specs.ENC_DEC: parts.head}
         self.specs = {specs.BACKBONE: specs.backbone_spec(parts.dims),
                       specs.ENC_DEC: specs.enc_dec_spec(parts.dims)}
+        if parts.mask_head is not None:  # the checkpoint's, loaded with masks
+            self.modules[specs.MASK_DECODER] = parts.mask_head
+            self.specs[specs.MASK_DECODER] = specs.mask_decoder_spec(parts.dims)
+        self.modules = {m: module.to(device).float().eval() for m, module in self.modules.items()}
 
     def run(self, model: str, inputs: Arrays) -> dict[str, np.ndarray]:
         import torch
 
-        spec = self.specs[model]
-        module = self.backbone if model == specs.BACKBONE else self.head
+        spec, module = self.specs[model], self.modules[model]
         args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(self.device)
                 for t in spec.inputs]
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -351,6 +355,8 @@ class TorchCudaReference(Reference):
                 outs = module(*args)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        if isinstance(outs, torch.Tensor):  # one output (mask_decoder): not a tuple to unpack
+            outs = (outs,)
         return {t.name: o.float().cpu().numpy() for t, o in zip(spec.outputs, outs, strict=True)}
 
 

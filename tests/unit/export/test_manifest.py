@@ -29,24 +29,25 @@ def checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
 
 
-def _repo(tmp_path: Path, checkpoint: Path, build: BuildOptions, plans: str | None = None
-          ) -> Path:
+def _repo(tmp_path: Path, checkpoint: Path, build: BuildOptions, plans: str | None = None,
+          dims: specs.GraphDims = DIMS) -> Path:
     """A repository as a build leaves it: model files, then the manifest."""
     repo = tmp_path / "repo"
-    for name in specs.GRAPH_MODELS:
+    for name in specs.graph_models(dims):
         (repo / name / "1").mkdir(parents=True)
         platform = 'platform: "tensorrt_plan"' if plans else 'backend: "python"'
         (repo / name / "config.pbtxt").write_text(f'name: "{name}"\n{platform}\n')
         if plans:
             plan = plan_sidecar.plan_path(repo, name)
             plan.write_bytes(b"plan " + name.encode())
-            shaped = plan_fields(name, build.plan_options(DIMS.max_classes), DIMS.imgsz,
-                                 DIMS.max_classes, build.backbone, TensorRTPath(plans, False))
+            shaped = plan_fields(name, build.plan_options(dims.max_classes), dims.imgsz,
+                                 dims.max_classes, build.backbone, TensorRTPath(plans, False),
+                                 num_queries=dims.num_queries)
             plan_sidecar.write_sidecar(plan, {
                 "model": name, **shaped, "plan_sha256": plan_sidecar.sha256_files([plan])})
         else:
             (repo / name / "1" / "model.onnx").write_bytes(b"graph")
-    manifest.write_manifest(repo, build, checkpoint, packaged_vocabulary(), DIMS)
+    manifest.write_manifest(repo, build, checkpoint, packaged_vocabulary(), dims)
     return repo
 
 
@@ -123,6 +124,26 @@ def test_tensorrt_plans_of_another_tensorrt_are_stale(tmp_path, checkpoint, monk
                         lambda: TensorRTPath("10.11.0.33", False))
     assert _stale(repo, checkpoint, build) == [
         f"{m}: built for TensorRT 10.9.0.34, want 10.11.0.33" for m in specs.GRAPH_MODELS]
+
+
+def test_a_mask_decoder_plan_is_checked_with_the_others(tmp_path, checkpoint, monkeypatch):
+    """--masks: the third plan is found by its config and held to its own profile (prompts
+    and kept queries), which the manifest's dims decide."""
+    build = BuildOptions(backend="tensorrt", max_classes=4, masks=True)
+    dims = specs.GraphDims(imgsz=112, max_classes=4, masks=True)
+    repo = _repo(tmp_path, checkpoint, build, plans="10.9.0.34", dims=dims)
+    monkeypatch.setattr(plan_sidecar, "current_device", lambda: None)
+    monkeypatch.setattr(tensorrt_build, "installed_path",
+                        lambda: TensorRTPath("10.9.0.34", False))
+    assert manifest.plan_models(repo) == list(specs.MASK_GRAPH_MODELS)
+    assert _stale(repo, checkpoint, build) == []
+    sidecar = plan_sidecar.read_sidecar(plan_sidecar.plan_path(repo, specs.MASK_DECODER))
+    assert sidecar["mask_profiles"][0]["queries"] == {"min": 1, "opt": 4, "max": 200}
+    plan_sidecar.write_sidecar(plan_sidecar.plan_path(repo, specs.MASK_DECODER), {
+        **sidecar, "mask_profiles": [{**sidecar["mask_profiles"][0],
+                                      "queries": {"min": 1, "opt": 4, "max": 100}}]})
+    (reason,) = _stale(repo, checkpoint, build)
+    assert reason.startswith("mask_decoder: built for mask optimisation profile")
 
 
 def test_unfinished_and_foreign_repositories(tmp_path, checkpoint):

@@ -78,3 +78,42 @@ def test_profiles_buckets_and_graph_specs_agree(monkeypatch, onnx_dir, tmp_path,
         captured = [s.input[specs.TEXT_FEATURES].dim[0]
                     for s in cfg.optimization.cuda.graph_spec]
         assert captured == (list(buckets) if len(buckets) == 1 else [])
+
+
+@pytest.mark.parametrize("buckets", [(1, 4, 16), ()])
+def test_mask_decoder_config_matches_its_plan(monkeypatch, tmp_path, buckets):
+    """A --masks repository: every graph model's config declares the tensors its plan has
+    (the plan's dynamic dimensions -1), and mask_decoder's one profile takes every call
+    `dart` makes (P up to max_classes prompts, J up to every query), with no profile list
+    and no CUDA graph in its config."""
+    from tests.fakes.tiny_graphs import tiny_mask_graphs
+
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.9.0.34"))
+    monkeypatch.setattr(plan_executor, "TorchCudaBuffers", HostBuffers)
+    monkeypatch.setattr(tensorrt_build, "current_device", lambda: dict(FAKE_GPU))
+    onnx_dir, repo = tiny_mask_graphs(tmp_path / "onnx"), tmp_path / "repo"
+    dims = specs.GraphDims(**{**TINY.__dict__, "masks": True})
+    configs = {name: text_format.Parse(text, mc.ModelConfig()) for name, text in all_configs(
+        RepoOptions(backend="tensorrt", dims=dims, enc_dec_buckets=buckets)).items()}
+    tensorrt_build.build_plans(onnx_dir, repo, {"buckets": buckets, "skip_verify": True})
+    for model in specs.MASK_GRAPH_MODELS:
+        plan = read_plan((repo / model / "1" / "model.plan").read_bytes())[0]
+        cfg = configs[model]
+        for declared, built in ((cfg.input, plan["inputs"]), (cfg.output, plan["outputs"])):
+            assert {t.name: list(t.dims) for t in declared} == {
+                n: list(s) for n, s, _ in built}, model
+    cfg = configs[specs.MASK_DECODER]
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 0
+    assert not [p for g in cfg.instance_group for p in g.profile]  # profile 0, the only one
+    assert not cfg.optimization.cuda.graph_spec and not cfg.optimization.cuda.graphs
+    plan = read_plan((repo / specs.MASK_DECODER / "1" / "model.plan").read_bytes())[0]
+    (profile,) = plan["profiles"]
+    static = {n: (tuple(s), tuple(s)) for n, s, _ in plan["inputs"] if -1 not in s}
+    ranges = {**static, **{n: (tuple(lo), tuple(hi)) for n, (lo, _opt, hi) in profile.items()}}
+    spec = specs.mask_decoder_spec(dims)
+    for p in (1, 2, dims.max_classes):
+        for j in (1, 3, dims.num_queries):
+            for t in spec.inputs:
+                values = iter((p, j))
+                shape = tuple(next(values) if d == -1 else d for d in t.dims)
+                assert _within(shape, *ranges[t.name]), (p, j, t.name, shape)
