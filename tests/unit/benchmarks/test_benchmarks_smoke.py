@@ -76,6 +76,35 @@ def test_fp16_precision_cpu(bench_env):
     assert "restructured" in section and "skipped" in section  # no CUDA EP on CPU
 
 
+def test_masks(bench_env):
+    from dart_triton.benchmarks import masks
+
+    out, results, args = bench_env
+    assert masks.main([*args, "--classes", "2", "--prompts", "1", "2", "--queries", "1", "3",
+                       "--rle-size", "120", "160"]) == 0
+    section = _check(out, results, "masks")
+    assert "per kept class" in section and "per kept detection" in section
+    assert "built with masks, masks asked" in section and "**Measured.**" in section
+
+
+def test_masks_derives_from_the_recorded_gpu_figure(tmp_path):
+    """--config full without a GPU derives the request latency: RESULTS.md's no-mask
+    `dart` figure (1000 / seq_fps) plus the typical mask cost."""
+    import argparse
+
+    from dart_triton.benchmarks import masks
+
+    args = argparse.Namespace(no_mask_ms=None, results=tmp_path / "none.md")
+    found, source = masks.recorded_baselines(args, "cuda")
+    if not found:
+        pytest.skip("no recorded GPU class-scaling section (not a source checkout)")
+    assert {4, 16} <= set(found) and min(found.values()) > 0 and "seq_fps" in source
+    rows = masks.derived_requests([4], 10.0, found, source)
+    assert rows[1]["ms"] == pytest.approx(found[4] + 10.0) and "derived" in rows[1]["how"]
+    args.no_mask_ms = ["4=100"]
+    assert masks.recorded_baselines(args, "cpu")[0] == {4: 100.0}
+
+
 def test_perf_input(tmp_path):
     from dart_triton.benchmarks import perf_input
 

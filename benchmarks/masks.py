@@ -1,0 +1,439 @@
+"""Masks on demand: the cost per kept class and per kept detection, and per request.
+
+A request with RETURN_MASKS adds, on top of detection: the backbone's finer FPN levels
+(once per request), enc_dec handing over the kept prompts' encoder memory, the mask head
+(`model.mask_head.MaskHead`: per kept prompt, cross-attention and a pixel decoder of 3x3
+convolutions climbing to the 4x level; per kept query, an MLP and a dot product) and the
+RLE encoding at the image's size (`model.masks.mask_rles`). None of it depends on the ViT,
+so `--config full` times these parts at full SAM3 dims (`Sam3Config()`: FPN 256, 200
+queries, 1008 px -> detection grid 72, masks 288x288) on a model whose ViT and text towers
+are cut to one layer (nothing here runs them); random weights time like real ones. The
+end-to-end request (with and without masks) is measured with `--config tiny` (or
+`--end-to-end`); at full size it is derived: a recorded no-mask figure plus the parts.
+
+    python -m dart_triton.benchmarks.masks                  # CPU
+    python -m dart_triton.benchmarks.masks --device cuda    # GPU, FP16 as served
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dart_triton.benchmarks import common
+
+STUDY = "masks"
+FULL_IMGSZ = 1008  # the served size; the ViT is not run, so the CPU can afford it
+# COCO train2017 has ~2.9 categories and ~7.3 instances per image: a "typical" request
+# keeps about 3 classes and 7 detections, whatever the number of classes asked for.
+TYPICAL = (3, 7)
+# Recorded no-mask request latencies at 1008 px (RESULTS.md section, per device type):
+# `dart` through Triton, one request in flight, 1000 / seq_fps.
+BASELINE_SECTIONS = {"cuda": "class_scaling_gpu_check_cuda_full_1008"}
+RLE_CASES = (("object, 2% of the image", 0.02), ("object, 15%", 0.15),
+             ("object, 50%", 0.5), ("noise (worst case)", None))
+TYPICAL_RLE = "object, 15%"
+
+
+# Models ---------------------------------------------------------------------------------
+
+
+def reduced_full_model(imgsz: int):
+    """`Sam3Config()` with one-layer ViT and text towers: the neck, DETR and mask decoder
+    keep their full size (the ViT's width too: the neck reads 1024 channels)."""
+    import torch
+    from transformers import Sam3Config, Sam3Model
+
+    config = Sam3Config(
+        vision_config=dict(backbone_config=dict(
+            model_type="sam3_vit_model", num_hidden_layers=1, global_attn_indexes=[0],
+            image_size=imgsz)),
+        text_config=dict(num_hidden_layers=1, max_position_embeddings=32))
+    torch.manual_seed(0)
+    return Sam3Model(config).eval()
+
+
+def mask_model(args: argparse.Namespace, imgsz: int):
+    """(Sam3Model, description) whose mask parts are timed."""
+    from dart_triton.model.checkpoint import load_sam3
+
+    if args.checkpoint or args.config == "tiny":
+        model = load_sam3(common.checkpoint_for(args), imgsz=imgsz)
+        return model, f"{args.config}: {common.model_summary(model)}"
+    model = reduced_full_model(imgsz)
+    return model, (f"full SAM3 mask path (`Sam3Config()` neck, DETR 6+6 x256, 200 queries, "
+                   f"mask decoder x256) at {imgsz} px, ViT/text towers cut to 1 layer "
+                   "(not run), random weights")
+
+
+# Parts ----------------------------------------------------------------------------------
+
+
+class Parts:
+    """The mask path's pieces on one device and dtype, with example inputs."""
+
+    def __init__(self, model, imgsz: int, device: str, dtype_name: str, max_prompts: int):
+        import torch
+
+        from dart_triton.graphs.aot import ServedModule
+        from dart_triton.model.mask_head import MaskHead
+        from dart_triton.model.parts import graph_dims
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if dtype_name == "fp16" else torch.float32
+        self.dims = d = graph_dims(model, max_prompts, masks=True)
+        # ServedModule: inputs cast to the graph's precision, FP32 out, as served.
+        self.head = ServedModule(MaskHead(model, d).to(self.device, self.dtype),
+                                 self.dtype).eval()
+        self.neck = [model.vision_encoder.neck.fpn_layers[i].to(self.device, self.dtype)
+                     for i in d.mask_levels]
+        vit_width = model.config.vision_config.backbone_config.hidden_size
+        grid = imgsz // 14
+        gen = torch.Generator().manual_seed(0)
+
+        def randn(*shape: int):
+            return torch.randn(*shape, generator=gen).to(self.device)
+
+        self.vit_out = randn(1, vit_width, grid, grid).to(self.dtype)
+        self.levels = [randn(1, d.fpn_dim, *(2 * [d.level_hw(d.scale_factors[i])]))
+                       for i in d.mask_levels]
+        self.randn = randn
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable[[], Any], iters: int, warmup: int) -> float:
+        with self.torch.inference_mode():
+            return common.time_call(fn, iters, warmup, self.sync).median_ms
+
+    def head_inputs(self, prompts: int, queries: int) -> tuple:
+        d = self.dims
+        return (*self.levels, self.randn(prompts, d.feat_hw ** 2, d.fpn_dim),
+                self.randn(prompts, d.text_len, d.text_dim),
+                self.torch.ones(prompts, d.text_len, dtype=self.torch.int32,
+                                device=self.device),
+                self.randn(prompts, queries, d.fpn_dim))
+
+    def head_fn(self, prompts: int, queries: int) -> Callable[[], Any]:
+        inputs = self.head_inputs(prompts, queries)
+        return lambda: self.head(*inputs)
+
+    def query_fn(self, queries: int) -> Callable[[], Any]:
+        """The mask head's per-query part alone for one prompt (its MLP and the dot
+        product with the pixel embedding): too small to read off whole calls' noise."""
+        head, d = self.head.module, self.dims
+        pixels = self.randn(1, d.fpn_dim, d.mask_hw, d.mask_hw).to(self.dtype)
+        kept = self.randn(1, queries, d.fpn_dim).to(self.dtype)
+        return lambda: self.torch.bmm(head.mask_embedder(kept), pixels.flatten(2))
+
+    def neck_fn(self) -> Callable[[], Any]:
+        return lambda: [layer(self.vit_out) for layer in self.neck]
+
+    def handover_fn(self, prompts: int) -> Callable[[], Any]:
+        """`MaskSources.add` of one enc_dec pass whose prompts all may keep a detection:
+        the copies of their encoder memory and decoder queries (in process)."""
+        from dart_triton.pipeline.masks import MaskSources
+        from dart_triton.pipeline.orchestration import HeadOutputs
+
+        d, t = self.dims, self.torch
+        head = HeadOutputs(
+            t.rand(prompts, d.num_queries, 4, device=self.device),
+            t.full((prompts, d.num_queries), 4.0, device=self.device),
+            t.full((prompts, 1), 4.0, device=self.device),
+            self.randn(prompts, d.feat_hw ** 2, d.fpn_dim),
+            self.randn(prompts, d.num_queries, d.fpn_dim))
+        return lambda: MaskSources(0.5).add(0, head)
+
+    def blob_logits(self, fraction: float | None):
+        """[1, m, m] logits of a round object covering `fraction` of the image (smooth, as
+        real masks are), or of noise (every pixel may flip: the most runs)."""
+        m = self.dims.mask_hw
+        if fraction is None:
+            return 4 * self.randn(1, m, m)
+        yx = self.torch.stack(self.torch.meshgrid(
+            *(2 * [self.torch.arange(m, dtype=self.torch.float32)]), indexing="ij"))
+        radius2 = fraction * m * m / np.pi
+        dist2 = ((yx - (m - 1) / 2) ** 2).sum(0)
+        return (8 * (1 - dist2 / radius2)).clamp(-8, 8)[None].to(self.device)
+
+
+def measure_parts(parts: Parts, args: argparse.Namespace) -> list[dict]:
+    from dart_triton.model.masks import mask_rles
+
+    d, rows = parts.dims, []
+
+    def add(part: str, ms: float, prompts: int | str = "", queries: int | str = "",
+            unit: str = "", per_unit: float | None = None) -> None:
+        rows.append({"part": part, "prompts": prompts, "queries": queries, "ms": ms,
+                     "unit": unit, "ms_per_unit": ms if per_unit is None else per_unit})
+        print(f"  {rows[-1]}", flush=True)
+
+    levels = "+".join(f"{d.level_hw(d.scale_factors[i])}²" for i in d.mask_levels)
+    add(f"neck: finer FPN levels ({levels})", parts.time(parts.neck_fn(), args.iters,
+                                                         args.warmup), unit="request")
+    shapes = [(p, 1) for p in args.prompts] + [(1, j) for j in args.queries if j != 1]
+    shapes.append((min(TYPICAL[0], d.max_classes), -(-TYPICAL[1] // TYPICAL[0])))
+    # Round-robin over the shapes: a burst of load on a shared machine then hits every
+    # shape alike instead of bending the slopes.
+    fns = {shape: parts.head_fn(*shape) for shape in dict.fromkeys(shapes)}
+    samples: dict[tuple[int, int], list[float]] = {shape: [] for shape in fns}
+    for i in range(args.warmup + max(1, args.iters)):
+        for shape, fn in fns.items():
+            ms = parts.time(fn, 1, 0)
+            if i >= args.warmup:
+                samples[shape].append(ms)
+    for (p, j), times in samples.items():
+        add("mask head", float(np.median(times)), p, j, "call")
+    for j in args.queries:
+        add("mask head: per-query part (MLP + dot product)",
+            parts.time(parts.query_fn(j), max(args.iters, 5), args.warmup), 1, j, "call")
+    n = d.max_classes
+    ms = parts.time(parts.handover_fn(n), max(args.iters, 5), args.warmup)
+    add("hand-over: copy of kept rows", ms, n, d.num_queries, "prompt", ms / n)
+    size = tuple(args.rle_size)
+    k = 8  # masks per timed call: a per-mask time of a few ms is below scheduling noise
+    for case, fraction in RLE_CASES:
+        logits = parts.blob_logits(fraction).expand(k, -1, -1)
+        ms = parts.time(lambda logits=logits: mask_rles(logits, size, 0.5),
+                        max(args.iters, 5), args.warmup)
+        add(f"RLE {size[1]}x{size[0]}, {k} masks: {case}", ms, unit="mask", per_unit=ms / k)
+    return rows
+
+
+def slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares ms per unit (NaN with fewer than two distinct x)."""
+    if len({x for x, _ in points}) < 2:
+        return float("nan")
+    x, y = np.array(points, dtype=float).T
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def derive(rows: list[dict], max_prompts: int) -> tuple[list[dict], float]:
+    """Cost per kept class / detection (slopes of the measured calls) and the typical
+    request's mask cost (a sum of measured parts); returns (rows, typical ms)."""
+    head = {(r["prompts"], r["queries"]): r["ms"] for r in rows if r["part"] == "mask head"}
+    neck = next(r["ms"] for r in rows if r["part"].startswith("neck"))
+    handover = next(r["ms_per_unit"] for r in rows if r["part"].startswith("hand-over"))
+    rle = next(r["ms_per_unit"] for r in rows if r["part"].endswith(TYPICAL_RLE))
+    per_class = slope([(p, ms) for (p, j), ms in head.items() if j == 1])
+    per_query = slope([(r["queries"], r["ms"]) for r in rows
+                       if r["part"].startswith("mask head: per-query")])
+    kept, dets = TYPICAL
+    p, j = min(kept, max_prompts), -(-dets // kept)
+    typical = neck + head[(p, j)] + kept * handover + dets * rle
+    out = [
+        {"quantity": "per request (masks asked): finer FPN levels", "ms": neck,
+         "how": "measured"},
+        {"quantity": "per kept class: mask head (slope over P, J = 1) + hand-over",
+         "ms": per_class + handover, "how": f"derived: {per_class:.1f} + {handover:.2f}"},
+        {"quantity": "per kept detection: mask head's per-query part (slope over J) + RLE "
+                     f"({TYPICAL_RLE})",
+         "ms": per_query + rle, "how": f"derived: {per_query:.2f} + {rle:.2f}"},
+        {"quantity": f"typical request: {kept} kept classes, {dets} detections",
+         "ms": typical, "how": f"sum of measured parts: levels + head(P={p}, J={j}) + "
+                               f"{kept} hand-overs + {dets} RLE"},
+    ]
+    return out, typical
+
+
+# Requests -------------------------------------------------------------------------------
+
+
+def measure_requests(args: argparse.Namespace, imgsz: int) -> list[dict]:
+    """`DartPipeline.detect` in process, built without masks vs with (asked or not)."""
+    from dart_triton.pipeline.detectors import DartPipeline
+
+    checkpoint = common.checkpoint_for(args)
+    image = common.test_image()
+    pipes = {built: DartPipeline.from_checkpoint(checkpoint, imgsz, args.max_prompts,
+                                                 masks=built) for built in (False, True)}
+    rows = []
+    for n in args.classes:
+        names = common.class_names(n)
+        base = None
+        for case, built, asked in (("built without masks", False, False),
+                                   ("built with masks, not asked", True, False),
+                                   ("built with masks, masks asked", True, True)):
+            def run(pipe=pipes[built], asked=asked, names=names):
+                return pipe.detect(image, names, score_threshold=args.score_threshold,
+                                   masks=asked)
+
+            ms = common.time_call(run, args.iters, args.warmup).median_ms
+            dets = run()
+            base = base or ms
+            rows.append({"classes": n, "case": case, "detections": len(dets.scores),
+                         "kept_classes": len(set(dets.class_ids.tolist())), "ms": ms,
+                         "added_ms": ms - base, "ratio": ms / base, "how": "measured"})
+            print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def recorded_baselines(args: argparse.Namespace, device: str) -> tuple[dict[int, float], str]:
+    """No-mask request ms by class count: --no-mask-ms, else RESULTS.md's section for the
+    device (seq_fps of `dart`), else none."""
+    if args.no_mask_ms:
+        return ({int(k): float(v) for k, v in (s.split("=") for s in args.no_mask_ms)},
+                "given by --no-mask-ms")
+    key = BASELINE_SECTIONS.get(device)
+    # the recorded figure lives in the checkout's RESULTS.md when --results points elsewhere
+    sections = [common.read_section(path, key) for path in (args.results, common.DEFAULT_RESULTS)
+                if key] + [None]
+    section = next((s for s in sections if s), None)
+    if not section:
+        return {}, ""
+    found: dict[int, float] = {}
+    header: list[str] = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not header:
+            header = cells if "seq_fps" in cells else []
+        elif not line.startswith("|"):
+            break  # the end of the first table (the per-model breakdown follows)
+        elif len(cells) == len(header) and cells[0].isdigit():
+            fps = cells[header.index("seq_fps")]
+            if fps not in ("", "–"):
+                found[int(cells[0])] = 1e3 / float(fps)
+    return found, f"RESULTS.md `{key}` (`dart`, 1 in flight, 1000 / seq_fps)"
+
+
+def derived_requests(classes: list[int], typical: float, baselines: dict[int, float],
+                     source: str) -> list[dict]:
+    rows = []
+    for n in classes:
+        base = baselines.get(n)
+        with_masks = None if base is None else base + typical
+        rows.append({"classes": n, "case": "without masks", "ms": base,
+                     "how": f"measured: {source}" if base else "no recorded figure"})
+        rows.append({"classes": n, "case": "with masks (typical)", "ms": with_masks,
+                     "added_ms": typical, "ratio": None if base is None else with_masks / base,
+                     "how": f"derived: + {typical:.1f} ms typical mask cost"})
+    return rows
+
+
+# Output ---------------------------------------------------------------------------------
+
+
+def plot(parts_rows: list[dict], requests: list[dict], path: Path) -> Path:
+    fig, axes = common.new_figure(ncols=3, width=4.5)
+    head = [r for r in parts_rows if r["part"] == "mask head"]
+    for ax, (fixed, other, label) in zip(axes, (("queries", "prompts", "kept classes P (J=1)"),
+                                                ("prompts", "queries", "kept queries J (P=1)")),
+                                         strict=False):
+        pts = sorted((r[other], r["ms"]) for r in head if r[fixed] == 1)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mask head ms (median)")
+    ax = axes[2]
+    shown = [r for r in requests if r.get("ms") is not None]
+    ax.bar([f"N={r['classes']}\n{r['case'].replace('built ', '')}" for r in shown],
+           [r["ms"] for r in shown], color=["C2" if "asked" in r["case"] or "typical"
+                                            in r["case"] else "C0" for r in shown])
+    if not shown:
+        ax.text(0.5, 0.5, "no recorded no-mask figure", ha="center", transform=ax.transAxes)
+    ax.set_ylabel("request ms")
+    ax.tick_params(axis="x", labelsize=6, rotation=60)
+    return common.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.base_parser(f"python -m dart_triton.benchmarks.{STUDY}", __doc__.splitlines()[0],
+                           classes=(4, 16), iters=5)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default=None,
+                   help="mask path precision (default: fp16 on cuda, as served; fp32 on cpu)")
+    p.add_argument("--prompts", type=int, nargs="+", default=[1, 2, 4],
+                   help="kept classes P per mask head call, at J = 1 (default: %(default)s)")
+    p.add_argument("--queries", type=int, nargs="+", default=[1, 10, 50],
+                   help="kept detections J per prompt, at P = 1 (default: %(default)s)")
+    p.add_argument("--max-prompts", type=int, default=4,
+                   help="prompts per mask head call and per enc_dec pass (default 4)")
+    p.add_argument("--rle-size", type=int, nargs=2, default=[1080, 1920], metavar=("H", "W"),
+                   help="image size the RLE is encoded at (default: 1080 1920)")
+    p.add_argument("--score-threshold", type=float, default=0.1,
+                   help="end-to-end requests: low, so that detections (and masks) are kept")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="time whole requests with --config full too (CPU: minutes each)")
+    p.add_argument("--no-mask-ms", nargs="+", metavar="N=MS", default=None,
+                   help="no-mask request latencies to derive from (default: RESULTS.md's "
+                        "recorded figure for the device, if any)")
+    args = p.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    if args.imgsz is None and args.config == "full":
+        args.imgsz = FULL_IMGSZ
+    imgsz = common.resolve_imgsz(args)
+    model, summary = mask_model(args, imgsz)
+    parts = Parts(model, imgsz, args.device, dtype, args.max_prompts)
+    threads = f", {torch.get_num_threads()} threads" if args.device == "cpu" else ""
+    print(f"mask path at {imgsz} px on {args.device} {dtype}{threads}", flush=True)
+    part_rows = measure_parts(parts, args)
+    derived, typical = derive(part_rows, parts.dims.max_classes)
+    del model, parts
+
+    end_to_end = args.config == "tiny" or args.end_to_end
+    if end_to_end:
+        if args.device != "cpu":
+            raise SystemExit("whole requests run in process on the CPU (DartPipeline)")
+        requests = measure_requests(args, imgsz)
+        baseline_note = ("Requests: `DartPipeline.detect` in process (PyTorch graphs, CPU), "
+                         f"the same image, SCORE_THRESHOLD {args.score_threshold:g}; "
+                         "ratio: to the pipeline built without masks. **Measured.**")
+    else:
+        baselines, source = recorded_baselines(args, args.device)
+        requests = derived_requests(args.classes, typical, baselines, source)
+        baseline_note = (
+            "Requests: **derived**, not measured: a recorded no-mask request latency "
+            f"at {imgsz} px plus the typical mask cost measured here "
+            f"({TYPICAL[0]} kept classes, {TYPICAL[1]} detections, as in an average COCO "
+            "image; the mask cost does not grow with the classes asked, only with those "
+            "kept). " + ("" if baselines else
+                         f"No no-mask figure at {imgsz} px is recorded for {args.device} "
+                         "(the CPU runs are at 322 px), so only the mask cost is given."))
+
+    rows = ([{"table": "parts", **r} for r in part_rows]
+            + [{"table": "derived", **r} for r in derived]
+            + [{"table": "requests", **r} for r in requests])
+    common.write_csv(rows, args.out / f"{STUDY}.csv")
+    command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
+    notes = (f"Mask path timed on {args.device} in {dtype}{threads}, in process, median of "
+             f"{args.iters} after {args.warmup} warm-up: the backbone's finer FPN levels "
+             "(from a random ViT output), `MaskHead` as served (`ServedModule`), "
+             "`MaskSources.add` (in process; a served request also moves enc_dec's extra "
+             "outputs between models, not timed here) and `mask_rles` at "
+             f"{args.rle_size[1]}x{args.rle_size[0]} (threshold 0.5) on synthetic mask "
+             "logits. P: kept classes in one mask head call, J: kept queries per class. "
+             "Measured rows are medians; per-class and per-detection costs are least-squares "
+             "slopes of them (derived).")
+    head = common.section_header("Masks on demand: cost per kept class, per detection, "
+                                 "per request", command, summary, notes)
+    tables = [
+        common.markdown_table(part_rows, ["part", "prompts", "queries", "ms", "unit",
+                                          "ms_per_unit"], digits=2),
+        common.markdown_table(derived, ["quantity", "ms", "how"], digits=1),
+        baseline_note,
+        common.markdown_table(requests, ["classes", "case", "detections", "kept_classes",
+                                         "ms", "added_ms", "ratio", "how"], digits=2),
+    ]
+    body = head + "\n" + "\n\n".join(tables) + "\n"
+    try:
+        plot(part_rows, requests, args.out / f"{STUDY}.png")
+        body += f"\n{common.image_link(args, STUDY, 'mask costs')}\n"
+    except ImportError:  # matplotlib is the optional `bench` extra
+        pass
+    common.update_section(args.results, STUDY, body)
+    print("\n\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
