@@ -31,6 +31,8 @@
 #              (python -m dart_triton.benchmarks.request_path; torch backend)
 #   streams    S cameras into one server, --max-batch vs one frame per backbone call:
 #              aggregate frames/s, p50/p99 (python -m dart_triton.benchmarks.streams)
+#   masks      what masks on demand cost at 1008 px: the mask head per kept class and
+#              per kept detection, RLE at 1080p (python -m dart_triton.benchmarks.masks)
 #   coldstart  start to ready, compiled at load vs from the build's AOTInductor packages
 #              (python -m dart_triton.benchmarks.cold_start); not in the default list:
 #              it compiles twice (name it in --steps)
@@ -69,7 +71,7 @@ PY_TAG=3.12
 BIG=("nvidia-pytriton==0.7.0")
 MAIN=("transformers==5.24.0" "tritonclient==2.73.0" "python-rapidjson" "geventhttpclient"
       "gevent" "greenlet" "zope.event" "zope.interface" "brotli" "open_clip_torch==3.3.0"
-      "setuptools>=77")
+      "setuptools>=77" "pycocotools==2.0.11")
 TOOLS=("numpy==1.26.4" "tritonclient==2.49.0" "nvidia-cuda-runtime-cu12==12.9.79")
 
 fetch_wheels() {
@@ -128,7 +130,7 @@ fi
 
 # Options -----------------------------------------------------------------------------------
 DEVICE=cuda TINY=0 SIZES="" COMPILE=default BUCKETS="1,4,16" SCALING=""
-STEPS="setup,tools,test,build,serve,profile,hierarchy,paths,streams,bundle"
+STEPS="setup,tools,test,build,serve,profile,hierarchy,paths,streams,masks,bundle"
 OUT_DIR="$ROOT/artifacts/gpu_check" BUNDLE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -338,6 +340,12 @@ step_streams() {
         args+=(--streams 1 2 4 8 --classes 1 4 --frames 30)
     fi
     "$PY" -m dart_triton.benchmarks.streams "${args[@]}" --backend torch
+}
+
+step_masks() {
+    local args=(--config "$CONFIG" --device "$DEVICE" --out "$FIGURES" --results "$RESULTS")
+    [[ $TINY == 1 ]] && args+=(--prompts 1 2 --queries 1 2 --iters 1 --warmup 0)
+    "$PY" -m dart_triton.benchmarks.masks "${args[@]}"
 }
 
 step_coldstart() {
