@@ -7,17 +7,23 @@ convolutions climbing to the 4x level; per kept query, an MLP and a dot product)
 RLE encoding at the image's size (`model.masks.mask_rles`). None of it depends on the ViT,
 so `--config full` times these parts at full SAM3 dims (`Sam3Config()`: FPN 256, 200
 queries, 1008 px -> detection grid 72, masks 288x288) on a model whose ViT and text towers
-are cut to one layer (nothing here runs them); random weights time like real ones. The
-end-to-end request (with and without masks) is measured with `--config tiny` (or
-`--end-to-end`); at full size it is derived: a recorded no-mask figure plus the parts.
+are cut to one layer (nothing here runs them); random weights time like real ones.
 
-    python -m dart_triton.benchmarks.masks                  # CPU
+Whole requests, with and without masks, are measured on the CPU: `DartPipeline.detect`
+in process on the full random SAM3 (the checkpoint the other CPU studies use) at
+`--request-imgsz` (default 322 px, as they do: the ViT-H at 1008 px takes minutes per
+frame on 2 cores), on a real photograph. On a GPU (`--device cuda`) the request latency
+is derived instead: a recorded no-mask figure at 1008 px plus the parts.
+
+    python -m dart_triton.benchmarks.masks                  # CPU (~5 min)
     python -m dart_triton.benchmarks.masks --device cuda    # GPU, FP16 as served
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,33 +251,61 @@ def derive(rows: list[dict], max_prompts: int) -> tuple[list[dict], float]:
 # Requests -------------------------------------------------------------------------------
 
 
-def measure_requests(args: argparse.Namespace, imgsz: int) -> list[dict]:
-    """`DartPipeline.detect` in process, built without masks vs with (asked or not)."""
+REQUEST_CASES = (("built without masks", False, False),
+                 ("built with masks, not asked", True, False),
+                 ("built with masks, masks asked", True, True))
+
+
+def request_pipelines(args: argparse.Namespace, imgsz: int):
+    """({built with masks: DartPipeline}, model summary): `load_parts(masks=True)` and,
+    on the same weights, the pipeline `load_parts(masks=False)` builds (a backbone with
+    the detection level alone, enc_dec without the mask outputs)."""
+    from dart_triton.graphs.runtime import TorchModuleGraphs
+    from dart_triton.model.backbone import RestructuredBackbone
+    from dart_triton.model.detection_head import BatchedDetectionHead
+    from dart_triton.model.parts import graph_dims, load_parts
     from dart_triton.pipeline.detectors import DartPipeline
 
-    checkpoint = common.checkpoint_for(args)
+    parts = load_parts(common.checkpoint_for(args), imgsz, args.max_prompts, masks=True)
+    with_masks = DartPipeline.from_parts(parts)
+    plain_dims = graph_dims(parts.model, args.max_prompts, masks=False)
+    plain = DartPipeline(
+        TorchModuleGraphs(RestructuredBackbone(parts.model.vision_encoder, imgsz).eval(),
+                          BatchedDetectionHead(parts.model, plain_dims, "sdpa").eval()),
+        with_masks.text_encoder, imgsz, args.max_prompts)
+    return {False: plain, True: with_masks}, common.model_summary(parts.model)
+
+
+def measure_requests(args: argparse.Namespace, imgsz: int) -> tuple[list[dict], str]:
+    """`DartPipeline.detect` in process: built without masks vs with (asked or not), the
+    three cases interleaved round by round (a burst of load hits them alike)."""
+    pipes, summary = request_pipelines(args, imgsz)
     image = common.test_image()
-    pipes = {built: DartPipeline.from_checkpoint(checkpoint, imgsz, args.max_prompts,
-                                                 masks=built) for built in (False, True)}
     rows = []
     for n in args.classes:
         names = common.class_names(n)
+        samples: dict[str, list[float]] = {case: [] for case, _, _ in REQUEST_CASES}
+        last = {}
+        for i in range(args.warmup + max(1, args.request_iters)):
+            for case, built, asked in REQUEST_CASES:
+                t0 = time.perf_counter()
+                last[case] = pipes[built].detect(image, names, masks=asked,
+                                                 score_threshold=args.score_threshold)
+                if i >= args.warmup:
+                    samples[case].append((time.perf_counter() - t0) * 1e3)
         base = None
-        for case, built, asked in (("built without masks", False, False),
-                                   ("built with masks, not asked", True, False),
-                                   ("built with masks, masks asked", True, True)):
-            def run(pipe=pipes[built], asked=asked, names=names):
-                return pipe.detect(image, names, score_threshold=args.score_threshold,
-                                   masks=asked)
-
-            ms = common.time_call(run, args.iters, args.warmup).median_ms
-            dets = run()
+        for case, _, _ in REQUEST_CASES:
+            ms, dets = float(np.median(samples[case])), last[case]
             base = base or ms
-            rows.append({"classes": n, "case": case, "detections": len(dets.scores),
-                         "kept_classes": len(set(dets.class_ids.tolist())), "ms": ms,
-                         "added_ms": ms - base, "ratio": ms / base, "how": "measured"})
+            rows.append({"classes": n, "case": case, "imgsz": imgsz,
+                         "detections": len(dets.scores),
+                         "kept_classes": len(set(dets.class_ids.tolist())),
+                         "masks": len(dets.masks or ()), "ms": ms,
+                         "min_ms": min(samples[case]), "max_ms": max(samples[case]),
+                         "added_ms": ms - base, "ratio": ms / base,
+                         "how": f"measured at {imgsz} px, median of {len(samples[case])}"})
             print(f"  {rows[-1]}", flush=True)
-    return rows
+    return rows, summary
 
 
 def recorded_baselines(args: argparse.Namespace, device: str) -> tuple[dict[int, float], str]:
@@ -332,12 +366,29 @@ def plot(parts_rows: list[dict], requests: list[dict], path: Path) -> Path:
         ax.set_ylabel("mask head ms (median)")
     ax = axes[2]
     shown = [r for r in requests if r.get("ms") is not None]
-    ax.bar([f"N={r['classes']}\n{r['case'].replace('built ', '')}" for r in shown],
-           [r["ms"] for r in shown], color=["C2" if "asked" in r["case"] or "typical"
-                                            in r["case"] else "C0" for r in shown])
-    if not shown:
+    measured = [r for r in shown if str(r.get("how", "")).startswith("measured at")]
+    x = range(len(shown))
+    ax.bar(x, [r["ms"] / 1e3 for r in shown],
+           color=["C2" if r["case"].endswith("masks asked") or "typical" in r["case"] else
+                  "C1" if "with masks" in r["case"] else "C0" for r in shown])
+    if measured:  # the spread of the timed rounds
+        ax.errorbar(x, [r["ms"] / 1e3 for r in shown],
+                    yerr=[[(r["ms"] - r["min_ms"]) / 1e3 for r in shown],
+                          [(r["max_ms"] - r["ms"]) / 1e3 for r in shown]],
+                    fmt="none", ecolor="k", capsize=3, lw=1)
+        for i, r in enumerate(shown):
+            ax.annotate(f"{r['kept_classes']} cls\n{r['detections']} det\n{r['masks']} masks",
+                        (i, 0), ha="center", va="bottom", fontsize=6, color="w",
+                        xytext=(0, 3), textcoords="offset points")
+        ax.set_title(f"whole request, measured at {measured[0]['imgsz']} px "
+                     "(median, min-max)", fontsize=9)
+    elif shown:
+        ax.set_title("whole request (derived)", fontsize=9)
+    else:
         ax.text(0.5, 0.5, "no recorded no-mask figure", ha="center", transform=ax.transAxes)
-    ax.set_ylabel("request ms")
+    ax.set_xticks(list(x), [f"N={r['classes']}\n{r['case'].replace('built ', '')}"
+                            for r in shown])
+    ax.set_ylabel("request s")
     ax.tick_params(axis="x", labelsize=6, rotation=60)
     return common.save_figure(fig, path)
 
@@ -357,13 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rle-size", type=int, nargs=2, default=[1080, 1920], metavar=("H", "W"),
                    help="image size the RLE is encoded at (default: 1080 1920)")
     p.add_argument("--score-threshold", type=float, default=0.1,
-                   help="end-to-end requests: low, so that detections (and masks) are kept")
-    p.add_argument("--end-to-end", action="store_true",
-                   help="time whole requests with --config full too (CPU: minutes each)")
+                   help="whole requests: low, so that detections (and masks) are kept with "
+                        "random weights (default: %(default)s)")
+    p.add_argument("--request-imgsz", type=int, default=None,
+                   help="whole requests' input size (default: full "
+                        f"{common.DEFAULT_IMGSZ['full']}, as the other CPU studies; tiny: "
+                        "--imgsz)")
+    p.add_argument("--request-iters", type=int, default=3,
+                   help="timed rounds of whole requests, after --warmup (median reported; "
+                        "default %(default)s)")
     p.add_argument("--no-mask-ms", nargs="+", metavar="N=MS", default=None,
                    help="no-mask request latencies to derive from (default: RESULTS.md's "
                         "recorded figure for the device, if any)")
     args = p.parse_args(argv)
+    info = common.machine_info()  # the load at the start, before this run adds its own
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -379,15 +437,35 @@ def main(argv: list[str] | None = None) -> int:
     part_rows = measure_parts(parts, args)
     derived, typical = derive(part_rows, parts.dims.max_classes)
     del model, parts
+    gc.collect()
 
-    end_to_end = args.config == "tiny" or args.end_to_end
-    if end_to_end:
-        if args.device != "cpu":
-            raise SystemExit("whole requests run in process on the CPU (DartPipeline)")
-        requests = measure_requests(args, imgsz)
-        baseline_note = ("Requests: `DartPipeline.detect` in process (PyTorch graphs, CPU), "
-                         f"the same image, SCORE_THRESHOLD {args.score_threshold:g}; "
-                         "ratio: to the pipeline built without masks. **Measured.**")
+    if args.device == "cpu":  # whole requests in process (DartPipeline runs on the CPU)
+        request_imgsz = args.request_imgsz or (
+            common.DEFAULT_IMGSZ["full"] if args.config == "full" else imgsz)
+        args.imgsz = request_imgsz
+        request_imgsz = common.resolve_imgsz(args)
+        print(f"whole requests at {request_imgsz} px", flush=True)
+        requests, request_model = measure_requests(args, request_imgsz)
+        summary += f"; requests: {args.config} SAM3 ({request_model}) at {request_imgsz} px"
+        shape = common.test_image().shape
+        baseline_note = (
+            f"Requests: **measured at {request_imgsz} px**, `DartPipeline.detect(image, "
+            "classes)` vs `detect(image, classes, masks=True)` in process (PyTorch graphs, "
+            f"CPU fp32{threads}) on a {shape[1]}x{shape[0]} photograph (skimage "
+            "`astronaut`), the first N COCO names, "
+            f"{args.max_prompts} prompts per enc_dec pass, score threshold "
+            f"{args.score_threshold:g} (low enough for random weights to keep detections: "
+            "the kept classes and detections are in the table; masks are encoded at the "
+            f"image's size), median of {args.request_iters} rounds after {args.warmup} "
+            "warm-up, the three cases interleaved in each round (min-max in the CSV and "
+            "the plot). *Built with masks*: `load_parts(..., masks=True)` and "
+            "`DartPipeline.from_parts`, whose backbone computes the finer FPN levels on "
+            "every request; *built without masks*: the same weights as "
+            "`load_parts(masks=False)` builds them (detection level only). added_ms and "
+            "ratio: to the pipeline built without masks. "
+            + (f"Not {imgsz} px: the ViT-H at {imgsz} px takes minutes per frame on this "
+               "CPU; the 1008 px mask path is the table above."
+               if request_imgsz != imgsz else ""))
     else:
         baselines, source = recorded_baselines(args, args.device)
         requests = derived_requests(args.classes, typical, baselines, source)
@@ -415,14 +493,15 @@ def main(argv: list[str] | None = None) -> int:
              "Measured rows are medians; per-class and per-detection costs are least-squares "
              "slopes of them (derived).")
     head = common.section_header("Masks on demand: cost per kept class, per detection, "
-                                 "per request", command, summary, notes)
+                                 "per request", command, summary, notes, info)
     tables = [
         common.markdown_table(part_rows, ["part", "prompts", "queries", "ms", "unit",
                                           "ms_per_unit"], digits=2),
         common.markdown_table(derived, ["quantity", "ms", "how"], digits=1),
         baseline_note,
-        common.markdown_table(requests, ["classes", "case", "detections", "kept_classes",
-                                         "ms", "added_ms", "ratio", "how"], digits=2),
+        common.markdown_table(requests, ["classes", "case", "kept_classes", "detections",
+                                         "masks", "ms", "added_ms", "ratio", "how"],
+                              digits=2),
     ]
     body = head + "\n" + "\n\n".join(tables) + "\n"
     try:

@@ -81,10 +81,12 @@ def test_masks(bench_env):
 
     out, results, args = bench_env
     assert masks.main([*args, "--classes", "2", "--prompts", "1", "2", "--queries", "1", "3",
-                       "--rle-size", "120", "160"]) == 0
+                       "--rle-size", "120", "160", "--request-iters", "1"]) == 0
     section = _check(out, results, "masks")
     assert "per kept class" in section and "per kept detection" in section
-    assert "built with masks, masks asked" in section and "**Measured.**" in section
+    assert "built with masks, masks asked" in section and "**measured at 112 px**" in section
+    rows = [r for r in (out / "masks.csv").read_text().splitlines() if r.startswith("requests,")]
+    assert len(rows) == 3 and all("measured at 112 px" in r for r in rows)
 
 
 def test_masks_derives_from_the_recorded_gpu_figure(tmp_path):
