@@ -481,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = ([{"table": "parts", **r} for r in part_rows]
             + [{"table": "derived", **r} for r in derived]
             + [{"table": "requests", **r} for r in requests])
-    common.write_csv(rows, args.out / f"{STUDY}.csv")
+    # A GPU run gets its own CSV, figure and section beside the CPU one (gpu_check's merge).
+    stem = STUDY if args.device == "cpu" else f"{STUDY}_{args.device}"
+    common.write_csv(rows, args.out / f"{stem}.csv")
     command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
     notes = (f"Mask path timed on {args.device} in {dtype}{threads}, in process, median of "
              f"{args.iters} after {args.warmup} warm-up: the backbone's finer FPN levels "
@@ -505,11 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     body = head + "\n" + "\n\n".join(tables) + "\n"
     try:
-        plot(part_rows, requests, args.out / f"{STUDY}.png")
-        body += f"\n{common.image_link(args, STUDY, 'mask costs')}\n"
+        plot(part_rows, requests, args.out / f"{stem}.png")
+        body += f"\n{common.image_link(args, stem, 'mask costs')}\n"
     except ImportError:  # matplotlib is the optional `bench` extra
         pass
-    common.update_section(args.results, STUDY, body)
+    common.update_section(args.results, stem, body)
     print("\n\n".join(tables))
     return 0
 
