@@ -162,3 +162,11 @@ def profile_ranges(
         ranges.append(ProfileRange(prev + 1, b, b))
         prev = b
     return ranges
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The frame counts a batched backbone is prepared for (torch: warmed and CUDA-graphed
+    at; TensorRT: a CUDA graph each): powers of two below max_batch, and max_batch (a
+    batch runs at the next one, padded)."""
+    return sorted({*(2 ** k for k in range(max_batch.bit_length()) if 2 ** k < max_batch),
+                   max_batch})

@@ -335,13 +335,6 @@ class TorchGraph:
         return cls(name, module, dims, device, settings)
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-    """The frame counts a batched backbone is warmed at: powers of two up to max_batch,
-    and max_batch (a batch runs at the next one, padded)."""
-    return sorted({*(2 ** k for k in range(max_batch.bit_length()) if 2 ** k < max_batch),
-                   max_batch})
-
-
 def weights_dir(repo: str | Path, name: str, version: int = 1) -> Path:
     return Path(repo) / name / str(version) / WEIGHTS_DIR
 

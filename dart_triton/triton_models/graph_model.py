@@ -2,11 +2,18 @@
 
 For a Triton that has only the python backend (like the one in nvidia-pytriton); the
 same model names and tensors are served by `tensorrt_plan` or `onnxruntime_onnx` configs.
+
+A backbone built with ``--max-batch B`` (max_batch_size B, Triton's dynamic batcher,
+backbone.onnx exported with a dynamic frame count) runs the frames of every request of
+a batch in one session call and answers each request with its own rows (a request that
+cannot be read is answered alone).
 """
 
 from __future__ import annotations
 
 import json
+
+import numpy as np
 
 from dart_triton.contract import specs
 from dart_triton.contract.parameters import OnnxGraphParameters
@@ -27,16 +34,35 @@ class TritonPythonModel:
         if self.graph.output_names != self.output_names:
             raise ValueError(f"graph outputs {self.graph.output_names} != config "
                              f"{self.output_names}")
+        # A graph with a fixed frame count (exported for one frame) runs a batch per request.
+        frames = self.graph.session.get_inputs()[0].shape[0]
+        self.batched = (config["name"] == specs.BACKBONE
+                        and config.get("max_batch_size", 0) > 0 and not isinstance(frames, int))
 
-    def _run(self, request) -> list:
+    def _inputs(self, request) -> dict[str, np.ndarray]:
         inputs = {name: pb.as_numpy(pb.required_input(request, name))
                   for name in self.input_names}
         text = inputs.get(specs.TEXT_FEATURES)
         if text is not None:  # enc_dec's prompts per pass; mask_decoder's per call
             check_pass_rows(text.shape[0], self.max_classes)
-        outputs = self.graph(**inputs)
+        return inputs
+
+    def _tensors(self, outputs) -> list:
         return [pb.pb_utils.Tensor(n, v) for n, v in zip(self.output_names, outputs,
                                                          strict=True)]
 
+    def _run(self, request) -> list:
+        return self._tensors(self.graph(**self._inputs(request)))
+
+    def _run_batch(self, frames: list[np.ndarray]) -> list[list]:
+        """The frames of every request in one session call, split back per request."""
+        cuts = np.cumsum([f.shape[0] for f in frames])[:-1]
+        outputs = self.graph(**{specs.PIXEL_VALUES: np.concatenate(frames)})
+        return [self._tensors(rows)
+                for rows in zip(*(np.split(o, cuts) for o in outputs), strict=True)]
+
     def execute(self, requests):
+        if self.batched and len(requests) > 1:
+            return pb.respond_batch(requests, lambda r: self._inputs(r)[specs.PIXEL_VALUES],
+                                    self._run_batch)
         return pb.respond(requests, self._run)

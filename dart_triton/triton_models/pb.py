@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from dart_triton.contract.validation import (
 from dart_triton.pipeline.orchestration import ModelCallError
 
 P = TypeVar("P", bound=ModelParameters)
+T = TypeVar("T")
 
 
 def log(message: str, level: str = "info") -> None:
@@ -165,4 +167,24 @@ def respond(requests, handler) -> list:
             responses.append(pb_utils.InferenceResponse(output_tensors=handler(request)))
         except ValueError as exc:
             responses.append(error_response(exc))
+    return responses
+
+
+def respond_batch(requests, read: Callable[[Any], T], run: Callable[[list[T]], list[list]]
+                  ) -> list:
+    """One response per request of a dynamic batch, every readable request's input run in
+    one call: `read(request)` -> its input (a ValueError answers that request alone, the
+    others still run); `run(inputs)` -> the output tensors of each input, in order."""
+    responses: list = [None] * len(requests)
+    readable: list[int] = []
+    inputs: list[T] = []
+    for i, request in enumerate(requests):
+        try:
+            inputs.append(read(request))
+            readable.append(i)
+        except ValueError as exc:
+            responses[i] = error_response(exc)
+    if inputs:
+        for i, tensors in zip(readable, run(inputs), strict=True):
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
     return responses

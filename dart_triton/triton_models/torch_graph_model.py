@@ -21,13 +21,8 @@ import torch
 
 from dart_triton.contract import metrics, specs
 from dart_triton.contract.parameters import TorchGraphParameters
-from dart_triton.contract.passes import check_pass_rows
-from dart_triton.graphs.torch_graphs import (
-    WEIGHTS_DIR,
-    TorchGraph,
-    TorchSettings,
-    batch_buckets,
-)
+from dart_triton.contract.passes import batch_buckets, check_pass_rows
+from dart_triton.graphs.torch_graphs import WEIGHTS_DIR, TorchGraph, TorchSettings
 from dart_triton.triton_models import pb
 
 
@@ -83,27 +78,16 @@ class TritonPythonModel:
     def _run(self, request) -> list:
         return self._tensors(self.graph(*self._inputs(request)))
 
-    def _run_batch(self, requests) -> list:
+    def _run_batch(self, frames: list[torch.Tensor]) -> list[list]:
         """The frames of every request in one backbone call, split back per request."""
-        responses: list = [None] * len(requests)
-        frames: list[torch.Tensor] = []
-        readable: list[int] = []
-        for i, request in enumerate(requests):
-            try:
-                frames.append(self._inputs(request)[0])
-                readable.append(i)
-            except ValueError as exc:
-                responses[i] = pb.error_response(exc)
-        if frames:
-            sizes = [int(f.shape[0]) for f in frames]
-            outputs = self.graph(torch.cat([f.to(frames[0].device) for f in frames]))
-            per_request = zip(*(o.split(sizes) for o in outputs), strict=True)
-            for i, rows in zip(readable, per_request, strict=True):
-                responses[i] = pb.pb_utils.InferenceResponse(output_tensors=self._tensors(rows))
-        return responses
+        sizes = [int(f.shape[0]) for f in frames]
+        outputs = self.graph(torch.cat([f.to(frames[0].device) for f in frames]))
+        return [self._tensors(rows)
+                for rows in zip(*(o.split(sizes) for o in outputs), strict=True)]
 
     def execute(self, requests):
         with torch.no_grad():
             if self.batched and len(requests) > 1:
-                return self._run_batch(requests)
+                return pb.respond_batch(requests, lambda r: self._inputs(r)[0],
+                                        self._run_batch)
             return pb.respond(requests, self._run)

@@ -17,7 +17,10 @@ TINY = specs.GraphDims(imgsz=56, fpn_dim=8, text_len=6, text_dim=8, num_queries=
                        max_classes=16)
 
 
-def tiny_backbone(path: Path, d: specs.GraphDims = TINY, mask_levels: bool = False) -> Path:
+def tiny_backbone(path: Path, d: specs.GraphDims = TINY, mask_levels: bool = False,
+                  frames: int | str = 1) -> Path:
+    """A patchify Conv (frames independent, as the real backbone's); ``frames`` "frames":
+    any number per call, as `export --max-batch` exports it."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -27,7 +30,7 @@ def tiny_backbone(path: Path, d: specs.GraphDims = TINY, mask_levels: bool = Fal
                               strides=[specs.PATCH_SIZE] * 2)]
     h = d.feat_hw
     outputs = [helper.make_tensor_value_info(specs.FPN_FEATURES, TensorProto.FLOAT,
-                                             [1, d.fpn_dim, h, h])]
+                                             [frames, d.fpn_dim, h, h])]
     inits = [numpy_helper.from_array(w.astype(np.float32), "w")]
     if mask_levels:
         for name, k in ((specs.FPN_FEATURES_4X, 4), (specs.FPN_FEATURES_2X, 2)):
@@ -36,11 +39,11 @@ def tiny_backbone(path: Path, d: specs.GraphDims = TINY, mask_levels: bool = Fal
             nodes.append(helper.make_node("Resize", [specs.FPN_FEATURES, "", f"s{k}"], [name],
                                           mode="nearest"))
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
-                                                         [1, d.fpn_dim, k * h, k * h]))
+                                                         [frames, d.fpn_dim, k * h, k * h]))
     graph = helper.make_graph(
         nodes, "tiny_backbone",
         [helper.make_tensor_value_info(specs.PIXEL_VALUES, TensorProto.FLOAT,
-                                       [1, 3, d.imgsz, d.imgsz])],
+                                       [frames, 3, d.imgsz, d.imgsz])],
         outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
