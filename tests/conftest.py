@@ -100,12 +100,12 @@ def python_repository(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def torch_repository(tiny_checkpoint, tmp_path_factory):
-    """A --backend torch repository (CPU, FP32) of the tiny checkpoint."""
+    """A --backend torch repository (CPU, FP32) of the tiny checkpoint, with masks."""
     from dart_triton.export.repository import build_repository
 
     repo = tmp_path_factory.mktemp("repo_torch")
     build_repository(tiny_checkpoint, repo, backend="torch", max_classes=TEST_MAX_CLASSES,
-                     log=lambda *_: None)
+                     masks=True, log=lambda *_: None)
     return repo
 
 

@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from dart_triton.client import DartClient
 from dart_triton.contract import specs
 from tests.conftest import TEST_MAX_CLASSES
-from tests.parity import EVERY_QUERY, NAMES, assert_same, assert_served_same
+from tests.parity import EVERY_QUERY, NAMES, assert_same, assert_same_masks, assert_served_same
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def server_c(tiny_checkpoint_c, tmp_path_factory):
 
     repo = tmp_path_factory.mktemp("repo_python_c")
     build_repository(tiny_checkpoint_c, repo, backend="python", max_classes=TEST_MAX_CLASSES,
-                     log=lambda *_: None)
+                     masks=True, log=lambda *_: None)
     with TritonServer(repo, startup_timeout=180,
                       extra_args=["--exit-timeout-secs=5"]) as server:
         yield server
@@ -71,6 +71,16 @@ def test_served_graphs_use_the_2x_level(server_c, parts_c):
     fpn_in = next(t for t in enc_dec["inputs"] if t["name"] == specs.FPN_FEATURES)
     want = ["1", str(parts_c.dims.fpn_dim), str(side), str(side)]
     assert fpn_out["shape"] == fpn_in["shape"] == want
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("n", [1, 3, 3 * TEST_MAX_CLASSES])
+def test_served_masks_equal_sam3s(server_c, naive_c, photo, n):
+    """Masks at stride 7 (one finer level) from the python backend (`test_masks.py` has
+    the other backend/variant pairs)."""
+    with DartClient(server_c.grpc_url) as c:
+        served = c.detect(photo, NAMES[:n], masks=True)
+    assert_same_masks(served, naive_c.detect(photo, NAMES[:n], masks=True))
 
 
 @pytest.mark.server

@@ -1,9 +1,12 @@
 """Masks on demand through a real tritonserver: `dart` answers RETURN_MASKS with the masks
-SAM3 makes for the kept queries (python backend on variant a: the session's server;
-torch backend on variant c, whose detection level is at stride 7), a request without it
-makes exactly the calls it made before, bad mask requests fail alone, and the commands
-(`detect --masks --json`, `label --masks`, `coco-eval --iou-type segm`) write files that
-pycocotools and the YOLO format accept."""
+SAM3 makes for the kept queries, a request without it makes exactly the calls it made
+before, bad mask requests fail alone, and the commands (`detect --masks --json`, `label
+--masks`, `coco-eval --iou-type segm`) write files that pycocotools and the YOLO format
+accept.
+
+Backend x variant, 1, 3 and 3 x max classes each: python/a (the session's server, here),
+python/c (stride 7, `test_detection_level.py`), torch/a (`test_torch_graphs.py`), and
+torch/c, torch/b and python/b here (one server each)."""
 
 from __future__ import annotations
 
@@ -26,20 +29,23 @@ pytestmark = pytest.mark.server
 COUNTS = [1, 3, 3 * TEST_MAX_CLASSES]
 
 
-@pytest.fixture(scope="module")
-def torch_c(tiny_checkpoint_c, tmp_path_factory):
-    """(server, naive reference) for a --backend torch --masks repository of variant c."""
+@pytest.fixture(scope="module", params=[("torch", "c"), ("torch", "b"), ("python", "b")],
+                ids=lambda p: "-".join(p))
+def other_server(request, tmp_path_factory):
+    """(server, naive reference) for a --masks repository of a backend and a variant."""
     from dart_triton.export.options import parse_instances
     from dart_triton.export.repository import build_repository
     from dart_triton.model.parts import load_parts
     from dart_triton.pipeline.detectors import NaivePipeline
     from dart_triton.serving.server import TritonServer
 
-    repo = tmp_path_factory.mktemp("repo_torch_masks_c")
-    build_repository(tiny_checkpoint_c, repo, backend="torch", max_classes=TEST_MAX_CLASSES,
+    backend, variant = request.param
+    checkpoint = request.getfixturevalue(f"tiny_checkpoint_{variant}")
+    repo = tmp_path_factory.mktemp(f"repo_{backend}_masks_{variant}")
+    build_repository(checkpoint, repo, backend=backend, max_classes=TEST_MAX_CLASSES,
                      masks=True, instances=parse_instances("preprocess=1,postprocess=1"),
                      log=lambda *_: None)
-    parts = load_parts(tiny_checkpoint_c, max_classes=TEST_MAX_CLASSES)
+    parts = load_parts(checkpoint, max_classes=TEST_MAX_CLASSES)
     with TritonServer(repo, startup_timeout=240, extra_args=["--exit-timeout-secs=5"]) as server:
         yield server, NaivePipeline(parts.model, parts.tokenizer)
 
@@ -53,12 +59,11 @@ def test_python_backend_serves_sam3s_masks(triton_server, naive, photo, n):
 
 
 @pytest.mark.parametrize("n", COUNTS)
-def test_torch_backend_serves_sam3s_masks_at_stride_7(torch_c, photo, n):
-    server, naive_c = torch_c
+def test_other_backends_and_variants_serve_sam3s_masks(other_server, photo, n):
+    server, naive = other_server
     with DartClient(server.http_url, protocol="http") as client:
         served = client.detect(photo, NAMES[:n], masks=True, mask_threshold=0.4)
-    ref = naive_c.detect(photo, NAMES[:n], masks=True, mask_threshold=0.4)
-    assert_same_masks(served, ref)
+    assert_same_masks(served, naive.detect(photo, NAMES[:n], masks=True, mask_threshold=0.4))
 
 
 def _model_counts(url: str, model: str) -> tuple[int, int]:

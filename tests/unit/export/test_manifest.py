@@ -19,7 +19,8 @@ from dart_triton.export import check, manifest
 from dart_triton.export.options import BuildOptions, packaged_vocabulary
 from dart_triton.export.tensorrt import build as tensorrt_build
 from dart_triton.export.tensorrt import sidecar as plan_sidecar
-from dart_triton.export.tensorrt.build import TensorRTPath, plan_fields
+from dart_triton.export.tensorrt.build import TensorRTPath
+from dart_triton.export.tensorrt.plan_record import plan_fields
 
 DIMS = specs.GraphDims(imgsz=112, max_classes=4)
 

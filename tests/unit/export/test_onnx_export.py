@@ -144,3 +144,39 @@ def test_cli_export_detection_level_not_at_stride_14(tiny_checkpoint_c, tmp_path
 def test_cli_export_bad_checkpoint(tmp_path, capsys):
     assert cli(["export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
     assert "checkpoint directory not found" in capsys.readouterr().err
+
+
+def test_one_frame_export_is_fixed_and_recorded(exported):
+    out, meta, _ = exported
+    assert meta["backbone_frames"] == 1
+    io = read_onnx_io(out / "backbone.onnx")
+    assert {shape[0] for shape in (*io.inputs.values(), *io.outputs.values())} == {1}
+
+
+def test_max_batch_export_takes_any_number_of_frames(tiny_checkpoint_d, tmp_path):
+    """--max-batch > 1: dim 0 of backbone.onnx's input and outputs is "frames"; the windowed
+    and global blocks, position embedding and every FPN level agree with PyTorch on three
+    different frames at once; dart_graphs.json says so, and a reused --onnx-dir with the
+    other frame count is not taken as is."""
+    from dart_triton.export.onnx_export import CHECK_FRAMES, DYNAMIC_FRAMES
+    from dart_triton.export.repository import _graphs_match
+
+    meta, agreements = export_graphs(tiny_checkpoint_d, tmp_path, max_classes=2, masks=True,
+                                     log=lambda *_: None, max_batch=4)
+    assert meta["backbone_frames"] == DYNAMIC_FRAMES
+    spec = specs.backbone_spec(read_graphs_meta(tmp_path))
+    batched = {a.tensor: a for a in agreements if "frames]" in a.tensor}
+    assert set(batched) == {f"{t.name}[{CHECK_FRAMES} frames]" for t in spec.outputs}
+    for a in agreements:
+        assert a.cosine >= MIN_COSINE, a
+    io = read_onnx_io(tmp_path / "backbone.onnx")
+    assert {shape[0] for shape in (*io.inputs.values(), *io.outputs.values())} == {-1}
+    graph = onnx.load(str(tmp_path / "backbone.onnx"), load_external_data=False).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "frames"
+    assert _graphs_match(tmp_path, None, 2, masks=True, max_batch=4)
+    assert not _graphs_match(tmp_path, None, 2, masks=True, max_batch=1)
+    fixed = json.loads((tmp_path / GRAPHS_JSON).read_text())
+    del fixed["backbone_frames"]  # an export from before the record: one frame
+    (tmp_path / GRAPHS_JSON).write_text(json.dumps(fixed))
+    assert _graphs_match(tmp_path, None, 2, masks=True, max_batch=1)
+    assert not _graphs_match(tmp_path, None, 2, masks=True, max_batch=4)

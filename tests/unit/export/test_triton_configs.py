@@ -94,11 +94,15 @@ def test_onnxruntime_specifics():
     assert cfgs["enc_dec"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
 
 
-@pytest.mark.parametrize("backend", ["python", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_max_batch_batches_the_backbone_only(backend):
     """--max-batch B: the backbone's leading 1 becomes Triton's batch dimension (so the
     one-frame requests of dart and the ensemble batch), with the dynamic batcher's delay;
-    every other model is as before."""
+    every other model is as before, on every backend."""
+    from dart_triton.export.backends import check_build
+    from dart_triton.export.options import BuildOptions
+
+    check_build(BuildOptions(backend=backend, max_batch=4))  # no backend refuses it
     plain = all_configs(RepoOptions(backend=backend, dims=DIMS))
     batched = all_configs(RepoOptions(backend=backend, dims=DIMS, max_batch=4,
                                       batch_delay_us=250))
@@ -108,17 +112,33 @@ def test_max_batch_batches_the_backbone_only(backend):
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
     for got, want in ((cfg.input, spec.inputs), (cfg.output, spec.outputs)):
         assert [(t.name, (1, *t.dims)) for t in got] == [(t.name, t.dims) for t in want]
-
-
-@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
-def test_max_batch_is_refused_where_the_backbone_takes_one_frame(backend):
-    from dart_triton.export.backends import check_build
-    from dart_triton.export.options import BuildOptions
-
-    with pytest.raises(ValueError, match=r"--max-batch 4: the .* backend serves the backbone"):
-        check_build(BuildOptions(backend=backend, max_batch=4))
     with pytest.raises(ValueError, match="--max-batch must be >= 1"):
         BuildOptions(max_batch=0)
+
+
+@pytest.mark.parametrize(("max_batch", "graphs"), [
+    (4, [(1, None), (2, None), (4, 3)]), (6, [(1, None), (2, None), (4, 3), (6, 5)]),
+    (2, [(1, None), (2, None)])])
+def test_tensorrt_batched_backbone_cuda_graphs_per_frame_bucket(max_batch, graphs):
+    """A batched TensorRT backbone captures one CUDA graph per frame bucket, at its batch
+    size (1..max_batch_size, as Triton requires with max_batch_size > 0) with the input
+    shape less the batch dimension, each also serving the sizes down to the previous
+    bucket (graph_lower_bound); unbatched, the one graph at batch_size 0."""
+    opts = RepoOptions(backend="tensorrt", dims=DIMS, max_batch=max_batch)
+    cuda = parse(all_configs(opts)[specs.BACKBONE]).optimization.cuda
+    assert cuda.graphs
+    frame = (3, DIMS.imgsz, DIMS.imgsz)
+    got = []
+    for g in cuda.graph_spec:
+        assert tuple(g.input[specs.PIXEL_VALUES].dim) == frame
+        low = g.graph_lower_bound.batch_size if g.HasField("graph_lower_bound") else None
+        if low is not None:
+            assert tuple(g.graph_lower_bound.input[specs.PIXEL_VALUES].dim) == frame
+        got.append((g.batch_size, low))
+    assert got == graphs
+    plain = parse(all_configs(RepoOptions(backend="tensorrt", dims=DIMS))[specs.BACKBONE])
+    (g,) = plain.optimization.cuda.graph_spec
+    assert g.batch_size == 0 and tuple(g.input[specs.PIXEL_VALUES].dim) == (1, *frame)
 
 
 def test_ensemble_wiring():

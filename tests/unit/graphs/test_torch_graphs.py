@@ -24,7 +24,7 @@ import tests.fakes.pb_utils as fake_pb_utils
 from dart_triton.client import DartClient
 from dart_triton.contract import specs
 from tests.conftest import TEST_MAX_CLASSES
-from tests.parity import NAMES, assert_same, raw_inputs
+from tests.parity import NAMES, assert_same, assert_same_masks, raw_inputs
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,16 @@ def test_torch_served_equals_naive_reference(torch_server, naive, photo, model, 
     with DartClient(torch_server.grpc_url, model=model) as c:
         served = c.detect(photo, NAMES[:n])
     assert_same(served, naive.detect(photo, NAMES[:n]))
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("n", [1, 3, 3 * TEST_MAX_CLASSES])
+def test_torch_served_masks_equal_sam3s(torch_server, naive, photo, n):
+    """The torch backend's mask_decoder (`test_masks.py` has the other backend/variant
+    pairs)."""
+    with DartClient(torch_server.grpc_url) as c:
+        served = c.detect(photo, NAMES[:n], masks=True)
+    assert_same_masks(served, naive.detect(photo, NAMES[:n], masks=True))
 
 
 @pytest.mark.server
@@ -159,7 +169,9 @@ def test_torch_modules_compute_what_they_were_built_from(torch_repository, parts
         ref_head = parts.runtime_head(ref_feats, torch.from_numpy(text), torch.from_numpy(mask))
     ref = ref_feats.numpy()  # ~300 in magnitude: rounding shows at ~1e-4
     np.testing.assert_allclose(graphs.backbone(pixels), ref, atol=1e-6 * np.abs(ref).max())
-    for got, ref in zip(graphs.enc_dec(ref_feats.numpy(), text, mask), ref_head, strict=True):
+    served = graphs.enc_dec(ref_feats.numpy(), text, mask)
+    assert len(served) == 5  # built with masks: the mask head's inputs too (`parts` has none)
+    for got, ref in zip(served[:3], ref_head, strict=True):
         np.testing.assert_array_equal(got, ref.numpy())
 
 

@@ -14,6 +14,7 @@ import pytest
 from dart_triton.contract import specs
 from dart_triton.export.tensorrt import build as tensorrt_build
 from dart_triton.export.tensorrt import executor as plan_executor
+from dart_triton.export.tensorrt import plan_record
 from dart_triton.export.tensorrt import sidecar as plan_sidecar
 from dart_triton.export.tensorrt.build import PlanBuildOptions, TensorRTPath
 from dart_triton.export.tensorrt.executor import PlanExecutor
@@ -252,7 +253,7 @@ def test_every_plan_shaping_field_is_recorded_and_compared(monkeypatch, onnx_dir
         assert set(plan_sidecar.PLAN_FIELDS) <= set(info), model
         assert info["workspace_bytes"] == 2 << 30
     path = TensorRTPath(TRT10, False)
-    want = tensorrt_build.wanted_plan_fields(opts, 56, 16, "vit", path)
+    want = plan_record.wanted_plan_fields(opts, 56, 16, "vit", path)
     check = lambda **w: plan_sidecar.stale_reasons(  # noqa: E731
         repo, device=FAKE_GPU, want={**want, **w})
     assert check() == []
@@ -271,7 +272,7 @@ def test_every_plan_shaping_field_is_recorded_and_compared(monkeypatch, onnx_dir
         reasons = check(**{field: value})
         assert any(reason in r for r in reasons), (field, reasons)
     # the whole of a changed build, as check-repository computes it
-    fp32 = tensorrt_build.wanted_plan_fields(PlanBuildOptions(buckets=(1, 16)), 56, 16, "vit",
+    fp32 = plan_record.wanted_plan_fields(PlanBuildOptions(buckets=(1, 16)), 56, 16, "vit",
                                              path)
     reasons = plan_sidecar.stale_reasons(repo, device=FAKE_GPU, want=fp32)
     assert any("optimisation profiles" in r for r in reasons)
@@ -293,7 +294,7 @@ def test_old_sidecars_without_the_new_fields_are_stale(tmp_path):
         plan.write_bytes(b"plan")
         plan_sidecar.write_sidecar(plan, {"model": model, "imgsz": 56, "precision": "fp16",
                                           "tensorrt_version": TRT10})
-    want = tensorrt_build.wanted_plan_fields(PlanBuildOptions(), 56, 16, "vit",
+    want = plan_record.wanted_plan_fields(PlanBuildOptions(), 56, 16, "vit",
                                              TensorRTPath(TRT10, False))
     reasons = plan_sidecar.stale_reasons(repo, want=want)
     assert "backbone: built for network typing null, want weak" in reasons
@@ -365,7 +366,7 @@ def test_the_backbone_kind_comes_from_the_export(monkeypatch, onnx_dir, tmp_path
     assert res["backbone"]["backbone_kind"] == "pruned"
     assert res["backbone"]["backbone"] == described
     assert res["enc_dec"]["backbone_kind"] is None  # enc_dec does not depend on it
-    want = tensorrt_build.wanted_plan_fields(PlanBuildOptions(), 56, 16, "vit",
+    want = plan_record.wanted_plan_fields(PlanBuildOptions(), 56, 16, "vit",
                                              TensorRTPath(TRT10, False))
     assert plan_sidecar.stale_reasons(tmp_path / "repo", want=want) == [
         "backbone: built for backbone kind pruned, want vit"]

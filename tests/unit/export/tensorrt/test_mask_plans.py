@@ -16,6 +16,7 @@ from dart_triton.contract import specs
 from dart_triton.contract.passes import ProfileRange
 from dart_triton.export.tensorrt import build as tensorrt_build
 from dart_triton.export.tensorrt import executor as plan_executor
+from dart_triton.export.tensorrt import plan_record
 from dart_triton.export.tensorrt import sidecar as plan_sidecar
 from dart_triton.export.tensorrt.build import PlanBuildOptions, TensorRTPath
 from dart_triton.export.tensorrt.plan_check import mask_decoder_cases
@@ -152,11 +153,11 @@ def test_build_plans_installs_three_verified_plans(monkeypatch, mask_dir, tmp_pa
     assert "mask_decoder: verified against onnxruntime cpu fp32" in capsys.readouterr().out
     # check-repository's view: current, and another opt_classes makes the mask plan stale
     path = TensorRTPath.detect(sys.modules["tensorrt"])
-    want = tensorrt_build.wanted_plan_fields(PlanBuildOptions(buckets=(1, 4, 16)), 56, 16,
+    want = plan_record.wanted_plan_fields(PlanBuildOptions(buckets=(1, 4, 16)), 56, 16,
                                              "vit", path, num_queries=5)
     assert plan_sidecar.stale_reasons(repo, device=FAKE_GPU, want=want) == []
     assert plan_sidecar.repository_plan_models(repo) == list(specs.MASK_GRAPH_MODELS)
-    other = tensorrt_build.wanted_plan_fields(PlanBuildOptions(buckets=(1, 4, 16),
+    other = plan_record.wanted_plan_fields(PlanBuildOptions(buckets=(1, 4, 16),
                                                                opt_classes=8), 56, 16, "vit",
                                               path, num_queries=5)
     (reason,) = plan_sidecar.stale_reasons(repo, device=FAKE_GPU, want=other)
