@@ -23,6 +23,7 @@ from pathlib import Path
 from dart_triton.backbones.choice import BackboneChoice
 from dart_triton.contract import specs
 from dart_triton.contract.parameters import OnnxGraphParameters
+from dart_triton.contract.passes import batch_buckets
 from dart_triton.contract.specs import GraphDims, ModelSpec
 from dart_triton.export import pbtxt, torch_weights
 from dart_triton.export.options import BuildOptions, RepoOptions, packaged_vocabulary
@@ -57,9 +58,6 @@ class Backend:
     export: Callable[[Path, Path, BuildOptions, Callable], GraphDims] | None = None
     # The build options this backend's graph models take, checked -> RepoOptions.graph_settings.
     graph_settings: Callable[[BuildOptions], dict[str, object]] = lambda build: {}
-    # Whether `backbone` takes a batch of frames (--max-batch > 1): its graph must have a
-    # dynamic batch dimension (the python models split and join the batch themselves).
-    batches_backbone: bool = False
 
     def configure(self, opts: RepoOptions) -> RepoOptions:
         """`opts` as this backend serves them: on a GPU whatever `--gpu` said, where the
@@ -76,12 +74,6 @@ class Backend:
             backbone=BackboneChoice.parse(build.backbone).describe(),
             max_batch=build.max_batch, batch_delay_us=build.batch_delay_us))
 
-    def check_max_batch(self, build: BuildOptions) -> None:
-        if build.max_batch > 1 and not self.batches_backbone:
-            raise ValueError(f"--max-batch {build.max_batch}: the {self.name} backend serves "
-                             "the backbone one frame per call for now; use --backend torch "
-                             "or python, or --max-batch 1")
-
     def python_models(self, dims: GraphDims | None = None) -> dict[str, str]:
         """Every python model of a repository with this backend at `dims` -> implementing
         module (without `dims`: of any repository, mask_decoder included)."""
@@ -94,7 +86,8 @@ class Backend:
         if self.profiles_per_bucket and spec.name == specs.ENC_DEC and opts.enc_dec_buckets:
             profiles = [str(i) for i in range(len(opts.enc_dec_buckets))]
         # A batched backbone: the spec's leading 1 becomes Triton's batch dimension, so
-        # the one-frame requests of `dart` and the ensemble are batched by Triton.
+        # the one-frame requests of `dart` and the ensemble are batched by Triton (every
+        # backend: the graphs' frame dimension is dynamic, `export_backbone`).
         batched = spec.name == specs.BACKBONE and opts.max_batch > 1
         return (pbtxt.header(spec.name, self.runtime, opts.max_batch if batched else 0)
                 + pbtxt.io(spec, batched)
@@ -106,8 +99,18 @@ class Backend:
 # Graph model extras -------------------------------------------------------------------
 
 
-def tensorrt_graph_shapes(spec: ModelSpec, opts: RepoOptions) -> list[int | None]:
-    """The N of every CUDA graph a TensorRT graph model captures (None: a static model).
+@dataclass(frozen=True)
+class CudaGraphShape:
+    """One CUDA graph a TensorRT graph model captures."""
+
+    batch_size: int = 0  # Triton's batch size (0: a model without a batch dimension)
+    n: int | None = None  # enc_dec's prompt count (None: no dynamic dimension)
+    # The smallest batch the graph also serves (graph_lower_bound; None: only its own).
+    lower_batch: int | None = None
+
+
+def tensorrt_graph_shapes(spec: ModelSpec, opts: RepoOptions) -> list[CudaGraphShape]:
+    """Every CUDA graph a TensorRT graph model captures.
 
     Only shapes every optimisation profile of the model accepts. tensorrt_backend captures
     each `graph_spec` on the execution context of every profile (InitializeCudaGraph loops
@@ -116,32 +119,53 @@ def tensorrt_graph_shapes(spec: ModelSpec, opts: RepoOptions) -> list[int | None
     buckets 1,4,16 (disjoint profiles) no N fits all three, so the multi-bucket enc_dec
     has no CUDA graphs: the ERROR lines would teach operators to ignore real errors,
     while TensorRT's few fused kernels per enc_dec pass leave little launch overhead for
-    a graph to save. The backbone (static, one profile) and a one-bucket enc_dec (one
-    profile ending at its bucket) keep theirs."""
+    a graph to save. The backbone (one profile) and a one-bucket enc_dec (one profile
+    ending at its bucket) keep theirs. A batched backbone (--max-batch B, one profile over
+    1..B frames) has one per frame bucket (`batch_buckets`), each also serving the batch
+    sizes down to the previous bucket: the frames are independent, so the rows a smaller
+    batch leaves stale in the captured buffers only make outputs nobody reads."""
     if not opts.cuda_graphs:
         return []
     if spec.name == specs.MASK_DECODER:
         return []  # two dynamic dimensions (prompts, kept queries): no fixed shape to capture
     if spec.name != specs.ENC_DEC:
-        return [None]
+        if spec.name != specs.BACKBONE or opts.max_batch <= 1:
+            return [CudaGraphShape()]
+        buckets = batch_buckets(opts.max_batch)
+        return [CudaGraphShape(b, lower_batch=low + 1 if b > low + 1 else None)
+                for low, b in zip([0, *buckets], buckets, strict=False)]
     buckets = sorted(set(opts.enc_dec_buckets))
-    return buckets if len(buckets) == 1 else []
+    return [CudaGraphShape(n=buckets[0])] if len(buckets) == 1 else []
+
+
+def _graph_inputs(spec: ModelSpec, g: CudaGraphShape, indent: str) -> list[str]:
+    """A graph spec's input shapes: without the batch dimension where the model has one
+    (Triton's model config: GraphSpec.input)."""
+    entries = []
+    for t in spec.inputs:
+        shape = tuple(g.n if d == -1 else d for d in t.dims)
+        if g.batch_size:
+            shape = shape[1:]
+        entries.append(f"{indent}input {{ key: \"{t.name}\" value {{ dim: "
+                       f"{pbtxt.dims(shape)} }} }}")
+    return entries
 
 
 def _tensorrt_extras(spec: ModelSpec, opts: RepoOptions) -> str:
-    """CUDA graphs: one per concrete input shape (with max_batch_size 0, batch_size 0), for
-    the shapes of `tensorrt_graph_shapes`."""
+    """CUDA graphs: one per concrete input shape (batch_size 0 with max_batch_size 0, else
+    the batch it is captured at, 1..max_batch_size), for the shapes of
+    `tensorrt_graph_shapes`."""
     shapes = tensorrt_graph_shapes(spec, opts)
     if not shapes:
         return ""
     specs_txt = []
-    for n in shapes:
-        entries = []
-        for t in spec.inputs:
-            shape = tuple(n if d == -1 else d for d in t.dims)
-            entries.append(f"        input {{ key: \"{t.name}\" value {{ dim: "
-                           f"{pbtxt.dims(shape)} }} }}")
-        specs_txt.append("      {\n        batch_size: 0\n" + "\n".join(entries) + "\n      }")
+    for g in shapes:
+        lines = [f"        batch_size: {g.batch_size}", *_graph_inputs(spec, g, " " * 8)]
+        if g.lower_batch is not None:
+            lower = [f"          batch_size: {g.lower_batch}",
+                     *_graph_inputs(spec, g, " " * 10)]
+            lines += ["        graph_lower_bound {", *lower, "        }"]
+        specs_txt.append("      {\n" + "\n".join(lines) + "\n      }")
     return ("optimization {\n  cuda {\n    graphs: true\n    graph_spec [\n"
             + ",\n".join(specs_txt) + "\n    ]\n  }\n}\n")
 
@@ -210,7 +234,6 @@ BACKENDS: dict[str, Backend] = {
             write_artifacts=_copy_onnx,
             graph_python_models={m: "dart_triton.triton_models.graph_model"
                                  for m in specs.MASK_GRAPH_MODELS},
-            batches_backbone=True,
         ),
         Backend(
             name="torch",
@@ -223,7 +246,6 @@ BACKENDS: dict[str, Backend] = {
             graph_python_models={m: torch_weights.MODULE for m in specs.MASK_GRAPH_MODELS},
             export=torch_weights.export_weights,
             graph_settings=torch_weights.settings,
-            batches_backbone=True,
         ),
     )
 }
@@ -234,7 +256,6 @@ def check_build(build: BuildOptions) -> Backend:
     naming what is wrong): the one place a build looks its backend up."""
     backend = get_backend(build.backend)
     backend.graph_settings(build)
-    backend.check_max_batch(build)
     return backend
 
 

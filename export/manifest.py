@@ -206,7 +206,8 @@ def stale_reasons(repo: str | Path, checkpoint: str | Path, build: BuildOptions,
     elif build.backend == "torch":
         reasons += compiled_stale_reasons(repo, manifest)
     elif check_plans and (models := plan_models(repo)):
-        from dart_triton.export.tensorrt.build import installed_path, wanted_plan_fields
+        from dart_triton.export.tensorrt.build import installed_path
+        from dart_triton.export.tensorrt.plan_record import wanted_plan_fields
         from dart_triton.export.tensorrt.sidecar import current_device
         from dart_triton.export.tensorrt.sidecar import stale_reasons as plan_stale
 

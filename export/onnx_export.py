@@ -1,7 +1,8 @@
 """Checkpoint -> backbone.onnx + enc_dec.onnx (+ mask_decoder.onnx with --masks), each
 checked against PyTorch in ONNX Runtime.
 
-`dart-triton export --checkpoint DIR --output DIR [--imgsz N] [--max-classes M] [--masks]`
+`dart-triton export --checkpoint DIR --output DIR [--imgsz N] [--max-classes M] [--masks]
+ [--max-batch B]`
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ EXTERNAL_DATA_BYTES = 1 << 30
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "ScaledDotProductAttention",
                        "GroupQueryAttention", "FlashAttention"}
 GRAPHS_JSON = "dart_graphs.json"
+# backbone.onnx's frame count as dart_graphs.json records it: fixed at 1, or dynamic
+# (--max-batch > 1: Triton batches the frames of several requests into one call).
+DYNAMIC_FRAMES = "dynamic"
+# Frames the export check runs through a dynamic backbone at once (distinct frames, so a
+# graph that mixed frames up or specialised to one frame would disagree with PyTorch).
+CHECK_FRAMES = 3
 
 
 @dataclass
@@ -74,13 +81,15 @@ def export_module(module: torch.nn.Module, args: tuple, path: Path, input_names:
     onnx.checker.check_model(str(path))
 
 
-def sample_inputs(parts: Sam3Parts, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Pixels in the normalised range and text features of real prompts."""
+def sample_inputs(parts: Sam3Parts, n: int, seed: int = 0,
+                  frames: int = 1) -> dict[str, np.ndarray]:
+    """Pixels in the normalised range (`frames` different frames) and text features of
+    real prompts."""
     from dart_triton.model.text_encoder import TextEncoder
 
     d = parts.dims
     rng = np.random.default_rng(seed)
-    pixels = rng.uniform(-1, 1, (1, 3, d.imgsz, d.imgsz)).astype(np.float32)
+    pixels = rng.uniform(-1, 1, (frames, 3, d.imgsz, d.imgsz)).astype(np.float32)
     names = ["person", "a red car", "traffic light", "dog", "bicycle", "umbrella", "cup",
              "chair"] * (n // 8 + 1)
     text_features, text_mask = TextEncoder.from_sam3(parts.model, parts.tokenizer).encode(
@@ -89,13 +98,26 @@ def sample_inputs(parts: Sam3Parts, n: int, seed: int = 0) -> dict[str, np.ndarr
             specs.TEXT_MASK: text_mask}
 
 
-def export_backbone(parts: Sam3Parts, out_dir: Path) -> Path:
+def export_backbone(parts: Sam3Parts, out_dir: Path, dynamic_frames: bool = False) -> Path:
+    """One frame, fixed (the spec's leading 1); `dynamic_frames`: dim 0 of the input and
+    of every output is "frames" (traced at 2 frames so the exporter cannot specialise
+    the window partition's and attention's reshapes to one)."""
     spec = specs.backbone_spec(parts.dims)
     path = out_dir / "backbone.onnx"
-    pixels = torch.zeros(spec.inputs[0].dims)
+    shape = spec.inputs[0].dims
+    pixels = torch.zeros((2, *shape[1:]) if dynamic_frames else shape)
+    axes = ({t.name: {0: "frames"} for t in (*spec.inputs, *spec.outputs)} if dynamic_frames
+            else None)
     export_module(parts.backbone, (pixels,), path, [t.name for t in spec.inputs],
-            [t.name for t in spec.outputs])
+            [t.name for t in spec.outputs], axes)
     return path
+
+
+def backbone_frames(onnx_dir: str | Path) -> int | str:
+    """backbone.onnx's frame count as recorded: 1, or DYNAMIC_FRAMES (1 for exports from
+    before the record: they were all one frame)."""
+    meta = json.loads((Path(onnx_dir) / GRAPHS_JSON).read_text())
+    return meta.get("backbone_frames", 1)
 
 
 def export_enc_dec(parts: Sam3Parts, out_dir: Path) -> Path:
@@ -148,14 +170,27 @@ def fused_attention_nodes(path: Path) -> list[str]:
 
 
 @torch.no_grad()
-def check_graphs(parts: Sam3Parts, out_dir: Path, n: int) -> list[Agreement]:
-    """Run both graphs in ONNX Runtime and in PyTorch on the same sample."""
+def check_graphs(parts: Sam3Parts, out_dir: Path, n: int,
+                 dynamic_frames: bool = False) -> list[Agreement]:
+    """Run both graphs in ONNX Runtime and in PyTorch on the same sample (a dynamic
+    backbone also on CHECK_FRAMES different frames at once)."""
     x = sample_inputs(parts, n)
     feats_ref = parts.backbone(torch.from_numpy(x[specs.PIXEL_VALUES]))
-    feats_ort = OrtGraph(out_dir / "backbone.onnx")(**{specs.PIXEL_VALUES: x[specs.PIXEL_VALUES]})
+    backbone = OrtGraph(out_dir / "backbone.onnx")
+    feats_ort = backbone(**{specs.PIXEL_VALUES: x[specs.PIXEL_VALUES]})
     spec = specs.backbone_spec(parts.dims)
     results = [Agreement(t.name, cosine(o, r.numpy()), float(np.abs(o - r.numpy()).max()))
                for t, o, r in zip(spec.outputs, feats_ort, feats_ref, strict=True)]
+    if dynamic_frames:
+        pixels = sample_inputs(parts, 1, seed=1, frames=CHECK_FRAMES)[specs.PIXEL_VALUES]
+        batch_ref = parts.backbone(torch.from_numpy(pixels))
+        batch_ort = backbone(**{specs.PIXEL_VALUES: pixels})
+        for t, o, r in zip(spec.outputs, batch_ort, batch_ref, strict=True):
+            if o.shape != tuple(r.shape):
+                raise RuntimeError(f"backbone.onnx gives {t.name} {list(o.shape)} for "
+                                   f"{CHECK_FRAMES} frames, PyTorch {list(r.shape)}")
+            results.append(Agreement(f"{t.name}[{CHECK_FRAMES} frames]", cosine(o, r.numpy()),
+                                     float(np.abs(o - r.numpy()).max())))
 
     feats = feats_ref[0].numpy()
     head_ref = parts.head(torch.from_numpy(feats), torch.from_numpy(x[specs.TEXT_FEATURES]),
@@ -183,10 +218,11 @@ def check_graphs(parts: Sam3Parts, out_dir: Path, n: int) -> list[Agreement]:
 def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None = None,
                   max_classes: int = specs.DEFAULT_MAX_CLASSES, masks: bool = False,
                   check: bool = True, log=print,
-                  backbone: str = "vit") -> tuple[dict, list[Agreement]]:
+                  backbone: str = "vit", max_batch: int = 1) -> tuple[dict, list[Agreement]]:
     """Export both graphs and write `dart_graphs.json` (the dims every later step reads).
 
-    `backbone` picks the module behind the backbone graph (`dart_triton.backbones.choice`)."""
+    `backbone` picks the module behind the backbone graph (`dart_triton.backbones.choice`);
+    `max_batch` > 1 exports it with a dynamic frame count (one frame, fixed, otherwise)."""
     from dart_triton.backbones.choice import BackboneChoice, with_backbone
     from dart_triton.export.conv_gelu import separate_conv_gelu
 
@@ -194,8 +230,10 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
     out.mkdir(parents=True, exist_ok=True)
     choice = BackboneChoice.parse(backbone)
     parts = with_backbone(load_parts(checkpoint, imgsz, max_classes, masks), choice)
-    log(f"exporting backbone {choice} ({parts.dims.imgsz}px) ...")
-    bb = export_backbone(parts, out)
+    dynamic = max_batch > 1
+    log(f"exporting backbone {choice} ({parts.dims.imgsz}px, "
+        f"{'1..N frames' if dynamic else 'one frame'}) ...")
+    bb = export_backbone(parts, out, dynamic)
     if choice.kind == "student":
         separate_conv_gelu(bb)  # TensorRT 10 has no FP16 Conv+GELU kernel (export.conv_gelu)
     fused = fused_attention_nodes(bb)
@@ -213,8 +251,9 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
                                 "stride": d.detection_stride, "feat_hw": d.feat_hw},
             "checkpoint": str(Path(checkpoint).resolve()), "opset": OPSET,
             "backbone": choice.describe(),
+            "backbone_frames": DYNAMIC_FRAMES if dynamic else 1,
             "torch": torch.__version__}
-    agreements = check_graphs(parts, out, n=min(3, max_classes)) if check else []
+    agreements = check_graphs(parts, out, min(3, max_classes), dynamic) if check else []
     meta["check"] = [asdict(a) for a in agreements]
     (out / GRAPHS_JSON).write_text(json.dumps(meta, indent=2))
     return meta, agreements
@@ -239,11 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-check", action="store_true", help="do not compare with PyTorch")
     p.add_argument("--backbone", default="vit", metavar="{vit|pruned:PLAN.json:K|student:DIR}",
                    help="the module behind backbone.onnx (default: SAM3's ViT)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="B",
+                   help="B > 1: backbone.onnx takes any number of frames (for `build "
+                        "--max-batch`); default 1: one frame, fixed")
     args = p.parse_args(argv)
     try:
         _, agreements = export_graphs(args.checkpoint, args.output, args.imgsz, args.max_classes,
                                       args.masks, check=not args.skip_check,
-                                      backbone=args.backbone)
+                                      backbone=args.backbone, max_batch=args.max_batch)
     except (CheckpointError, ValueError) as exc:
         print(f"dart-triton export: error: {exc}", file=sys.stderr)
         return 2

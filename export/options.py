@@ -142,6 +142,7 @@ class BuildOptions:
                    batch_delay_us=args.batch_delay_us, masks=args.masks)
 
     def plan_options(self, max_classes: int) -> PlanBuildOptions:
-        return replace(self.plan, max_classes=max_classes, buckets=self.buckets)
+        return replace(self.plan, max_classes=max_classes, buckets=self.buckets,
+                       max_batch=self.max_batch)
 
 

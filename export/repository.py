@@ -24,7 +24,13 @@ from dart_triton.backbones.choice import BackboneChoice
 from dart_triton.contract import specs
 from dart_triton.export import manifest
 from dart_triton.export.backends import BACKENDS, check_build
-from dart_triton.export.onnx_export import GRAPHS_JSON, export_graphs, read_graphs_meta
+from dart_triton.export.onnx_export import (
+    DYNAMIC_FRAMES,
+    GRAPHS_JSON,
+    backbone_frames,
+    export_graphs,
+    read_graphs_meta,
+)
 from dart_triton.export.options import (
     DEFAULT_INSTANCES,
     BuildOptions,
@@ -51,13 +57,17 @@ def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
 
 
 def _graphs_match(onnx_dir: Path, imgsz: int | None, max_classes: int,
-                  backbone: str = "vit", masks: bool = False) -> bool:
+                  backbone: str = "vit", masks: bool = False, max_batch: int = 1) -> bool:
+    """Whether `onnx_dir` holds the graphs this build would export (a backbone for one
+    frame, fixed, or with --max-batch > 1 for any number: else it is re-exported)."""
     if not (onnx_dir / GRAPHS_JSON).is_file():
         return False
     dims = read_graphs_meta(onnx_dir)
     recorded = json.loads((onnx_dir / GRAPHS_JSON).read_text()).get("backbone", "vit")
+    frames = DYNAMIC_FRAMES if max_batch > 1 else 1
     return ((imgsz in (None, dims.imgsz)) and dims.max_classes == max_classes
-            and dims.masks == masks and recorded == BackboneChoice.parse(backbone).describe())
+            and dims.masks == masks and recorded == BackboneChoice.parse(backbone).describe()
+            and backbone_frames(onnx_dir) == frames)
 
 
 def build_repository(checkpoint: str | Path, output: str | Path,
@@ -75,9 +85,10 @@ def build_repository(checkpoint: str | Path, output: str | Path,
             graphs = Path(scratch)
             dims = backend.export(checkpoint, graphs, build, log)
         elif not _graphs_match(graphs, build.imgsz, build.max_classes, build.backbone,
-                               build.masks):
+                               build.masks, build.max_batch):
             _, agreements = export_graphs(checkpoint, graphs, build.imgsz, build.max_classes,
-                                          build.masks, log=log, backbone=build.backbone)
+                                          build.masks, log=log, backbone=build.backbone,
+                                          max_batch=build.max_batch)
             bad = [a for a in agreements if not a.ok]
             if bad:
                 raise RuntimeError(f"ONNX Runtime disagrees with PyTorch on {bad[0].tensor} "
@@ -146,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else --max-classes) and one for the backbone at load")
     p.add_argument("--max-batch", type=int, default=1, metavar="B",
                    help="frames per backbone call: concurrent requests (cameras) share one "
-                        "call through Triton's dynamic batcher (python and torch backends; "
+                        "call through Triton's dynamic batcher (every backend; "
                         "`dart` gets B instances unless --instances says otherwise). "
                         "Default 1: one call per frame")
     p.add_argument("--masks", action="store_true",

@@ -27,7 +27,10 @@ The enc_dec plan gets optimisation profiles over the class count N: one profile
 bucket (see ``dart_triton.contract.passes`` for why buckets are ranges tuned at their top).
 The mask_decoder plan has one profile over its prompts P (``1..max_classes``, tuned like
 enc_dec's single profile: ``dart`` sends the kept prompts in chunks, unpadded) and kept
-queries per prompt J (``1..num_queries``, tuned at ``MASK_OPT_QUERIES``).
+queries per prompt J (``1..num_queries``, tuned at ``MASK_OPT_QUERIES``). With
+``--max-batch B`` the backbone plan has one profile over its frames per call, ``1..B``
+tuned at B (the graph must be exported with a dynamic frame count), and is verified on
+one frame and on B different ones.
 
 TensorRT is imported lazily: everything up to the build itself (graph checks, profiles,
 the equivalent ``trtexec`` line: ``--dry-run``) works on a machine without it.
@@ -36,14 +39,11 @@ the equivalent ``trtexec`` line: ``--dry-run``) works on a machine without it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime as dt
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from dart_triton.contract import specs
@@ -62,16 +62,22 @@ from dart_triton.export.tensorrt.options import (
     tensorrt_step,
 )
 from dart_triton.export.tensorrt.plan_check import PlanChecker, check_plan
+from dart_triton.export.tensorrt.plan_record import (
+    PROMPT_MODELS,
+    PlanJob,
+    mask_ranges,
+    sidecar_record,
+)
 from dart_triton.export.tensorrt.profiles import (
     MODELS,
     GraphIO,
-    backbone_kind,
     check_graph_matches_spec,
     dynamic_inputs,
+    frame_profile_shapes,
+    frame_range,
     graph_dims_from_onnx,
     model_profiles,
     profile_shapes,
-    query_range,
     read_graphs_json,
     read_onnx_io,
     trtexec_command,
@@ -89,32 +95,6 @@ from dart_triton.export.tensorrt.verify import VerificationError
 
 SPEC_FOR = {specs.BACKBONE: specs.backbone_spec, specs.ENC_DEC: specs.enc_dec_spec,
             specs.MASK_DECODER: specs.mask_decoder_spec}
-# Plans with optimisation profiles over prompts (their PlanJob.ranges).
-PROMPT_MODELS = (specs.ENC_DEC, specs.MASK_DECODER)
-
-
-@dataclass
-class PlanJob:
-    """Everything decided about one plan before TensorRT is touched."""
-
-    model: str
-    onnx: Path  # the exported FP32 graph
-    plan: Path
-    io: GraphIO
-    spec: specs.ModelSpec
-    ranges: list[ProfileRange]
-    profiles: list[dict]
-    dynamic: list[str]
-    trtexec: str
-    path: TensorRTPath
-    # The strongly typed FP16 path builds from a converted graph: the command that makes
-    # it by hand (before the trtexec line), else None.
-    prepare: str | None = None
-    queries: ProfileRange | None = None  # mask_decoder's kept queries per prompt (J)
-
-    @property
-    def fp16_graph(self) -> bool:
-        return self.prepare is not None
 
 
 def plan_jobs(
@@ -166,7 +146,10 @@ def plan_jobs(
             model_ranges = [prompts]
         dyn = dynamic_inputs(io)
         profiles = model_profiles(spec, model_ranges, queries)
-        if not profiles and dyn:  # graph left a fixed dim dynamic: pin it to the spec
+        frames = backbone_frames(io, opts.max_batch) if model == specs.BACKBONE else None
+        if frames is not None:
+            profiles = [frame_profile_shapes(spec, frames)]
+        elif not profiles and dyn:  # graph left a fixed dim dynamic: pin it to the spec
             profiles = [profile_shapes(spec, None)]
         plan = plan_path(repo_dir, model, opts.version)
         build_from, prepare = paths[model], None
@@ -178,8 +161,21 @@ def plan_jobs(
                                strongly_typed=path.strongly_typed)
         jobs.append(PlanJob(model, paths[model], plan, io, spec,
                             model_ranges if profiles and model in PROMPT_MODELS else [],
-                            profiles, dyn, line, path, prepare, queries))
+                            profiles, dyn, line, path, prepare, queries, frames))
     return dims, jobs
+
+
+def backbone_frames(io: GraphIO, max_batch: int) -> ProfileRange | None:
+    """The backbone plan's frames per call with --max-batch B > 1 (None: one frame, as
+    exported or pinned to the spec's 1); the graph must take any number of frames."""
+    if max_batch <= 1:
+        return None
+    have = io.inputs[specs.PIXEL_VALUES][0]
+    if have != -1:
+        raise ValueError(f"--max-batch {max_batch}: backbone.onnx takes {have} frame(s) per "
+                         f"call; export it with `--max-batch {max_batch}` (a dynamic frame "
+                         f"count) so one plan serves 1..{max_batch} frames")
+    return frame_range(max_batch)
 
 
 def build_engine(trt, job: PlanJob, opts: PlanBuildOptions, logger,
@@ -229,103 +225,6 @@ def build_engine(trt, job: PlanJob, opts: PlanBuildOptions, logger,
         raise TensorRTError(f"TensorRT {path.version} failed to build {job.model} "
                             "(see its log above)")
     return bytes(blob)
-
-
-# Sidecar --------------------------------------------------------------------------------
-
-
-def mask_ranges(opts: PlanBuildOptions, max_classes: int, num_queries: int
-                ) -> tuple[ProfileRange, ProfileRange]:
-    """mask_decoder's one profile: prompts P as enc_dec's single profile (one, not one per
-    bucket: `dart` sends the kept prompts unpadded), kept queries J per prompt."""
-    return profile_ranges(max_classes, (), opts.opt_classes)[0], query_range(num_queries)
-
-
-def mask_profiles(opts: PlanBuildOptions, max_classes: int | None,
-                  num_queries: int | None) -> list[dict] | None:
-    """mask_decoder's one profile as its sidecar records it; None where the query count
-    is not known."""
-    if max_classes is None or num_queries is None:
-        return None
-    prompts, queries = mask_ranges(opts, max_classes, num_queries)
-    return [{"index": 0, **{axis: {"min": r.min, "opt": r.opt, "max": r.max}
-                            for axis, r in (("prompts", prompts), ("queries", queries))}}]
-
-
-def plan_fields(model: str, opts: PlanBuildOptions, imgsz: int, max_classes: int | None,
-                backbone: str, path: TensorRTPath | None,
-                ranges: list[ProfileRange] | None = None, num_queries: int | None = None
-                ) -> dict:
-    """What shapes a plan, as its sidecar records it (``plan_sidecar.PLAN_FIELDS``).
-
-    The build writes these; ``check-repository`` computes them from the build options
-    and compares (``path`` None: no TensorRT here, its fields are not compared)."""
-    enc = model == specs.ENC_DEC
-    if ranges is None and enc:
-        ranges = profile_ranges(max_classes, opts.buckets, opts.opt_classes)
-    mask = (mask_profiles(opts, max_classes, num_queries) if model == specs.MASK_DECODER
-            else None)
-    fields = {
-        "precision": opts.precision,
-        "opt_level": opts.opt_level,
-        "workspace_gb": opts.workspace_gb,
-        "imgsz": imgsz,
-        "backbone_kind": backbone_kind(backbone) if model == specs.BACKBONE else None,
-        "buckets": list(opts.buckets) if enc and opts.buckets else None,
-        "max_classes": max_classes if enc else None,
-        "profiles": [{"index": i, "min": r.min, "opt": r.opt, "max": r.max}
-                     for i, r in enumerate(ranges or [])] if enc else [],
-        "mask_profiles": mask,
-    }
-    if path is not None:
-        fields.update({
-            "tensorrt_version": path.version,
-            "typing": path.typing,
-            "fp16_graph": (fp16.Fp16Policy().record() if path.build_graph(opts.precision)
-                           else None),
-        })
-    return fields
-
-
-def wanted_plan_fields(opts: PlanBuildOptions, imgsz: int, max_classes: int, backbone: str,
-                       path: TensorRTPath | None, num_queries: int | None = None) -> dict:
-    """What building with ``opts`` would record now, every plan's fields in one mapping
-    (``plan_sidecar.stale_reasons`` compares each plan with the fields that are its own;
-    mask_decoder's profile only given ``num_queries``)."""
-    fields = plan_fields(specs.ENC_DEC, opts, imgsz, max_classes, backbone, path)
-    fields["backbone_kind"] = backbone_kind(backbone)
-    fields["mask_profiles"] = mask_profiles(opts, max_classes, num_queries)
-    if fields["mask_profiles"] is None:
-        del fields["mask_profiles"]  # not known: not compared
-    return fields
-
-
-def _sidecar(job: PlanJob, dims: specs.GraphDims, opts: PlanBuildOptions, backbone: str,
-             device: dict | None, onnx_digest: str, plan_digest: str, size: int,
-             verification: dict, fp16_report: dict | None) -> dict:
-    ranged = job.model in PROMPT_MODELS
-    dims_dict = {k: v for k, v in dataclasses.asdict(dims).items() if k != "extra"}
-    return {
-        "model": job.model,
-        "plan": job.plan.name,
-        "plan_sha256": plan_digest,
-        "plan_bytes": size,
-        "onnx": str(job.onnx),
-        "onnx_sha256": onnx_digest,
-        "gpu_name": (device or {}).get("gpu_name"),
-        "compute_capability": (device or {}).get("compute_capability"),
-        "graph_dims": dims_dict,
-        "backbone": backbone if job.model == specs.BACKBONE else None,
-        "n_range": [job.ranges[0].min, job.ranges[-1].max] if ranged and job.ranges else None,
-        "j_range": [job.queries.min, job.queries.max] if job.queries else None,
-        "workspace_bytes": opts.workspace_bytes(),
-        "fp16_report": fp16_report,
-        "trtexec": ([job.prepare] if job.prepare else []) + [job.trtexec],
-        "verification": verification,
-        "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **plan_fields(job.model, opts, dims.imgsz, dims.max_classes, backbone, job.path,
-                      job.ranges, dims.num_queries),
-    }
 
 
 def _prefixed(model: str) -> Callable[[str], None]:
@@ -401,10 +300,10 @@ def build_plans(
                 print(f"[build-plans] {job.model}: verified against {verification['reference']}"
                       f" on {'; '.join(verification['inputs'].values())}: "
                       f"{_worst_line(verification)}", flush=True)
-            results[job.model] = _sidecar(job, dims, opts, backbone, device,
-                                          onnx_sha256(job.onnx),
-                                          sha256_files([staged[job.model]]), len(blob),
-                                          verification, report)
+            results[job.model] = sidecar_record(job, dims, opts, backbone, device,
+                                                onnx_sha256(job.onnx),
+                                                sha256_files([staged[job.model]]),
+                                                len(blob), verification, report)
             del blob
         for job in jobs:  # every plan passed: install them all
             job.plan.parent.mkdir(parents=True, exist_ok=True)
@@ -432,6 +331,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--opt-classes", type=int, help="N the single profile is tuned for")
     ap.add_argument("--buckets", help="e.g. 1,4,16: one profile per bucket (callers pad N)")
     ap.add_argument("--imgsz", type=int, help="expected image size (checked against ONNX)")
+    ap.add_argument("--max-batch", type=int, default=1, metavar="B",
+                    help="backbone frames per call, as the repository's `build --max-batch` "
+                         "(a profile over 1..B frames; needs an export with --max-batch)")
     ap.add_argument("--models", help=f"subset of {','.join(MODELS)}, e.g. enc_dec "
                                      "(default: every graph exported)")
     ap.add_argument("--seed", type=int, default=0)

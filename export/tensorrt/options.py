@@ -104,6 +104,7 @@ class PlanBuildOptions:
     max_classes: int | None = None  # None: largest bucket, else the export's, else 16
     opt_classes: int | None = None  # single-profile opt N; None: min(4, max_classes)
     buckets: tuple[int, ...] = ()  # e.g. (1, 4, 16): one profile per bucket
+    max_batch: int = 1  # backbone frames per call (>1: a profile over 1..max_batch frames)
     imgsz: int | None = None  # expected image size; checked against the ONNX graphs
     models: tuple[str, ...] = ()  # (): every graph of the export (mask_decoder too, if any)
     skip_verify: bool = False
@@ -160,6 +161,8 @@ class PlanBuildOptions:
             raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
         if self.opt_level is not None and not 0 <= self.opt_level <= 5:
             raise ValueError(f"opt level must be in 0..5, got {self.opt_level}")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.workspace_gb is not None and self.workspace_gb <= 0:
             raise ValueError(f"workspace must be > 0 GB, got {self.workspace_gb}")
         unknown = set(self.models) - set(MODELS)

@@ -124,8 +124,8 @@ class PlanChecker:
                queries: ProfileRange | None = None) -> dict:
         ref = self.reference
         if model == specs.BACKBONE:
-            cases = backbone_cases(self.dims, self.sample)
-            inputs = {"pixels": cases[0].label}
+            cases = backbone_cases(self.dims, self.sample, self.opts.max_batch)
+            inputs = {"pixels": "; ".join(c.label for c in cases)}
         elif model == specs.MASK_DECODER:
             if queries is None:
                 raise ValueError("mask_decoder: no range of kept queries to verify over")

@@ -218,6 +218,21 @@ def model_profiles(
     return [profile_shapes(spec, r, j) for r in ranges]
 
 
+def frame_range(max_batch: int) -> ProfileRange:
+    """A batched backbone's frames per call: 1..max_batch, tuned at max_batch (batches
+    fill up under load, when throughput matters; a light load leaves the GPU time to
+    spare on the smaller batches)."""
+    return ProfileRange(1, max_batch, max_batch)
+
+
+def frame_profile_shapes(spec: specs.ModelSpec, frames: ProfileRange
+                         ) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """``{input: (min, opt, max)}`` of the backbone's one profile: the spec's leading 1
+    (one frame) ranges over ``frames``."""
+    return {t.name: tuple((k, *t.dims[1:]) for k in (frames.min, frames.opt, frames.max))
+            for t in spec.inputs}
+
+
 def query_range(num_queries: int) -> ProfileRange:
     """mask_decoder's J: 1 up to every decoder query, tuned at `MASK_OPT_QUERIES`."""
     return ProfileRange(1, min(MASK_OPT_QUERIES, num_queries), num_queries)

@@ -10,7 +10,8 @@ beside ``model.plan``) records what a plan was built for, so that:
 * :func:`stale_reasons` tells whether the plans must be rebuilt: for this GPU and this
   TensorRT, and for the build options. Everything that shapes a plan is recorded
   (:data:`PLAN_FIELDS`: precision, network typing and FP16 graph pass, builder
-  optimisation level, workspace, image size, backbone kind, for enc_dec the buckets,
+  optimisation level, workspace, image size, backbone kind and profile over frames
+  (--max-batch), for enc_dec the buckets,
   max classes and profiles, for mask_decoder its profile over prompts and kept queries),
   and a difference in any field is a reason to rebuild.
   ``dart-triton check-repository`` (``export.manifest``, run by the container entrypoint)
@@ -50,6 +51,7 @@ PLAN_FIELDS = {
     "imgsz": "imgsz",
     "backbone": "backbone",
     "backbone_kind": "backbone kind",
+    "frame_profile": "frame profile",
     "buckets": "buckets",
     "max_classes": "max_classes",
     "profiles": "optimisation profiles",
@@ -59,7 +61,8 @@ PLAN_FIELDS = {
 # mask_decoder's prompts and kept queries); the other plans record them as None.
 FIELD_MODEL = {"buckets": specs.ENC_DEC, "max_classes": specs.ENC_DEC,
                "profiles": specs.ENC_DEC, "backbone": specs.BACKBONE,
-               "backbone_kind": specs.BACKBONE, "mask_profiles": specs.MASK_DECODER}
+               "backbone_kind": specs.BACKBONE, "frame_profile": specs.BACKBONE,
+               "mask_profiles": specs.MASK_DECODER}
 GPU_FIELDS = ("gpu_name", "compute_capability")
 
 

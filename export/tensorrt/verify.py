@@ -256,7 +256,11 @@ def load_sample(path: str | Path | None) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def backbone_cases(dims: specs.GraphDims, sample: Arrays) -> list[VerifyCase]:
+def backbone_cases(dims: specs.GraphDims, sample: Arrays, frames: int = 1
+                   ) -> list[VerifyCase]:
+    """The photo (or the sample's pixels); with ``frames`` > 1 also a batch of that many
+    different frames (the photo shifted sideways by a different amount each), so a plan
+    that mixed up or dropped frames fails."""
     pixels = sample.get(specs.PIXEL_VALUES)
     label = "sample pixels"
     if pixels is None:
@@ -264,7 +268,13 @@ def backbone_cases(dims: specs.GraphDims, sample: Arrays) -> list[VerifyCase]:
     want = (1, 3, dims.imgsz, dims.imgsz)
     if tuple(pixels.shape) != want:
         raise ValueError(f"sample {specs.PIXEL_VALUES} is {list(pixels.shape)}, need {list(want)}")
-    return [VerifyCase(label, 0, {specs.PIXEL_VALUES: pixels.astype(np.float32)})]
+    pixels = pixels.astype(np.float32)
+    cases = [VerifyCase(label, 0, {specs.PIXEL_VALUES: pixels})]
+    if frames > 1:
+        batch = np.concatenate([np.roll(pixels, k * dims.imgsz // frames, axis=-1)
+                                for k in range(frames)])
+        cases.append(VerifyCase(f"{label}, {frames} frames", 0, {specs.PIXEL_VALUES: batch}))
+    return cases
 
 
 def sample_text(sample: Arrays, top: int) -> TextSample | None:
