@@ -119,3 +119,20 @@ def test_batch_cases_are_different_frames():
     np.testing.assert_array_equal(pixels[:1], one.inputs[specs.PIXEL_VALUES])
     assert not np.array_equal(pixels[1], pixels[0]) and not np.array_equal(pixels[2], pixels[1])
     assert len(backbone_cases(TINY, {})) == 1
+
+
+def test_build_and_build_plans_carry_max_batch(batched_onnx, tmp_path, capsys):
+    """`build --max-batch` reaches the plan options (so check-repository wants the frame
+    profile); `build-plans --max-batch` prints the frame profile's trtexec line."""
+    from dart_triton.export.options import BuildOptions
+
+    assert BuildOptions(backend="tensorrt", max_batch=4).plan_options(16).max_batch == 4
+    code = tensorrt_build.main(["--onnx-dir", str(batched_onnx), "--output", str(tmp_path),
+                                "--dry-run", "--max-batch", "4", "--models", "backbone"])
+    assert code == 0
+    line = capsys.readouterr().out
+    frame = f"3x{TINY.imgsz}x{TINY.imgsz}"
+    assert (f"--minShapes=pixel_values:1x{frame} --optShapes=pixel_values:4x{frame} "
+            f"--maxShapes=pixel_values:4x{frame}") in line
+    with pytest.raises(ValueError, match="--max-batch must be >= 1"):
+        PlanBuildOptions(max_batch=0).validate()
