@@ -56,14 +56,14 @@ def test_batched_head_on_gpu(parts):
 
 @pytest.fixture(scope="module")
 def torch_gpu_repository(tiny_checkpoint, tmp_path_factory):
-    """--backend torch --gpu in FP32 (parity), CUDA graphs for the buckets 1 and 4."""
+    """--backend torch --gpu in FP32 (parity), CUDA graphs for the buckets 1 and 4, masks."""
     from dart_triton.export.repository import build_repository
     from tests.conftest import TEST_MAX_CLASSES
 
     repo = tmp_path_factory.mktemp("repo_torch_gpu")
     build_repository(tiny_checkpoint, repo, backend="torch", gpu=True, precision="fp32",
                      max_classes=TEST_MAX_CLASSES, buckets=(1, TEST_MAX_CLASSES),
-                     cuda_graphs=True, log=lambda *_: None)
+                     cuda_graphs=True, masks=True, log=lambda *_: None)
     return repo
 
 
@@ -156,10 +156,16 @@ def test_served_torch_gpu_pipeline_stays_on_the_gpu(torch_gpu_repository, naive,
                       extra_args=["--exit-timeout-secs=5"]) as server:
         with DartClient(server.grpc_url) as c:
             served = c.detect(photo, NAMES[:5])  # a bucket of 4 (graph) + 1 (graph)
+            with_masks = c.detect(photo, NAMES[:5], masks=True)
         ref = naive.detect(photo, NAMES[:5])
         assert graph_inputs(server, specs.ENC_DEC, specs.FPN_FEATURES, "gpu") >= 2
         assert graph_inputs(server, specs.ENC_DEC, specs.FPN_FEATURES, "cpu") == 0
         assert graph_inputs(server, specs.BACKBONE, specs.PIXEL_VALUES, "gpu") >= 1
+        # masks: the encoder memory and the finer levels reach mask_decoder on the GPU
+        for name in (specs.ENCODER_MEMORY, specs.KEPT_QUERIES):
+            assert graph_inputs(server, specs.MASK_DECODER, name, "gpu") >= 1, name
+            assert graph_inputs(server, specs.MASK_DECODER, name, "cpu") == 0, name
+    _assert_masks_close(with_masks, naive.detect(photo, NAMES[:5], masks=True))
     # FP32 on the GPU (cuDNN may use TF32 for the patch embedding): close, not equal, so
     # two detections with near-equal scores may come in swapped order (seen on an H200):
     # compare them ordered by class and box.
@@ -168,6 +174,23 @@ def test_served_torch_gpu_pipeline_stays_on_the_gpu(torch_gpu_repository, naive,
     np.testing.assert_array_equal(served[0], ref[0])
     np.testing.assert_allclose(served[1], ref[1], atol=2e-3)
     np.testing.assert_allclose(served[2], ref[2], atol=2e-3 * 512)
+
+
+def _assert_masks_close(served, ref) -> None:
+    """Masks matched by class and box (near-equal scores may swap order on a GPU). FP32 on
+    the GPU may run TF32 kernels, and the tiny random masks' logits are small (~1e-2), so
+    pixels near the threshold flip more than on the CPU: IoU >= 0.95 rather than 0.99."""
+    from tests.parity import mask_ious
+
+    assert len(served) == len(ref) > 0
+    order_s = np.lexsort((np.round(served.boxes[:, 1]), np.round(served.boxes[:, 0]),
+                          served.class_ids))
+    order_r = np.lexsort((np.round(ref.boxes[:, 1]), np.round(ref.boxes[:, 0]), ref.class_ids))
+    pick = lambda d, order: type(d)(d.boxes[order], d.scores[order], d.class_ids[order],  # noqa: E731
+                                    d.class_names, tuple(d.masks[i] for i in order),
+                                    d.image_size)
+    ious = mask_ious(pick(served, order_s), pick(ref, order_r))
+    assert min(ious) >= 0.95, ious
 
 
 def _by_class_and_box(d) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
