@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +17,12 @@ from dart_triton.client.masks import decode_masks, encode_mask, rle, run_lengths
 from dart_triton.contract import specs
 from dart_triton.contract.detections import Detections
 from tests.helpers import run_cli
-from tests.unit.client.test_client import _grpc_server, _http_server, _Recorder
+from tests.unit.client.test_client import (  # noqa: F401 - fake_url: test_client's fixture
+    _Recorder,
+    fake_url,
+)
 
 CLASSES = ["person", "rocket", "cup"]
-
-
-@pytest.fixture(params=["grpc", "http"])
-def fake_server(request) -> Iterator[tuple[str, str, _Recorder]]:
-    """(protocol, url, recorder) of test_client's fake Triton, on loopback."""
-    recorder = _Recorder()
-    if request.param == "grpc":
-        server, url = _grpc_server(recorder)
-        yield request.param, url, recorder
-        server.stop(None)
-    else:
-        server, url = _http_server(recorder)
-        yield request.param, url, recorder
-        server.shutdown()
 
 
 def _random_masks(k: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -145,10 +133,10 @@ def test_image_size_of_pixels_and_files_with_exif_rotation():
         image_size(b"not an image")
 
 
-def test_fake_server_returns_masks_only_when_asked(fake_server):
+def test_fake_server_returns_masks_only_when_asked(fake_url):  # noqa: F811 - the fixture
     from dart_triton.client.triton_client import DartClient
 
-    protocol, url, recorder = fake_server
+    protocol, url, recorder = fake_url
     with DartClient(url, protocol) as client:
         _masks_only_when_asked(client, recorder)
 
@@ -231,13 +219,13 @@ def test_tracked_boxes_keep_their_masks():
 
 
 # --- command lines, against the fake server -------------------------------------------------
-def test_cli_detect_masks_json_and_annotate(fake_server, photo_dir, tmp_path, capsys):
+def test_cli_detect_masks_json_and_annotate(fake_url, photo_dir, tmp_path, capsys):  # noqa: F811 - the fixture
     pytest.importorskip("supervision")
     from pycocotools import mask as mask_utils
 
     from dart_triton.client.cli import detect_main
 
-    protocol, url, recorder = fake_server
+    protocol, url, recorder = fake_url
     image = photo_dir / "coffee.png"
     out = tmp_path / "dets.json"
     code, _, err = run_cli(detect_main, [image, "--classes", *CLASSES, "--url", url,
@@ -280,13 +268,13 @@ def _yolo_lines(label_dir: Path) -> dict[str, list[str]]:
     return {p.stem: p.read_text().splitlines() for p in sorted(label_dir.glob("*.txt"))}
 
 
-def test_cli_label_masks_coco_and_yolo(fake_server, photo_dir, tmp_path, capsys):
+def test_cli_label_masks_coco_and_yolo(fake_url, photo_dir, tmp_path, capsys):  # noqa: F811 - the fixture
     pytest.importorskip("cv2")
     from pycocotools.coco import COCO
 
     from dart_triton.client.label import label_main
 
-    protocol, url, _ = fake_server
+    protocol, url, _ = fake_url
     images = _label_dir(photo_dir, tmp_path)
     out = tmp_path / "dataset"
     common = [images, "--classes", *CLASSES, "--out", out, "--protocol", protocol,
@@ -334,10 +322,10 @@ def test_cli_label_masks_coco_and_yolo(fake_server, photo_dir, tmp_path, capsys)
         np.testing.assert_allclose(xy.max(0), [(x + bw - 1) / w, (y + bh - 1) / h], atol=1e-5)
 
 
-def test_cli_label_masks_is_a_setting_of_the_journal(fake_server, photo_dir, tmp_path, capsys):
+def test_cli_label_masks_is_a_setting_of_the_journal(fake_url, photo_dir, tmp_path, capsys):  # noqa: F811 - the fixture
     from dart_triton.client.label import label_main
 
-    protocol, url, _ = fake_server
+    protocol, url, _ = fake_url
     images = _label_dir(photo_dir, tmp_path)
     common = [images, "--classes", "cup", "--out", tmp_path / "ds", "--url", url,
               "--protocol", protocol, "--no-progress", "--format", "coco"]
@@ -372,12 +360,12 @@ def test_yolo_polygon_skips_masks_without_an_outline(tmp_path, capsys):
     assert "2 of 3 masks have no outline" in capsys.readouterr().err
 
 
-def test_cli_video_masks_tracked(fake_server, photo, tmp_path, capsys):
+def test_cli_video_masks_tracked(fake_url, photo, tmp_path, capsys):  # noqa: F811 - the fixture
     pytest.importorskip("av")
     pytest.importorskip("trackers")
     from dart_triton.client.video_cli import video_main
 
-    protocol, url, recorder = fake_server
+    protocol, url, recorder = fake_url
     frames = tmp_path / "frames"
     frames.mkdir()
     for i in range(4):  # a real photo, panning: the first pixel (the fake's box x) changes
