@@ -8,6 +8,8 @@ decoder shares its prompt-independent work across a pass (`model.detection_head`
 its cost is `shared + N x per_prompt`; both are reported, from passes of 1 and N prompts.
 
     python -m dart_triton.benchmarks.flops [--checkpoint DIR] [--imgsz 1008] [--prompts 16]
+
+Also the backbone of a `build --masks` repository, which returns the finer FPN levels too.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import argparse
 
 
-def backbone_flops(sam3_config, imgsz: int | None = None) -> tuple[int, int]:
-    """(image size, FLOPs of one backbone forward at batch 1)."""
+def backbone_flops(sam3_config, imgsz: int | None = None,
+                   masks: bool = False) -> tuple[int, int]:
+    """(image size, FLOPs of one backbone forward at batch 1); `masks`: with the finer FPN
+    levels a `build --masks` backbone also returns."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import Sam3Model
@@ -29,7 +33,7 @@ def backbone_flops(sam3_config, imgsz: int | None = None) -> tuple[int, int]:
         set_image_size(sam3_config, imgsz)
     with torch.device("meta"):
         sam3 = Sam3Model(sam3_config)
-        dims = graph_dims(sam3)
+        dims = graph_dims(sam3, masks=masks)
         backbone = RestructuredBackbone(sam3.vision_encoder, dims.imgsz,
                                         list(dims.backbone_levels))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -81,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     config = Sam3Config.from_pretrained(args.checkpoint) if args.checkpoint else Sam3Config()
     size, flops = backbone_flops(config, args.imgsz)
     print(f"backbone at {size} px: {flops / 1e9:.0f} GFLOP per frame")
+    _, with_masks = backbone_flops(config, args.imgsz, masks=True)
+    print(f"backbone with the mask levels (build --masks): {with_masks / 1e9:.0f} GFLOP per "
+          f"frame (+{(with_masks - flops) / 1e9:.0f}, +{100 * (with_masks / flops - 1):.1f}%)")
     size, one, many = enc_dec_flops(config, args.imgsz, args.prompts)
     per_prompt = (many - one) / (args.prompts - 1)
     print(f"enc_dec at {size} px: {per_prompt / 1e9:.1f} GFLOP per prompt + "

@@ -16,7 +16,10 @@ def test_backbone_flops_grow_with_the_image(tiny_checkpoint, capsys):
     assert flops.main(["--checkpoint", str(tiny_checkpoint)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"backbone at {size} px: {small / 1e9:.0f} GFLOP per frame"
-    assert lines[1].startswith(f"enc_dec at {size} px: ")
+    _, with_masks = flops.backbone_flops(config, masks=True)
+    assert with_masks > small  # the finer FPN levels cost something
+    assert lines[1].startswith("backbone with the mask levels (build --masks): ")
+    assert lines[2].startswith(f"enc_dec at {size} px: ")
 
 
 def test_enc_dec_shares_its_prompt_independent_work(tiny_checkpoint):
