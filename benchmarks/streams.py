@@ -1,12 +1,13 @@
 """Many cameras, one server: aggregate frames/s and per-frame latency of S concurrent
-streams, with the backbone batched across requests (--max-batch) and without.
+streams, with requests batched (--max-batch) and without.
 
 Two repositories of one backend are built from the benchmark checkpoint, alike but for
-`--max-batch B` (Triton's dynamic batcher on `backbone`; B = the largest S) against
-`--max-batch 1`; both give `dart` B instances, so as many frames are in flight either
-way. Each of S streams is a camera with one frame in flight: it sends its own frames one
-after the other. Reported per (S, N): aggregate frames/s, p50/p99 latency per frame, and
-Triton's backbone statistics (inferences and executions: fewer executions than
+`--max-batch B` (Triton's dynamic batcher on `backbone`, and on `enc_dec`, whose passes
+then hold the prompts of several frames; B = the largest S) against `--max-batch 1`;
+both give `dart` B instances, so as many frames are in flight either way. Each of S
+streams is a camera with one frame in flight: it sends its own frames one after the
+other. Reported per (S, N): aggregate frames/s, p50/p99 latency per frame, and Triton's
+statistics of backbone and enc_dec (inferences and executions: fewer executions than
 inferences means batches formed).
 
 Goals: on a CPU, batching never lowers aggregate throughput by more than 5% and p99
@@ -34,7 +35,8 @@ from dart_triton.contract import specs
 
 STUDY = "streams"
 COLUMNS = ["backend", "batching", "streams", "n", "frames_per_s", "p50_ms", "p99_ms",
-           "backbone_inferences", "backbone_executions", "vs_unbatched", "goal"]
+           "backbone_inferences", "backbone_executions", "enc_dec_inferences",
+           "enc_dec_executions", "vs_unbatched", "goal"]
 
 
 def repository(args: argparse.Namespace, imgsz: int, max_batch: int) -> Path:
@@ -67,17 +69,27 @@ def served(repo: Path) -> Iterator:
         yield server
 
 
+def model_counts(client, model: str = specs.BACKBONE) -> tuple[int, int]:
+    """(inferences, executions) of `model` so far, from Triton's statistics."""
+    stats = client.get_inference_statistics(model, as_json=True)
+    (entry,) = stats["model_stats"]
+    return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
+
+
 def backbone_counts(client) -> tuple[int, int]:
-    stats = client.get_inference_statistics(specs.BACKBONE, as_json=True)
-    (model,) = stats["model_stats"]
-    return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+    return model_counts(client, specs.BACKBONE)
+
+
+def graph_counts(client) -> tuple[int, ...]:
+    """backbone's, then enc_dec's (inferences, executions)."""
+    return (*model_counts(client, specs.BACKBONE), *model_counts(client, specs.ENC_DEC))
 
 
 def run_streams(url: str, frames: list[np.ndarray], names: list[str], streams: int,
-                per_stream: int, counts: Callable[[], tuple[int, int]]
-                ) -> tuple[float, list[float], tuple[int, int]]:
+                per_stream: int, counts: Callable[[], tuple[int, ...]]
+                ) -> tuple[float, list[float], tuple[int, ...]]:
     """S threads, each a camera sending its frames one at a time; (seconds, latencies,
-    backbone (inferences, executions) of the timed frames)."""
+    the counts' growth over the timed frames)."""
     from dart_triton.client import DartClient
 
     warm, start = threading.Barrier(streams + 1), threading.Barrier(streams + 1)
@@ -100,14 +112,13 @@ def run_streams(url: str, frames: list[np.ndarray], names: list[str], streams: i
     for t in threads:
         t.start()
     warm.wait()
-    inferences0, executions0 = counts()  # after the warm-up frames, before the timed ones
+    before = counts()  # after the warm-up frames, before the timed ones
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0
-    inferences, executions = counts()
-    return seconds, latencies, (inferences - inferences0, executions - executions0)
+    return seconds, latencies, tuple(a - b for a, b in zip(counts(), before, strict=True))
 
 
 def one_round(args: argparse.Namespace, imgsz: int, max_batch: int,
@@ -123,7 +134,7 @@ def one_round(args: argparse.Namespace, imgsz: int, max_batch: int,
             for s in args.streams:
                 seconds, latencies, counts = run_streams(
                     server.grpc_url, frames, names, s, args.frames,
-                    lambda: backbone_counts(stats))
+                    lambda: graph_counts(stats))
                 out[n, s] = (s * args.frames / seconds, latencies, counts)
                 print(f"  max-batch {max_batch} S={s} N={n}: {out[n, s][0]:.1f} frames/s",
                       flush=True)
@@ -155,6 +166,8 @@ def measure(args: argparse.Namespace, imgsz: int) -> list[dict]:
                     "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
                     "backbone_inferences": sum(run[2][0] for run in runs),
                     "backbone_executions": sum(run[2][1] for run in runs),
+                    "enc_dec_inferences": sum(run[2][2] for run in runs),
+                    "enc_dec_executions": sum(run[2][3] for run in runs),
                     "vs_unbatched": "", "goal": ""})
     return rows
 
@@ -216,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     notes = (f"S streams, each one camera with one frame in flight, {args.frames} frames each "
              f"after one warm-up; {args.repeats} rounds per repository, each on a fresh "
              "server, alternating between the two (median frames/s, latencies pooled); "
-             f"`dart` has {max(args.streams)} instances in both repositories. Backbone "
-             "counts are Triton's, for the timed frames: fewer "
-             "executions than inferences means frames of several requests shared a call. "
-             "enc_dec passes are not shared across requests yet.")
+             f"`dart` has {max(args.streams)} instances in both repositories. Counts are "
+             "Triton's, for the timed frames: fewer executions than inferences means "
+             "frames (backbone) or the prompts of several frames (enc_dec: shared passes, "
+             "at most max-classes rows each) shared a call.")
     head = common.section_header("Many streams", command,
                                  f"{args.config} random-weight SAM3 at {imgsz}px, {where}, "
                                  f"{args.backend} backend", notes)

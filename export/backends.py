@@ -58,6 +58,11 @@ class Backend:
     export: Callable[[Path, Path, BuildOptions, Callable], GraphDims] | None = None
     # The build options this backend's graph models take, checked -> RepoOptions.graph_settings.
     graph_settings: Callable[[BuildOptions], dict[str, object]] = lambda build: {}
+    # Whether its enc_dec can batch requests whose prompt counts differ (shared passes with
+    # --max-batch): a python model gets a batch as separate requests and packs them itself.
+    # Triton's tensorrt_plan and onnxruntime backends concatenate a batch along one axis,
+    # which prompt rows of different lengths beside one frame each cannot share.
+    shares_passes: bool = False
 
     def configure(self, opts: RepoOptions) -> RepoOptions:
         """`opts` as this backend serves them: on a GPU whatever `--gpu` said, where the
@@ -72,7 +77,8 @@ class Backend:
             gpus=build.gpus, enc_dec_buckets=build.buckets, warm_vocabulary=vocab.name,
             ort_threads=build.ort_threads, graph_settings=self.graph_settings(build),
             backbone=BackboneChoice.parse(build.backbone).describe(),
-            max_batch=build.max_batch, batch_delay_us=build.batch_delay_us))
+            max_batch=build.max_batch, batch_delay_us=build.batch_delay_us,
+            shared_passes=self.shares_passes and build.max_batch > 1))
 
     def python_models(self, dims: GraphDims | None = None) -> dict[str, str]:
         """Every python model of a repository with this backend at `dims` -> implementing
@@ -87,8 +93,10 @@ class Backend:
             profiles = [str(i) for i in range(len(opts.enc_dec_buckets))]
         # A batched backbone: the spec's leading 1 becomes Triton's batch dimension, so
         # the one-frame requests of `dart` and the ensemble are batched by Triton (every
-        # backend: the graphs' frame dimension is dynamic, `export_backbone`).
-        batched = spec.name == specs.BACKBONE and opts.max_batch > 1
+        # backend: the graphs' frame dimension is dynamic, `export_backbone`). With shared
+        # passes enc_dec too: a request (a frame and its prompts) is one item of the batch.
+        batched = opts.max_batch > 1 and (spec.name == specs.BACKBONE or (
+            spec.name == specs.ENC_DEC and opts.shared_passes))
         return (pbtxt.header(spec.name, self.runtime, opts.max_batch if batched else 0)
                 + pbtxt.io(spec, batched)
                 + (pbtxt.dynamic_batching(opts.batch_delay_us) if batched else "")
@@ -234,6 +242,7 @@ BACKENDS: dict[str, Backend] = {
             write_artifacts=_copy_onnx,
             graph_python_models={m: "dart_triton.triton_models.graph_model"
                                  for m in specs.MASK_GRAPH_MODELS},
+            shares_passes=True,
         ),
         Backend(
             name="torch",
@@ -246,6 +255,7 @@ BACKENDS: dict[str, Backend] = {
             graph_python_models={m: torch_weights.MODULE for m in specs.MASK_GRAPH_MODELS},
             export=torch_weights.export_weights,
             graph_settings=torch_weights.settings,
+            shares_passes=True,
         ),
     )
 }

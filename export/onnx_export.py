@@ -113,22 +113,27 @@ def export_backbone(parts: Sam3Parts, out_dir: Path, dynamic_frames: bool = Fals
     return path
 
 
-def backbone_frames(onnx_dir: str | Path) -> int | str:
-    """backbone.onnx's frame count as recorded: 1, or DYNAMIC_FRAMES (1 for exports from
-    before the record: they were all one frame)."""
+def backbone_frames(onnx_dir: str | Path, graph: str = "backbone") -> int | str:
+    """backbone.onnx's (or enc_dec.onnx's) frame count as recorded: 1, or DYNAMIC_FRAMES
+    (1 for exports from before the record: they were all one frame)."""
     meta = json.loads((Path(onnx_dir) / GRAPHS_JSON).read_text())
-    return meta.get("backbone_frames", 1)
+    return meta.get(f"{graph}_frames", 1)
 
 
-def export_enc_dec(parts: Sam3Parts, out_dir: Path) -> Path:
-    spec = specs.enc_dec_spec(parts.dims)
+def export_enc_dec(parts: Sam3Parts, out_dir: Path, frames: bool = False) -> Path:
+    """N prompts, dynamic; `frames`: the graph of shared passes, F frames (dynamic too)
+    and a frame index per row (traced at F = 2 so the gather is not specialised away)."""
+    spec = specs.enc_dec_spec(parts.dims, frames)
     d = parts.dims
     path = out_dir / "enc_dec.onnx"
     n = max(2, min(3, d.max_classes))  # N >= 2 so the exporter cannot specialise N to 1
-    example = (torch.zeros(spec.inputs[0].dims),
+    example = (torch.zeros((2, *spec.inputs[0].dims[1:]) if frames else spec.inputs[0].dims),
                torch.zeros(n, d.text_len, d.text_dim),
-               torch.ones(n, d.text_len, dtype=torch.int32))
+               torch.ones(n, d.text_len, dtype=torch.int32),
+               *((torch.arange(n) % 2,) if frames else ()))
     dynamic = {t.name: {0: "N"} for t in (*spec.inputs[1:], *spec.outputs)}
+    if frames:
+        dynamic[specs.FPN_FEATURES] = {0: "frames"}
     export_module(parts.head, example, path, [t.name for t in spec.inputs],
             [t.name for t in spec.outputs], dynamic)
     return path
@@ -195,11 +200,16 @@ def check_graphs(parts: Sam3Parts, out_dir: Path, n: int,
     feats = feats_ref[0].numpy()
     head_ref = parts.head(torch.from_numpy(feats), torch.from_numpy(x[specs.TEXT_FEATURES]),
                           torch.from_numpy(x[specs.TEXT_MASK]))
-    head_ort = OrtGraph(out_dir / "enc_dec.onnx")(**{
+    enc_dec = OrtGraph(out_dir / "enc_dec.onnx")
+    frames = specs.FRAME_INDEX in [i.name for i in enc_dec.session.get_inputs()]
+    one_frame = {specs.FRAME_INDEX: np.zeros(n, np.int64)} if frames else {}
+    head_ort = enc_dec(**{
         specs.FPN_FEATURES: feats, specs.TEXT_FEATURES: x[specs.TEXT_FEATURES],
-        specs.TEXT_MASK: x[specs.TEXT_MASK]})
+        specs.TEXT_MASK: x[specs.TEXT_MASK], **one_frame})
     for t, o, r in zip(specs.enc_dec_spec(parts.dims).outputs, head_ort, head_ref, strict=True):
         results.append(Agreement(t.name, cosine(o, r.numpy()), float(np.abs(o - r.numpy()).max())))
+    if frames:
+        results += _check_shared_pass(parts, enc_dec, feats, x)
     if parts.dims.masks:  # the mask head on this sample's own memory and queries
         named = {t.name: r for t, r in zip(spec.outputs[1:], feats_ref[1:], strict=True)}
         named.update({specs.ENCODER_MEMORY: head_ref[3], specs.TEXT_FEATURES:
@@ -215,14 +225,40 @@ def check_graphs(parts: Sam3Parts, out_dir: Path, n: int,
     return results
 
 
+def _check_shared_pass(parts: Sam3Parts, enc_dec: OrtGraph, feats: np.ndarray,
+                       x: dict[str, np.ndarray]) -> list[Agreement]:
+    """A shared pass in ONNX Runtime (two frames, rows alternating between them) against
+    PyTorch decoding each frame's rows alone."""
+    other = parts.backbone(torch.from_numpy(
+        sample_inputs(parts, 1, seed=2)[specs.PIXEL_VALUES]))[0].numpy()
+    text, mask = x[specs.TEXT_FEATURES], x[specs.TEXT_MASK]
+    index = np.arange(len(text), dtype=np.int64) % 2
+    got = enc_dec(**{specs.FPN_FEATURES: np.concatenate([feats, other]),
+                     specs.TEXT_FEATURES: text, specs.TEXT_MASK: mask,
+                     specs.FRAME_INDEX: index})
+    results = []
+    for k, frame in enumerate((feats, other)):
+        rows = index == k
+        if not rows.any():  # one prompt: nothing of the second frame to compare
+            continue
+        ref = parts.head(torch.from_numpy(frame), torch.from_numpy(text[rows]),
+                         torch.from_numpy(mask[rows]))
+        for t, o, r in zip(specs.enc_dec_spec(parts.dims).outputs, got, ref, strict=True):
+            results.append(Agreement(f"{t.name}[shared, frame {k}]", cosine(o[rows], r.numpy()),
+                                     float(np.abs(o[rows] - r.numpy()).max())))
+    return results
+
+
 def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None = None,
                   max_classes: int = specs.DEFAULT_MAX_CLASSES, masks: bool = False,
                   check: bool = True, log=print,
-                  backbone: str = "vit", max_batch: int = 1) -> tuple[dict, list[Agreement]]:
+                  backbone: str = "vit", max_batch: int = 1,
+                  shared_passes: bool = False) -> tuple[dict, list[Agreement]]:
     """Export both graphs and write `dart_graphs.json` (the dims every later step reads).
 
     `backbone` picks the module behind the backbone graph (`dart_triton.backbones.choice`);
-    `max_batch` > 1 exports it with a dynamic frame count (one frame, fixed, otherwise)."""
+    `max_batch` > 1 exports it with a dynamic frame count (one frame, fixed, otherwise);
+    `shared_passes` exports enc_dec for passes over several frames (`specs.FRAME_INDEX`)."""
     from dart_triton.backbones.choice import BackboneChoice, with_backbone
     from dart_triton.export.conv_gelu import separate_conv_gelu
 
@@ -240,7 +276,7 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
     if fused:
         raise RuntimeError(f"backbone graph contains fused attention nodes: {fused[:3]}")
     log(f"exporting enc_dec (N = 1..{max_classes}) ...")
-    export_enc_dec(parts, out)
+    export_enc_dec(parts, out, shared_passes)
     if masks:
         log("exporting mask_decoder (P prompts x J kept queries) ...")
         export_mask_decoder(parts, out)
@@ -252,6 +288,7 @@ def export_graphs(checkpoint: str | Path, output: str | Path, imgsz: int | None 
             "checkpoint": str(Path(checkpoint).resolve()), "opset": OPSET,
             "backbone": choice.describe(),
             "backbone_frames": DYNAMIC_FRAMES if dynamic else 1,
+            "enc_dec_frames": DYNAMIC_FRAMES if shared_passes else 1,
             "torch": torch.__version__}
     agreements = check_graphs(parts, out, min(3, max_classes), dynamic) if check else []
     meta["check"] = [asdict(a) for a in agreements]

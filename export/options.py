@@ -51,6 +51,9 @@ class RepoOptions:
     # concurrent requests (cameras) share a call; 1 = one call per frame.
     max_batch: int = 1
     batch_delay_us: int = 0  # how long the batcher may hold a frame for others to join
+    # enc_dec batches requests too (`specs.shared_enc_dec_spec`): the prompts of up to
+    # max_batch frames share passes. Where the backend's enc_dec can (`Backend.shares_passes`).
+    shared_passes: bool = False
 
     def __post_init__(self) -> None:
         self.gpus = tuple(self.gpus)

@@ -12,20 +12,28 @@ def dims(d: Iterable[int]) -> str:
     return "[ " + ", ".join(str(x) for x in d) + " ]"
 
 
-def tensor(t: TensorSpec) -> str:
+def tensor(t: TensorSpec, ragged: bool = False) -> str:
     opt = "\n    optional: true" if t.optional else ""
+    if t.reshape is not None:
+        opt += f"\n    reshape: {{ shape: {dims(t.reshape)} }}"
+    if ragged:
+        opt += "\n    allow_ragged_batch: true"
     return (f"  {{\n    name: \"{t.name}\"\n    data_type: {t.dtype}\n"
             f"    dims: {dims(t.dims)}{opt}\n  }}")
 
 
 def io(spec: ModelSpec, batched: bool = False) -> str:
     """Inputs and outputs; ``batched``: the spec's leading dimension is Triton's batch
-    dimension (max_batch_size > 0), so it is left out of ``dims``."""
-    def entry(t: TensorSpec) -> str:
-        return tensor(replace(t, dims=t.dims[1:]) if batched else t)
+    dimension (max_batch_size > 0), so it is left out of ``dims``; an input whose other
+    dimensions vary (enc_dec's prompt rows) may differ between the requests of a batch
+    (``allow_ragged_batch``: the python model gets each request's own tensors)."""
+    def entry(t: TensorSpec, is_input: bool) -> str:
+        if not batched:
+            return tensor(t)
+        return tensor(replace(t, dims=t.dims[1:]), ragged=is_input and -1 in t.dims[1:])
 
-    ins = ",\n".join(entry(t) for t in spec.inputs)
-    outs = ",\n".join(entry(t) for t in spec.outputs)
+    ins = ",\n".join(entry(t, True) for t in spec.inputs)
+    outs = ",\n".join(entry(t, False) for t in spec.outputs)
     return f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"
 
 

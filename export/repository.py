@@ -57,9 +57,11 @@ def write_text_encoder(repo: Path, checkpoint: Path, vocabulary: Path) -> int:
 
 
 def _graphs_match(onnx_dir: Path, imgsz: int | None, max_classes: int,
-                  backbone: str = "vit", masks: bool = False, max_batch: int = 1) -> bool:
+                  backbone: str = "vit", masks: bool = False, max_batch: int = 1,
+                  shared_passes: bool = False) -> bool:
     """Whether `onnx_dir` holds the graphs this build would export (a backbone for one
-    frame, fixed, or with --max-batch > 1 for any number: else it is re-exported)."""
+    frame, fixed, or with --max-batch > 1 for any number; an enc_dec for shared passes
+    or not: else it is re-exported)."""
     if not (onnx_dir / GRAPHS_JSON).is_file():
         return False
     dims = read_graphs_meta(onnx_dir)
@@ -67,7 +69,8 @@ def _graphs_match(onnx_dir: Path, imgsz: int | None, max_classes: int,
     frames = DYNAMIC_FRAMES if max_batch > 1 else 1
     return ((imgsz in (None, dims.imgsz)) and dims.max_classes == max_classes
             and dims.masks == masks and recorded == BackboneChoice.parse(backbone).describe()
-            and backbone_frames(onnx_dir) == frames)
+            and backbone_frames(onnx_dir) == frames
+            and backbone_frames(onnx_dir, "enc_dec") == (DYNAMIC_FRAMES if shared_passes else 1))
 
 
 def build_repository(checkpoint: str | Path, output: str | Path,
@@ -77,6 +80,7 @@ def build_repository(checkpoint: str | Path, output: str | Path,
     build = replace(options or BuildOptions(), **overrides)
     checkpoint, repo = Path(checkpoint), Path(output)
     backend = check_build(build)  # the backend, looked up once; its options checked
+    shared = backend.shares_passes and build.max_batch > 1  # RepoOptions.shared_passes
     manifest.invalidate(repo)  # written last: a repository without one is unfinished
     # Every directory in a repository is a model to Triton: export graphs elsewhere.
     with tempfile.TemporaryDirectory(prefix="dart-graphs-") as scratch:
@@ -85,10 +89,10 @@ def build_repository(checkpoint: str | Path, output: str | Path,
             graphs = Path(scratch)
             dims = backend.export(checkpoint, graphs, build, log)
         elif not _graphs_match(graphs, build.imgsz, build.max_classes, build.backbone,
-                               build.masks, build.max_batch):
+                               build.masks, build.max_batch, shared):
             _, agreements = export_graphs(checkpoint, graphs, build.imgsz, build.max_classes,
                                           build.masks, log=log, backbone=build.backbone,
-                                          max_batch=build.max_batch)
+                                          max_batch=build.max_batch, shared_passes=shared)
             bad = [a for a in agreements if not a.ok]
             if bad:
                 raise RuntimeError(f"ONNX Runtime disagrees with PyTorch on {bad[0].tensor} "

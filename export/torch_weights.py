@@ -98,7 +98,7 @@ def compile_ahead(out: Path, build: BuildOptions, log: Callable) -> None:
             aot.compile_package(
                 name, module.to(device=device, dtype=dtype), dims, device, dtype,
                 chosen.compile, out / name,
-                lambda n, name=name, dims=dims: example_inputs(name, dims, n, device),
+                lambda n, f=0, name=name, dims=dims: example_inputs(name, dims, n, device, f),
                 build.max_batch)
 
 

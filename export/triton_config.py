@@ -41,6 +41,8 @@ def ensemble_config(opts: RepoOptions) -> str:
     """
     d = opts.dims
     spec = specs.dart_spec(d, specs.DART_ENSEMBLE)
+    # With shared passes, text_encoder's rows already come as the one item enc_dec takes,
+    # and postprocess takes enc_dec's outputs as they come (`specs.as_item`).
     same = lambda *names: {n: n for n in names}  # noqa: E731 - tensor names match end to end
     step = pbtxt.ensemble_step
     steps = [
@@ -68,7 +70,7 @@ def all_configs(opts: RepoOptions, backend: Backend | None = None) -> dict[str, 
     backend = backend or get_backend(opts.backend)
     opts = backend.configure(opts)
     d = opts.dims
-    s = specs.all_specs(d)
+    s = specs.all_specs(d, opts.shared_passes)
     return {
         specs.PREPROCESS: python_model_config(
             s[specs.PREPROCESS], opts, PreprocessParameters(d.imgsz, d.max_classes)),
@@ -81,7 +83,8 @@ def all_configs(opts: RepoOptions, backend: Backend | None = None) -> dict[str, 
             s[specs.DART], opts, DartParameters(
                 d.imgsz, d.max_classes, opts.enc_dec_buckets, opts.backbone, d.masks,
                 ",".join(t.name for t in s[specs.MASK_DECODER].inputs
-                         if t.name.startswith(specs.FPN_FEATURES)) if d.masks else "")),
+                         if t.name.startswith(specs.FPN_FEATURES)) if d.masks else "",
+                opts.shared_passes, opts.max_batch if opts.shared_passes else 0)),
         specs.DART_ENSEMBLE: ensemble_config(opts),
     }
 

@@ -88,6 +88,11 @@ class DartParameters(ModelParameters):
     backbone: str = "vit"  # what serves `backbone` (`BackboneChoice.describe`)
     masks: bool = False  # built with --masks: a `mask_decoder` model serves RETURN_MASKS
     mask_levels: str = ""  # the backbone outputs mask_decoder reads, comma-separated
+    # enc_dec batches requests (`specs.shared_enc_dec_spec`): prompt rows go as one item
+    shared_passes: bool = False
+    # Passes of one request in flight at once (0: all): with shared passes, a request with
+    # many prompts queues a few at a time, so the passes of other requests go in between.
+    passes_in_flight: int = 0
 
 
 @dataclass(frozen=True)

@@ -170,3 +170,21 @@ def batch_buckets(max_batch: int) -> list[int]:
     batch runs at the next one, padded)."""
     return sorted({*(2 ** k for k in range(max_batch.bit_length()) if 2 ** k < max_batch),
                    max_batch})
+
+
+def plan_shared_passes(rows: Sequence[int], max_rows: int) -> list[list[int]]:
+    """Group requests (by their prompt counts `rows`, in arrival order) into shared passes
+    of at most `max_rows` rows: each request whole, in one pass, and the passes in order,
+    so an early request is never decoded after a later one. A request over `max_rows`
+    is a caller's error (`dart` splits its prompts into passes of at most max_classes)."""
+    passes: list[list[int]] = []
+    filled = max_rows
+    for i, n in enumerate(rows):
+        if not 1 <= n <= max_rows:
+            raise ValueError(f"a shared pass holds 1 to {max_rows} prompts per request, got {n}")
+        if filled + n > max_rows:
+            passes.append([])
+            filled = 0
+        passes[-1].append(i)
+        filled += n
+    return passes

@@ -68,6 +68,9 @@ class TensorSpec:
     dtype: str  # Triton spelling, e.g. "TYPE_FP32"
     dims: tuple[int, ...]
     optional: bool = False
+    # The shape the model itself sees, where it differs from `dims` (Triton's `reshape`):
+    # `as_item` declares [1, n, ...] to callers for a model that reads and writes [n, ...].
+    reshape: tuple[int, ...] | None = None
 
     @property
     def numpy_dtype(self) -> str:
@@ -230,6 +233,10 @@ MASK_INPUTS = (ENCODER_MEMORY, DECODER_QUERIES)
 # with fewer than J kept are padding: their masks are dropped)
 KEPT_QUERIES = "kept_queries"
 MASK_LOGITS = "mask_logits"  # [P, J, m, m] at the finest mask level (GraphDims.mask_hw)
+# [N] INT64 row -> frame: an input of the enc_dec graph of a repository with shared passes
+# (`shared_enc_dec_spec`), whose fpn_features then hold F frames. Never sent by callers: the
+# graph model makes it when it packs the requests of a batch into one pass.
+FRAME_INDEX = "frame_index"
 DETECTION_OUTPUTS = (BOXES, SCORES, CLASS_IDS)  # dart's outputs, in order
 
 
@@ -246,10 +253,13 @@ def backbone_spec(d: GraphDims) -> ModelSpec:
     )
 
 
-def enc_dec_spec(d: GraphDims) -> ModelSpec:
-    """With masks, enc_dec also returns `MASK_INPUTS`; `dart` asks for them only when a
-    request wants masks (a graph computes them anyway: they are its own intermediates)."""
+def enc_dec_spec(d: GraphDims, frames: bool = False) -> ModelSpec:
+    """The enc_dec graph (ONNX, plans, torch module), and what an unbatched enc_dec model
+    serves. With masks, it also returns `MASK_INPUTS`; `dart` asks for them only when a
+    request wants masks (a graph computes them anyway: they are its own intermediates).
+    `frames`: the graph of shared passes: F frames' features and a FRAME_INDEX per row."""
     h = d.feat_hw
+    shared = (TensorSpec(FRAME_INDEX, "TYPE_INT64", (-1,)),) if frames else ()
     mask_inputs = (
         TensorSpec(ENCODER_MEMORY, "TYPE_FP32", (-1, h * h, d.fpn_dim)),
         TensorSpec(DECODER_QUERIES, "TYPE_FP32", (-1, d.num_queries, d.fpn_dim)),
@@ -257,9 +267,10 @@ def enc_dec_spec(d: GraphDims) -> ModelSpec:
     return ModelSpec(
         ENC_DEC,
         (
-            TensorSpec(FPN_FEATURES, "TYPE_FP32", (1, d.fpn_dim, h, h)),
+            TensorSpec(FPN_FEATURES, "TYPE_FP32", (-1 if frames else 1, d.fpn_dim, h, h)),
             TensorSpec(TEXT_FEATURES, "TYPE_FP32", (-1, d.text_len, d.text_dim)),
             TensorSpec(TEXT_MASK, "TYPE_INT32", (-1, d.text_len)),
+            *shared,
         ),
         (
             TensorSpec(PRED_BOXES, "TYPE_FP32", (-1, d.num_queries, 4)),
@@ -268,6 +279,22 @@ def enc_dec_spec(d: GraphDims) -> ModelSpec:
             *mask_inputs,
         ),
     )
+
+
+def as_item(t: TensorSpec, reshape: bool = True) -> TensorSpec:
+    """`t`'s rows as one item, [1, n, ...]: the shape of prompt rows between the models of
+    a repository with shared passes. `reshape`: the model itself still sees [n, ...]."""
+    return TensorSpec(t.name, t.dtype, (1, *t.dims), t.optional, t.dims if reshape else None)
+
+
+def shared_enc_dec_spec(d: GraphDims) -> ModelSpec:
+    """enc_dec with shared passes (`--max-batch` on the python and torch backends): one
+    request is one item of Triton's dynamic batcher, a frame and its prompts
+    (fpn_features [1, C, h, w], text [1, n, L, D], outputs [1, n, ...]); the model packs
+    the items of a batch into passes whose rows come from several frames."""
+    graph = enc_dec_spec(d)
+    return ModelSpec(ENC_DEC, (graph.inputs[0], *(as_item(t, False) for t in graph.inputs[1:])),
+                     tuple(as_item(t, False) for t in graph.outputs))
 
 
 def mask_decoder_spec(d: GraphDims) -> ModelSpec:
@@ -322,13 +349,16 @@ def preprocess_spec(d: GraphDims) -> ModelSpec:
     )
 
 
-def text_encoder_spec(d: GraphDims) -> ModelSpec:
+def text_encoder_spec(d: GraphDims, shared_passes: bool = False) -> ModelSpec:
+    """`shared_passes`: the rows go out as one item ([1, n, ...], `as_item`), the shape
+    enc_dec takes them in (the ensemble passes them on as they are)."""
+    item = as_item if shared_passes else (lambda t: t)
     return ModelSpec(
         TEXT_ENCODER,
         (TensorSpec(CLASSES, "TYPE_STRING", (-1,)),),
         (
-            TensorSpec(TEXT_FEATURES, "TYPE_FP32", (-1, d.text_len, d.text_dim)),
-            TensorSpec(TEXT_MASK, "TYPE_INT32", (-1, d.text_len)),
+            item(TensorSpec(TEXT_FEATURES, "TYPE_FP32", (-1, d.text_len, d.text_dim))),
+            item(TensorSpec(TEXT_MASK, "TYPE_INT32", (-1, d.text_len))),
         ),
     )
 
@@ -356,12 +386,13 @@ def _detections() -> tuple[TensorSpec, ...]:
     )
 
 
-def postprocess_spec(d: GraphDims) -> ModelSpec:
+def postprocess_spec(d: GraphDims, shared_passes: bool = False) -> ModelSpec:
     enc_dec = enc_dec_spec(d)
+    item = as_item if shared_passes else (lambda t: t)
     return ModelSpec(
         POSTPROCESS,
-        (*(enc_dec.output(n) for n in HEAD_OUTPUTS), TensorSpec(ORIGINAL_SIZE, "TYPE_INT32", (2,)),
-         *_request_options()),
+        (*(item(enc_dec.output(n)) for n in HEAD_OUTPUTS),
+         TensorSpec(ORIGINAL_SIZE, "TYPE_INT32", (2,)), *_request_options()),
         _detections(),
     )
 
@@ -395,13 +426,15 @@ def graph_models(d: GraphDims) -> tuple[str, ...]:
     return MASK_GRAPH_MODELS if d.masks else GRAPH_MODELS
 
 
-def all_specs(d: GraphDims) -> dict[str, ModelSpec]:
+def all_specs(d: GraphDims, shared_passes: bool = False) -> dict[str, ModelSpec]:
+    """Every served model's tensors; `shared_passes`: enc_dec batches requests
+    (`shared_enc_dec_spec`), and the prompt rows around it travel as items."""
     specs = [
         preprocess_spec(d),
-        text_encoder_spec(d),
+        text_encoder_spec(d, shared_passes),
         backbone_spec(d),
-        enc_dec_spec(d),
-        postprocess_spec(d),
+        shared_enc_dec_spec(d) if shared_passes else enc_dec_spec(d),
+        postprocess_spec(d, shared_passes),
         dart_spec(d, DART),
         dart_spec(d, DART_ENSEMBLE),
         *([mask_decoder_spec(d)] if d.masks else []),

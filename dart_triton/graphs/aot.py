@@ -92,17 +92,22 @@ class ServedModule(nn.Module):
 
 def compile_package(name: str, module: nn.Module, dims: GraphDims, device: torch.device | str,
                     dtype: torch.dtype, mode: str, weights: str | Path,
-                    example: Callable[[int], tuple[torch.Tensor, ...]],
+                    example: Callable[..., tuple[torch.Tensor, ...]],
                     max_batch: int = 1) -> Path:
     """Export `module` (already on `device` in `dtype`) and compile it into the package
     of `name` in `weights`, with its key. `example(n)` gives inputs for n prompts
-    (enc_dec) or frames (backbone: 1..max_batch of them)."""
+    (enc_dec) or frames (backbone: 1..max_batch of them); `example(n, f)`, enc_dec's
+    inputs for n prompts of f frames (shared passes: enc_dec with max_batch > 1)."""
     served = ServedModule(module, dtype).eval()
     if name == specs.ENC_DEC:
         n = max(2, dims.max_classes)  # an example of 1 would be specialised to 1
         prompts = torch.export.Dim("prompts", min=1, max=max(2, dims.max_classes))
         dynamic = (({}, {0: prompts}, {0: prompts}),)  # forward(*inputs): one packed argument
         args = example(n)
+        if max_batch > 1:  # shared passes: 1..max_batch frames and a row -> frame index
+            frames = torch.export.Dim("pass_frames", min=1, max=max_batch)
+            dynamic = (({0: frames}, {0: prompts}, {0: prompts}, {0: prompts}),)
+            args = example(n, 2)
     elif max_batch > 1:
         frames = torch.export.Dim("frames", min=1, max=max_batch)
         dynamic, args = (({0: frames},),), example(2)

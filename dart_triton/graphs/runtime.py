@@ -95,6 +95,7 @@ class OrtGraphs(LocalGraphs):
         onnx_dir = Path(onnx_dir)
         self._backbone = OrtGraph(onnx_dir / "backbone.onnx", threads)
         self._enc_dec = OrtGraph(onnx_dir / "enc_dec.onnx", threads)
+        self._shared = specs.FRAME_INDEX in [i.name for i in self._enc_dec.session.get_inputs()]
         masks = onnx_dir / f"{specs.MASK_DECODER}.onnx"
         self._mask_decoder = OrtGraph(masks, threads) if masks.is_file() else None
 
@@ -112,8 +113,8 @@ class OrtGraphs(LocalGraphs):
         return self._mask_decoder(**dict(zip(names, values, strict=True)))[0]
 
     def enc_dec(self, fpn_features, text_features, text_mask):
-        return tuple(self._enc_dec(**{
-            specs.FPN_FEATURES: fpn_features,
-            specs.TEXT_FEATURES: text_features,
-            specs.TEXT_MASK: text_mask,
-        }))
+        inputs = {specs.FPN_FEATURES: fpn_features, specs.TEXT_FEATURES: text_features,
+                  specs.TEXT_MASK: text_mask}
+        if self._shared:  # the graph of shared passes, here for one frame
+            inputs[specs.FRAME_INDEX] = np.zeros(len(text_features), np.int64)
+        return tuple(self._enc_dec(**inputs))

@@ -190,13 +190,20 @@ def use_sdpa(backbone: nn.Module) -> nn.Module:
 
 
 def example_inputs(name: str, dims: GraphDims, n: int = 1,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """Inputs of the served dtypes and shapes (contents irrelevant: for warm-up/capture);
-    ``n``: prompts (enc_dec) or frames (backbone)."""
-    spec = specs.all_specs(dims)[name]
+                   device: torch.device | str = "cpu", frames: int = 0
+                   ) -> tuple[torch.Tensor, ...]:
+    """Inputs of the graph's dtypes and shapes (contents irrelevant: for warm-up/capture);
+    ``n``: prompts (enc_dec) or frames (backbone); ``frames``: enc_dec's shared pass of
+    ``n`` prompts over that many frames (with its frame index)."""
+    spec = (specs.enc_dec_spec(dims, frames > 0) if name == specs.ENC_DEC
+            else specs.all_specs(dims)[name])
     out = []
     for t in spec.inputs:
+        if t.name == specs.FRAME_INDEX:
+            out.append(torch.arange(n, device=device) % frames)
+            continue
         shape = ((n, *t.dims[1:]) if name == specs.BACKBONE
+                 else (frames, *t.dims[1:]) if t.name == specs.FPN_FEATURES and frames
                  else tuple(n if d == -1 else d for d in t.dims))
         dtype = getattr(torch, t.numpy_dtype)
         out.append(torch.ones(shape, dtype=dtype, device=device) if dtype == torch.int32
@@ -264,6 +271,7 @@ class TorchGraph:
             self._fn = torch.compile(self.module, mode=mode, dynamic=dynamic)
         self._graphs: dict[tuple, _CapturedGraph] = {}
         self._warm: list[int] = []  # prompt counts compiled (and captured) at load
+        self._frames: list[int] = []  # frame counts of shared enc_dec passes, likewise
 
     def _on_device(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [t.to(self.device, non_blocking=True) for t in inputs]
@@ -280,12 +288,30 @@ class TorchGraph:
             return n
         return min((b for b in self._warm if b >= n), default=n)
 
+    def _pad_shared(self, inputs: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+        """A shared pass (fpn_features [F], text, mask, frame_index) at warm shapes: frames
+        of zeros up to the next warm frame count (no row reads them), rows as
+        `pad_to_bucket` pads them, each padded row in the last row's frame."""
+        features, text, mask, index = inputs
+        f, n = int(features.shape[0]), int(index.shape[0])
+        frames = min((b for b in self._frames if b >= f), default=f)
+        if frames != f:
+            features = torch.cat([features, features.new_zeros((frames - f,
+                                                                *features.shape[1:]))])
+        if rows != n:
+            text, mask = pad_to_bucket(text, mask, rows)
+            index = torch.cat([index, index[-1:].expand(rows - n)])
+        return [features, text, mask, index]
+
     @torch.no_grad()
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = self._on_device(inputs)
         n = int(inputs[-1].shape[0])
         rows = self._rows(n)
-        if rows != n and self.name == specs.BACKBONE:  # frames of zeros, cut off below
+        if len(inputs) == 4 and self.name == specs.ENC_DEC:  # a shared pass
+            if self._frames:  # static shapes (CUDA graphs, compiled): pad to warm ones
+                inputs = self._pad_shared(list(inputs), rows)
+        elif rows != n and self.name == specs.BACKBONE:  # frames of zeros, cut off below
             pixels = inputs[0]
             inputs = [torch.cat([pixels, pixels.new_zeros((rows - n, *pixels.shape[1:]))])]
         elif rows != n:  # enc_dec: (fpn_features, text_features, text_mask)
@@ -304,12 +330,18 @@ class TorchGraph:
         return sorted(set(buckets)) or [self.dims.max_classes]
 
     @torch.no_grad()
-    def warm_up(self, buckets: Sequence[int] = ()) -> list[int]:
-        """Compile and (with CUDA graphs) capture for each warm shape; returns them."""
+    def warm_up(self, buckets: Sequence[int] = (), frames: Sequence[int] = ()) -> list[int]:
+        """Compile and (with CUDA graphs) capture for each warm shape; returns them.
+        `frames`: enc_dec serves shared passes of that many frames (`batch_buckets`):
+        each frame count with each prompt count that can hold it."""
         shapes = self.warm_shapes(buckets)
         self._warm = shapes
-        for n in shapes:
-            inputs = example_inputs(self.name, self.dims, n, self.device)
+        static = self.settings.cuda_graphs or self.settings.compile != "none"
+        self._frames = sorted(set(frames)) if self.name == specs.ENC_DEC and static else []
+        pairs = ([(n, f) for f in frames for n in shapes if f <= n] if self.name == specs.ENC_DEC
+                 and frames else [(n, 0) for n in shapes])
+        for n, f in pairs:
+            inputs = example_inputs(self.name, self.dims, n, self.device, f)
             if self.settings.cuda_graphs and self.name != specs.MASK_DECODER:
                 self._graphs[_shape_key(inputs)] = _CapturedGraph(self._fn, inputs)
             else:

@@ -91,6 +91,9 @@ def _decoder_cross_and_mlp(layer: nn.Module, hidden: torch.Tensor, query_pos: to
 class BatchedDetectionHead(nn.Module):
     """(fpn_features [1,C,h,w], text_features [N,L,D], text_mask [N,L]) -> boxes, logits, presence.
 
+    A shared pass (rows of several frames, `specs.FRAME_INDEX`): fpn_features [F,C,h,w] and
+    frame_index [N] (int64, row -> frame); the image-only work still runs once per frame.
+
     Outputs: boxes [N,Q,4] xyxy in [0,1], logits [N,Q], presence logits [N,1]; with
     `mask_inputs`, also encoder memory [N,h*w,C] and decoder queries [N,Q,C].
     """
@@ -152,7 +155,8 @@ class BatchedDetectionHead(nn.Module):
         return bias.flatten(2, 3).permute(0, 3, 1, 2)
 
     def forward(
-        self, fpn_features: torch.Tensor, text_features: torch.Tensor, text_mask: torch.Tensor
+        self, fpn_features: torch.Tensor, text_features: torch.Tensor, text_mask: torch.Tensor,
+        frame_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         n = text_features.shape[0]
         valid = text_mask.to(text_features.dtype)  # [N, L], 1 = token
@@ -162,8 +166,11 @@ class BatchedDetectionHead(nn.Module):
         # Encoder. The backbone ran once; the first layer's self-attention runs once too,
         # and every prompt continues from its result.
         first, *rest = self.encoder_layers
-        vision = fpn_features.flatten(2).transpose(1, 2)  # [1, h*w, C]
-        vision = _encoder_self_attention(first, vision, self.vision_pos).expand(n, -1, -1)
+        vision = fpn_features.flatten(2).transpose(1, 2)  # [F, h*w, C]
+        vision = _encoder_self_attention(first, vision, self.vision_pos)
+        # Each row continues from its own frame's result (a gather), or from the one frame's.
+        vision = (vision.expand(n, -1, -1) if frame_index is None
+                  else vision.index_select(0, frame_index.long()))
         vision = _encoder_text_and_mlp(first, vision, text_features, text_bias)
         for layer in rest:
             vision = layer(vision, prompt_feats=text_features, vision_pos_encoding=pos,

@@ -13,6 +13,7 @@ orchestration is the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -73,7 +74,9 @@ class ModelCallError(RuntimeError):
 class GraphRunner(Protocol):
     """How each step runs. `Features`/text tensors are whatever the runner hands itself
     (numpy arrays, torch tensors, Triton tensors); text tensors must support row indexing.
-    The mask arguments are for requests that want masks (`pipeline.masks`)."""
+    The mask arguments are for requests that want masks (`pipeline.masks`).
+    `passes_in_flight` (optional attribute): at most that many enc_dec passes of one
+    request at once (0 or absent: all of them)."""
 
     async def backbone(self, pixel_values: Any, mask_levels: bool = False) -> Any:
         """The detection level; with `mask_levels`, ``[detection level, *finer levels]``."""
@@ -120,8 +123,17 @@ async def run_graphs(runner: GraphRunner, pixel_values: Any, names: list[str],
     if masks is not None:
         features, *finer = levels
         masks.set_inputs(finer, text_features, text_mask)
-    return HeadOutputs.concat(await asyncio.gather(
-        *(_decode(runner, features, text_features, text_mask, p, masks) for p in passes)))
+    # A bound on one request's passes in flight: where passes of several requests share a
+    # queue (shared passes), a request with many prompts then queues a few at a time and
+    # the passes of requests that came later go in between (fairness).
+    limit = getattr(runner, "passes_in_flight", 0)
+    gate = asyncio.Semaphore(limit) if limit else contextlib.nullcontext()
+
+    async def decode(p: Pass) -> HeadOutputs:
+        async with gate:
+            return await _decode(runner, features, text_features, text_mask, p, masks)
+
+    return HeadOutputs.concat(await asyncio.gather(*(decode(p) for p in passes)))
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

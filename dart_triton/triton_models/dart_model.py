@@ -72,9 +72,14 @@ class BlsRunner:
         with self.steps.time(model):
             return await call_model(model, inputs, outputs)
 
-    def __init__(self, steps: StepMetrics, mask_levels: tuple[str, ...] = ()):
+    def __init__(self, steps: StepMetrics, mask_levels: tuple[str, ...] = (),
+                 shared_passes: bool = False, passes_in_flight: int = 0):
         self.steps = steps
         self.mask_levels = mask_levels  # backbone outputs mask_decoder reads
+        # enc_dec batches requests: prompt rows travel as one item, [1, n, ...]
+        # (`specs.shared_enc_dec_spec`; text_encoder's rows come so too)
+        self.shared_passes = shared_passes
+        self.passes_in_flight = passes_in_flight  # read by `run_graphs`
 
     async def backbone(self, pixel_values: torch.Tensor, mask_levels: bool = False):
         outputs = (specs.FPN_FEATURES, *(self.mask_levels if mask_levels else ()))
@@ -87,10 +92,13 @@ class BlsRunner:
         features, mask = await self._call(
             specs.TEXT_ENCODER, [pb.pb_utils.Tensor(specs.CLASSES, classes)],
             (specs.TEXT_FEATURES, specs.TEXT_MASK))
-        return pb.as_torch(features), pb.as_torch(mask)
+        features, mask = pb.as_torch(features), pb.as_torch(mask)
+        return (features[0], mask[0]) if self.shared_passes else (features, mask)
 
     async def enc_dec(self, features, text_features: torch.Tensor,
                       text_mask: torch.Tensor, mask_inputs: bool = False) -> HeadOutputs:
+        if self.shared_passes:  # one item: the frame (as it came) and its rows
+            text_features, text_mask = text_features[None], text_mask[None]
         outs = await self._call(specs.ENC_DEC, [
             features,
             pb.from_torch(specs.TEXT_FEATURES, text_features),
@@ -98,7 +106,8 @@ class BlsRunner:
         ], (*specs.HEAD_OUTPUTS, *(specs.MASK_INPUTS if mask_inputs else ())))
         # Zero-copy torch views: GPU outputs (the torch backend) stay on the GPU, and
         # `select` runs NMS there; CPU outputs are numpy underneath.
-        return HeadOutputs(*(pb.as_torch(t) for t in outs))
+        head = (pb.as_torch(t) for t in outs)
+        return HeadOutputs(*((t[0] for t in head) if self.shared_passes else head))
 
     async def mask_decoder(self, levels: list, encoder_memory: torch.Tensor,
                            text_features: torch.Tensor, text_mask: torch.Tensor,
@@ -118,7 +127,8 @@ class TritonPythonModel:
         self.params = pb.model_parameters(args, DartParameters)
         self.device = pb.device_of(args)
         self.steps = StepMetrics()
-        self.runner = BlsRunner(self.steps, tuple(filter(None, self.params.mask_levels.split(","))))
+        self.runner = BlsRunner(self.steps, tuple(filter(None, self.params.mask_levels.split(","))),
+                                self.params.shared_passes, self.params.passes_in_flight)
         family = pb.pb_utils.MetricFamily
         # The family must outlive its metrics: keep both on the instance.
         self.failure_family = family(

@@ -10,7 +10,9 @@ where each input arrived, so a GPU-resident pipeline can be checked from the met
 
 A backbone built with ``--max-batch B`` (max_batch_size B, Triton's dynamic batcher)
 gets the frames of several requests at once: they run as one call, and each request
-gets its own rows back (a request that cannot be read is answered alone).
+gets its own rows back (a request that cannot be read is answered alone). enc_dec, in
+such a repository, shares passes: the requests of a batch (a frame and its prompts each)
+are packed into passes whose rows come from several frames (`shared_pass_binding`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dart_triton.contract.parameters import TorchGraphParameters
 from dart_triton.contract.passes import batch_buckets, check_pass_rows
 from dart_triton.graphs.torch_graphs import WEIGHTS_DIR, TorchGraph, TorchSettings
 from dart_triton.triton_models import pb
+from dart_triton.triton_models.shared_pass_binding import respond_shared
 
 
 class TritonPythonModel:
@@ -35,20 +38,23 @@ class TritonPythonModel:
         self.output_names = [t["name"] for t in config["output"]]
         self.max_classes = params.max_classes
         self.batched = self.name == specs.BACKBONE and config.get("max_batch_size", 0) > 0
+        self.shared = self.name == specs.ENC_DEC and config.get("max_batch_size", 0) > 0
         buckets = (batch_buckets(config["max_batch_size"]) if self.batched
                    else list(params.enc_dec_buckets) if self.name == specs.ENC_DEC else [])
+        frames = batch_buckets(config["max_batch_size"]) if self.shared else []
         settings = TorchSettings.from_parameters(params)
         device = pb.device_of(args)
         if args.get("model_instance_kind") == "GPU" and device == "cpu":
             raise RuntimeError(f"{self.name}: a GPU instance, but PyTorch sees no CUDA device")
         self.graph = TorchGraph.from_weights(pb.version_dir(args) / WEIGHTS_DIR, self.name,
                                              device, settings)
-        warmed = self.graph.warm_up(buckets)
+        warmed = self.graph.warm_up(buckets, frames)
         compiled = ("ahead of time" if self.graph.compiled_ahead else "at load") if (
             settings.compile != "none") else "no"
         pb.log(f"{self.name}: ready on {device} ({settings.precision}, compile "
                f"{settings.compile} ({compiled}), CUDA graphs "
-               f"{'on' if settings.cuda_graphs else 'off'}; warmed for N = {warmed})")
+               f"{'on' if settings.cuda_graphs else 'off'}; warmed for N = {warmed}"
+               + (f", shared passes of {frames} frames" if frames else "") + ")")
         family = pb.pb_utils.MetricFamily
         # The family must outlive its metrics: keep both on the instance.
         self.input_family = family(
@@ -60,11 +66,13 @@ class TritonPythonModel:
                 labels={"model": self.name, "input": name, "memory": memory})
             for name in self.input_names for memory in ("cpu", "gpu")}
 
+    def _read(self, name: str, tensor) -> torch.Tensor:
+        self.input_counts[(name, "cpu" if tensor.is_cpu() else "gpu")].increment(1)
+        return pb.as_torch(tensor)
+
     def _inputs(self, request) -> list[torch.Tensor]:
-        tensors = [pb.required_input(request, name) for name in self.input_names]
-        for name, t in zip(self.input_names, tensors, strict=True):
-            self.input_counts[(name, "cpu" if t.is_cpu() else "gpu")].increment(1)
-        inputs = [pb.as_torch(t) for t in tensors]
+        inputs = [self._read(name, pb.required_input(request, name))
+                  for name in self.input_names]
         if self.name == specs.ENC_DEC:
             check_pass_rows(inputs[1].shape[0], self.max_classes)
         elif self.name == specs.MASK_DECODER:  # as many prompts per call as in a pass
@@ -87,6 +95,10 @@ class TritonPythonModel:
 
     def execute(self, requests):
         with torch.no_grad():
+            if self.shared:
+                return respond_shared(
+                    requests, self.graph, self.max_classes, self.output_names, self._read,
+                    lambda name, rows: pb.from_torch(name, torch.stack(rows)))
             if self.batched and len(requests) > 1:
                 return pb.respond_batch(requests, lambda r: self._inputs(r)[0],
                                         self._run_batch)

@@ -72,8 +72,12 @@ class InferenceResponse:
 
 
 class Request:
-    def __init__(self, inputs: list[Tensor]):
+    def __init__(self, inputs: list[Tensor], requested: list[str] | None = None):
         self.inputs = {t.name(): t for t in inputs}
+        self.requested = requested
+
+    def requested_output_names(self) -> list[str]:
+        return list(self.requested or [])
 
 
 def get_input_tensor_by_name(request: Request, name: str):
@@ -93,7 +97,7 @@ class InferenceRequest:
     def exec(self) -> InferenceResponse:
         InferenceRequest.calls.append(
             (self.model_name, {t.name(): t.as_numpy().shape for t in self.inputs}))
-        response = MODELS[self.model_name].execute([Request(self.inputs)])[0]
+        response = MODELS[self.model_name].execute([Request(self.inputs, self.outputs)])[0]
         if not response.has_error():
             response.output_tensors = [t for t in response.output_tensors
                                        if t.name() in self.outputs]

@@ -52,12 +52,13 @@ def tiny_backbone(path: Path, d: specs.GraphDims = TINY, mask_levels: bool = Fal
 
 
 def tiny_enc_dec(path: Path, d: specs.GraphDims = TINY, fixed_n: int | None = None,
-                  symbolic_q: bool = False, masks: bool = False) -> Path:
+                  symbolic_q: bool = False, masks: bool = False, frames: bool = False) -> Path:
     """Masked-mean text x pooled image -> boxes/logits/presence, N dynamic ("N").
 
     ``symbolic_q`` leaves the query dimension of the outputs symbolic, as torch's exporter
     does for the real graph. ``masks``: also the encoder memory (image tokens plus a text
-    term) and decoder queries the mask head reads, as `--masks` exports it."""
+    term) and decoder queries the mask head reads, as `--masks` exports it. ``frames``:
+    the graph of shared passes: F frames, each row pooled from its FRAME_INDEX frame."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -74,8 +75,11 @@ def tiny_enc_dec(path: Path, d: specs.GraphDims = TINY, fixed_n: int | None = No
               numpy_helper.from_array(np.array([1.0], np.float32), "one"),
               numpy_helper.from_array(np.array([-1, q, 4], np.int64), "bshape")]
     mk = helper.make_node
+    pooled = [mk("ReduceMean", [specs.FPN_FEATURES], ["imgF"], axes=[2, 3], keepdims=0),
+              mk("Gather", ["imgF", specs.FRAME_INDEX], ["img4"], axis=0)] if frames else [
+        mk("ReduceMean", [specs.FPN_FEATURES], ["img4"], axes=[2, 3], keepdims=0)]
     nodes = [
-        mk("ReduceMean", [specs.FPN_FEATURES], ["img4"], axes=[2, 3], keepdims=0),
+        *pooled,
         mk("Cast", [specs.TEXT_MASK], ["m"], to=TensorProto.FLOAT),
         mk("Unsqueeze", ["m", "ax2"], ["m3"]),
         mk("Mul", [specs.TEXT_FEATURES, "m3"], ["tm"]),
@@ -97,9 +101,10 @@ def tiny_enc_dec(path: Path, d: specs.GraphDims = TINY, fixed_n: int | None = No
     vi = helper.make_tensor_value_info
     graph = helper.make_graph(
         nodes, "tiny_enc_dec",
-        [vi(specs.FPN_FEATURES, TensorProto.FLOAT, [1, c, h, h]),
+        [vi(specs.FPN_FEATURES, TensorProto.FLOAT, ["F" if frames else 1, c, h, h]),
          vi(specs.TEXT_FEATURES, TensorProto.FLOAT, [n, d.text_len, td]),
-         vi(specs.TEXT_MASK, TensorProto.INT32, [n, d.text_len])],
+         vi(specs.TEXT_MASK, TensorProto.INT32, [n, d.text_len]),
+         *([vi(specs.FRAME_INDEX, TensorProto.INT64, [n])] if frames else [])],
         [vi(specs.PRED_BOXES, TensorProto.FLOAT, [n, qd, 4]),
          vi(specs.PRED_LOGITS, TensorProto.FLOAT, [n, qd]),
          vi(specs.PRESENCE_LOGITS, TensorProto.FLOAT, [n, one])],

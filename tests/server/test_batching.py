@@ -1,10 +1,12 @@
-"""Many cameras, one server (--max-batch): concurrent requests share backbone calls.
+"""Many cameras, one server (--max-batch): concurrent requests share backbone calls and
+enc_dec passes.
 
 A real tritonserver per backend (python, torch), a repository built with --max-batch 4:
 8 clients at once, each with its own image size (64x48 .. 640x480) and class list (1 ..
-3 x max classes), get what the same request gets alone; Triton's statistics show the
-backbone ran fewer executions than inferences (batches formed); bad requests in the
-burst get INVALID_ARGUMENT and the others are answered.
+3 x max classes), get what the same request gets alone; Triton's statistics show
+backbone and enc_dec ran fewer executions than inferences (batches formed: frames shared
+a backbone call, and the prompts of several frames a pass); bad requests in the burst
+get INVALID_ARGUMENT and the others are answered.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ def images() -> list[np.ndarray]:
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
 
 
-def backbone_counts(url: str) -> tuple[int, int]:
-    """(inferences, executions) of `backbone` so far (as the streams benchmark reads them)."""
-    from dart_triton.benchmarks.streams import backbone_counts as read
+def graph_counts(url: str) -> tuple[int, ...]:
+    """(inferences, executions) of backbone, then of enc_dec, so far (as the streams
+    benchmark reads them)."""
+    from dart_triton.benchmarks.streams import graph_counts as read
 
     with grpcclient.InferenceServerClient(url) as client:
         return read(client)
@@ -66,7 +69,7 @@ def test_concurrent_requests_share_backbone_calls(batched_server):
     url, frames = batched_server.grpc_url, images()
     with DartClient(url) as client:
         alone = [client.detect(f, c) for f, c in zip(frames, CLASS_LISTS, strict=True)]
-    inferences0, executions0 = backbone_counts(url)
+    before = graph_counts(url)
     rounds, start = 3, threading.Barrier(len(frames))
     answers: dict[int, list] = {}
 
@@ -84,10 +87,14 @@ def test_concurrent_requests_share_backbone_calls(batched_server):
     for k, got in answers.items():
         for detections in got:
             assert_same(detections, alone[k], side=max(SIZES[k]))
-    inferences, executions = backbone_counts(url)
-    inferences, executions = inferences - inferences0, executions - executions0
+    inferences, executions, passes, pass_executions = (
+        a - b for a, b in zip(graph_counts(url), before, strict=True))
     assert inferences == len(frames) * rounds
     assert executions < inferences, (executions, inferences)  # batches formed
+    # one enc_dec request per pass of each frame (classes in passes of at most max)
+    per_round = sum(-(-len(c) // TEST_MAX_CLASSES) for c in CLASS_LISTS)
+    assert passes == per_round * rounds
+    assert pass_executions < passes, (pass_executions, passes)  # passes shared
     with DartClient(url, model=specs.DART_ENSEMBLE) as client:  # the ensemble too
         for k in (0, 1, 2):  # class lists within one pass: what the ensemble takes
             assert_same(client.detect(frames[k], CLASS_LISTS[k]), alone[k], side=max(SIZES[k]))

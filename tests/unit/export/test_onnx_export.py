@@ -157,13 +157,20 @@ def test_max_batch_export_takes_any_number_of_frames(tiny_checkpoint_d, tmp_path
     """--max-batch > 1: dim 0 of backbone.onnx's input and outputs is "frames"; the windowed
     and global blocks, position embedding and every FPN level agree with PyTorch on three
     different frames at once; dart_graphs.json says so, and a reused --onnx-dir with the
-    other frame count is not taken as is."""
+    other frame count is not taken as is. With shared passes (the python backend),
+    enc_dec.onnx also takes F frames and a frame index, and a pass of two frames' rows
+    agrees with PyTorch decoding each frame alone (masks' outputs too)."""
     from dart_triton.export.onnx_export import CHECK_FRAMES, DYNAMIC_FRAMES
     from dart_triton.export.repository import _graphs_match
 
     meta, agreements = export_graphs(tiny_checkpoint_d, tmp_path, max_classes=2, masks=True,
-                                     log=lambda *_: None, max_batch=4)
-    assert meta["backbone_frames"] == DYNAMIC_FRAMES
+                                     log=lambda *_: None, max_batch=4, shared_passes=True)
+    assert meta["backbone_frames"] == meta["enc_dec_frames"] == DYNAMIC_FRAMES
+    shared = {a.tensor for a in agreements if "[shared" in a.tensor}
+    enc_dec = specs.enc_dec_spec(read_graphs_meta(tmp_path), frames=True)
+    assert shared == {f"{t.name}[shared, frame {k}]" for t in enc_dec.outputs for k in (0, 1)}
+    assert list(read_onnx_io(tmp_path / "enc_dec.onnx").inputs) == [t.name for t in
+                                                                   enc_dec.inputs]
     spec = specs.backbone_spec(read_graphs_meta(tmp_path))
     batched = {a.tensor: a for a in agreements if "frames]" in a.tensor}
     assert set(batched) == {f"{t.name}[{CHECK_FRAMES} frames]" for t in spec.outputs}
@@ -173,10 +180,11 @@ def test_max_batch_export_takes_any_number_of_frames(tiny_checkpoint_d, tmp_path
     assert {shape[0] for shape in (*io.inputs.values(), *io.outputs.values())} == {-1}
     graph = onnx.load(str(tmp_path / "backbone.onnx"), load_external_data=False).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "frames"
-    assert _graphs_match(tmp_path, None, 2, masks=True, max_batch=4)
+    assert _graphs_match(tmp_path, None, 2, masks=True, max_batch=4, shared_passes=True)
+    assert not _graphs_match(tmp_path, None, 2, masks=True, max_batch=4)  # onnxruntime's
     assert not _graphs_match(tmp_path, None, 2, masks=True, max_batch=1)
     fixed = json.loads((tmp_path / GRAPHS_JSON).read_text())
-    del fixed["backbone_frames"]  # an export from before the record: one frame
+    del fixed["backbone_frames"], fixed["enc_dec_frames"]  # from before the records: one frame
     (tmp_path / GRAPHS_JSON).write_text(json.dumps(fixed))
     assert _graphs_match(tmp_path, None, 2, masks=True, max_batch=1)
     assert not _graphs_match(tmp_path, None, 2, masks=True, max_batch=4)

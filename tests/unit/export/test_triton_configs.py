@@ -95,18 +95,26 @@ def test_onnxruntime_specifics():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_max_batch_batches_the_backbone_only(backend):
+def test_max_batch_batches_the_backbone_and_shares_passes_where_it_can(backend):
     """--max-batch B: the backbone's leading 1 becomes Triton's batch dimension (so the
-    one-frame requests of dart and the ensemble batch), with the dynamic batcher's delay;
-    every other model is as before, on every backend."""
+    one-frame requests of dart and the ensemble batch), with the dynamic batcher's delay,
+    on every backend. Where enc_dec can pack requests of different prompt counts (python,
+    torch), it is batched too, a request (a frame and its rows) per item, its prompt
+    inputs ragged; text_encoder and postprocess declare the rows as that one item
+    (reshaped to what they compute), and dart knows. Nothing else changes."""
     from dart_triton.export.backends import check_build
     from dart_triton.export.options import BuildOptions
 
+    shared = BACKENDS[backend].shares_passes
+    opts = BACKENDS[backend].repo_options(BuildOptions(backend=backend, max_batch=4), DIMS)
+    assert opts.shared_passes == shared
     check_build(BuildOptions(backend=backend, max_batch=4))  # no backend refuses it
     plain = all_configs(RepoOptions(backend=backend, dims=DIMS))
     batched = all_configs(RepoOptions(backend=backend, dims=DIMS, max_batch=4,
-                                      batch_delay_us=250))
-    assert {k for k in plain if plain[k] != batched[k]} == {specs.BACKBONE}
+                                      batch_delay_us=250, shared_passes=shared))
+    changed = {specs.BACKBONE} | ({specs.ENC_DEC, specs.TEXT_ENCODER, specs.POSTPROCESS,
+                                   specs.DART} if shared else set())
+    assert {k for k in plain if plain[k] != batched[k]} == changed
     cfg, spec = parse(batched[specs.BACKBONE]), specs.backbone_spec(DIMS)
     assert cfg.max_batch_size == 4
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
@@ -114,6 +122,22 @@ def test_max_batch_batches_the_backbone_only(backend):
         assert [(t.name, (1, *t.dims)) for t in got] == [(t.name, t.dims) for t in want]
     with pytest.raises(ValueError, match="--max-batch must be >= 1"):
         BuildOptions(max_batch=0)
+    if not shared:
+        return
+    cfg, graph = parse(batched[specs.ENC_DEC]), specs.enc_dec_spec(DIMS)
+    assert cfg.max_batch_size == 4
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
+    assert [(t.name, tuple(t.dims), t.allow_ragged_batch) for t in cfg.input] == [
+        (specs.FPN_FEATURES, graph.inputs[0].dims[1:], False),
+        *((t.name, t.dims, True) for t in graph.inputs[1:])]
+    assert [(t.name, tuple(t.dims)) for t in cfg.output] == [(t.name, t.dims)
+                                                             for t in graph.outputs]
+    text = parse(batched[specs.TEXT_ENCODER])
+    post = parse(batched[specs.POSTPROCESS])
+    for t in (*text.output, *post.input[:len(specs.HEAD_OUTPUTS)]):
+        assert t.dims[0] == 1 and tuple(t.reshape.shape) == tuple(t.dims[1:]), t.name
+    dart = {k: v.string_value for k, v in parse(batched[specs.DART]).parameters.items()}
+    assert (dart["shared_passes"], dart["passes_in_flight"]) == ("yes", "4")
 
 
 @pytest.mark.parametrize(("max_batch", "graphs"), [

@@ -294,3 +294,33 @@ def test_enc_dec_with_cuda_graphs_runs_an_unpadded_n_at_the_next_warm_shape(torc
         for e, g in zip(eager(feats, text, mask), out, strict=True):
             assert g.shape[0] == n
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_a_shared_pass_with_cuda_graphs_runs_at_warm_frame_and_prompt_counts(torch_repository):
+    """A shared pass (3 frames, 3 rows) on a graphed enc_dec: zero frames up to the next
+    warm frame count (4), rows up to the next warm prompt count (4, the padded row in the
+    last row's frame); the rows returned are the ones eager computes."""
+    from dart_triton.graphs.torch_graphs import TorchGraph, TorchSettings, weights_dir
+
+    path = weights_dir(torch_repository, specs.ENC_DEC)
+    eager = TorchGraph.from_weights(path, specs.ENC_DEC)
+    graphed = TorchGraph.from_weights(path, specs.ENC_DEC)
+    graphed.settings = TorchSettings(cuda_graphs=True)  # the padding rule, on the CPU
+    seen: list[tuple[int, list[int]]] = []
+
+    def recording(*inputs):
+        seen.append((int(inputs[0].shape[0]), inputs[3].tolist()))
+        return graphed.module(*inputs)
+
+    graphed._fn, graphed._warm, graphed._frames = recording, [1, 4], [1, 2, 4]
+    d = eager.dims
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(3, d.fpn_dim, d.feat_hw, d.feat_hw, generator=gen)
+    text = torch.randn(3, d.text_len, d.text_dim, generator=gen)
+    mask = torch.ones(3, d.text_len, dtype=torch.int32)
+    index = torch.tensor([0, 1, 2])
+    out = graphed(feats, text, mask, index)
+    assert seen == [(4, [0, 1, 2, 2])]
+    for e, g in zip(eager(feats, text, mask, index), out, strict=True):
+        assert g.shape[0] == 3
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
