@@ -48,7 +48,7 @@ def repository(args: argparse.Namespace, imgsz: int, max_batch: int) -> Path:
     where = "gpu" if args.gpu else "cpu"
     dart = max(args.streams)
     name = (f"repo-{checkpoint.name}-{imgsz}-m{args.max_classes}-{args.backend}-{where}"
-            f"-b{max_batch}-d{args.batch_delay_us}-dart{dart}")
+            f"-b{max_batch}-d{args.batch_delay_us}-dart{dart}-shared")  # enc_dec shares passes
     repo = common.cache_dir() / name
     if not (repo / "dart_repository.json").is_file():
         print(f"building {repo} (once) ...", flush=True)

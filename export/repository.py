@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=1, metavar="B",
                    help="frames per backbone call: concurrent requests (cameras) share one "
                         "call through Triton's dynamic batcher (every backend; "
-                        "`dart` gets B instances unless --instances says otherwise). "
+                        "`dart` gets B instances unless --instances says otherwise); on the "
+                        "python and torch backends the prompts of those frames also share "
+                        "enc_dec passes (at most --max-classes rows each). "
                         "Default 1: one call per frame")
     p.add_argument("--masks", action="store_true",
                    help="serve masks on demand: a mask_decoder model, and `dart` answers "

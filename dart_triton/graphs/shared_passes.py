@@ -13,7 +13,7 @@ numpy arrays (ONNX Runtime) or torch tensors (the torch backend, on their device
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -57,10 +57,11 @@ def _split(output: Array, counts: list[int]) -> list[Array]:
     return np.split(output, np.cumsum(counts)[:-1])
 
 
-def run_shared_passes(graph: SharedGraph, items: Sequence[Item], max_rows: int
-                      ) -> list[tuple[Array, ...]]:
-    """Every item's outputs ([n, ...] each, the graph's order), in the order of `items`."""
-    results: list[tuple[Array, ...]] = [()] * len(items)
+def shared_passes(graph: SharedGraph, items: Sequence[Item], max_rows: int
+                  ) -> Iterator[tuple[list[int], list[tuple[Array, ...]]]]:
+    """Pass by pass, as each finishes: (the indices of its items, each one's outputs
+    ([n, ...] each, the graph's order)). A caller can answer those items before the next
+    pass runs."""
     for members in plan_shared_passes([int(it.text_features.shape[0]) for it in items],
                                       max_rows):
         group = [items[i] for i in members]
@@ -68,7 +69,15 @@ def run_shared_passes(graph: SharedGraph, items: Sequence[Item], max_rows: int
                         _cat([it.text_features for it in group]),
                         _cat([it.text_mask for it in group]), _frame_index(group))
         counts = [int(it.text_features.shape[0]) for it in group]
-        for i, rows in zip(members, zip(*(_split(o, counts) for o in outputs), strict=True),
-                           strict=True):
-            results[i] = tuple(rows)
+        yield members, [tuple(rows) for rows in zip(*(_split(o, counts) for o in outputs),
+                                                    strict=True)]
+
+
+def run_shared_passes(graph: SharedGraph, items: Sequence[Item], max_rows: int
+                      ) -> list[tuple[Array, ...]]:
+    """Every item's outputs ([n, ...] each, the graph's order), in the order of `items`."""
+    results: list[tuple[Array, ...]] = [()] * len(items)
+    for members, rows in shared_passes(graph, items, max_rows):
+        for i, r in zip(members, rows, strict=True):
+            results[i] = r
     return results

@@ -71,13 +71,41 @@ class InferenceResponse:
         return self._error
 
 
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+
+class ResponseSender:
+    """What a request's sender was given: (response, flags), in order."""
+
+    def __init__(self):
+        self.sent: list[tuple[InferenceResponse, int]] = []
+
+    def send(self, response=None, flags: int = 0) -> None:
+        self.sent.append((response, flags))
+
+
 class Request:
     def __init__(self, inputs: list[Tensor], requested: list[str] | None = None):
         self.inputs = {t.name(): t for t in inputs}
         self.requested = requested
+        self.sender = ResponseSender()
 
     def requested_output_names(self) -> list[str]:
         return list(self.requested or [])
+
+    def get_response_sender(self) -> ResponseSender:
+        return self.sender
+
+
+def answers(requests: list[Request], returned) -> list[InferenceResponse]:
+    """Each request's one response: as `execute` returned them, or (returned None) as
+    sent through the requests' senders, each exactly once, final."""
+    if returned is not None:
+        return list(returned)
+    for r in requests:
+        assert len(r.sender.sent) == 1, r.sender.sent
+        assert r.sender.sent[0][1] == TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    return [r.sender.sent[0][0] for r in requests]
 
 
 def get_input_tensor_by_name(request: Request, name: str):
@@ -97,7 +125,8 @@ class InferenceRequest:
     def exec(self) -> InferenceResponse:
         InferenceRequest.calls.append(
             (self.model_name, {t.name(): t.as_numpy().shape for t in self.inputs}))
-        response = MODELS[self.model_name].execute([Request(self.inputs, self.outputs)])[0]
+        request = Request(self.inputs, self.outputs)
+        response = answers([request], MODELS[self.model_name].execute([request]))[0]
         if not response.has_error():
             response.output_tensors = [t for t in response.output_tensors
                                        if t.name() in self.outputs]

@@ -128,6 +128,33 @@ def test_cuda_graphs_replay_what_eager_computes(torch_gpu_repository):
             assert (e - g).abs().max().item() <= 1e-4
 
 
+def test_shared_passes_with_cuda_graphs_replay_what_eager_computes(torch_gpu_repository):
+    """Shared passes (frames 1, 2, 4 x prompts 1, 4 captured): passes over 1 to 3 frames,
+    captured or padded to a captured shape, give each frame's rows as eager does alone."""
+    from dart_triton.contract import specs
+    from dart_triton.graphs.torch_graphs import TorchGraph, TorchSettings, weights_dir
+
+    path = weights_dir(torch_gpu_repository, specs.ENC_DEC)
+    eager = TorchGraph.from_weights(path, specs.ENC_DEC, "cuda")
+    graphed = TorchGraph.from_weights(path, specs.ENC_DEC, "cuda", TorchSettings(cuda_graphs=True))
+    graphed.warm_up((1, 4), frames=(1, 2, 4))
+    assert len(graphed._graphs) == 4  # (1, 1), (1, 4), (2, 4), (4, 4)
+    d = eager.dims
+    gen = torch.Generator().manual_seed(0)
+    for index in ([0], [0, 1], [0, 1, 1], [0, 1, 2], [2, 0, 1, 1]):
+        frames = max(index) + 1
+        feats = torch.randn(frames, d.fpn_dim, d.feat_hw, d.feat_hw, generator=gen)
+        text = torch.randn(len(index), d.text_len, d.text_dim, generator=gen)
+        mask = torch.ones(len(index), d.text_len, dtype=torch.int32)
+        rows = torch.tensor(index)
+        got = graphed(feats, text, mask, rows)
+        for k in range(frames):
+            mine = rows == k
+            for e, g in zip(eager(feats[k:k + 1], text[mine], mask[mine]), got, strict=True):
+                assert g.is_cuda and g.shape[0] == len(index)
+                assert (e - g[mine.cuda()]).abs().max().item() <= 1e-4
+
+
 def test_kernel_profile_sees_the_gpu_kernels(torch_gpu_repository):
     """The profile step of scripts/gpu_check.sh on a GPU: CUDA kernels (not CPU operators),
     the matrix products among them, and device time within wall time."""

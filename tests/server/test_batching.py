@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from dart_triton.client import DartClient
 from dart_triton.contract import specs
 from tests.conftest import TEST_MAX_CLASSES
-from tests.parity import NAMES, assert_same, raw_inputs
+from tests.parity import NAMES, assert_same, assert_same_masks, raw_inputs
 
 pytestmark = pytest.mark.server
 
@@ -39,15 +39,18 @@ def batched_server(request, tiny_checkpoint, tmp_path_factory):
     from dart_triton.serving.server import TritonServer
 
     repo = tmp_path_factory.mktemp(f"repo_batched_{request.param}")
+    masks = request.param == "torch"  # masks through shared passes; python: refused
     # 50 ms of queue delay: frames of requests that arrive together wait for each other,
     # so batches form even on two busy cores.
     build_repository(tiny_checkpoint, repo, backend=request.param,
                      max_classes=TEST_MAX_CLASSES, max_batch=MAX_BATCH, batch_delay_us=50_000,
                      instances=parse_instances(f"dart={MAX_BATCH},preprocess=1,postprocess=1"),
-                     log=lambda *_: None)
-    config = (repo / specs.BACKBONE / "config.pbtxt").read_text()
-    assert f"max_batch_size: {MAX_BATCH}" in config and "dynamic_batching" in config
+                     masks=masks, log=lambda *_: None)
+    for model in (specs.BACKBONE, specs.ENC_DEC):
+        config = (repo / model / "config.pbtxt").read_text()
+        assert f"max_batch_size: {MAX_BATCH}" in config and "dynamic_batching" in config
     with TritonServer(repo, startup_timeout=240, extra_args=["--exit-timeout-secs=5"]) as server:
+        server.masks = masks
         yield server
 
 
@@ -145,6 +148,8 @@ def test_masks_from_a_repository_built_without_them_are_refused(batched_server):
     one; a request without it is still answered."""
     from dart_triton.client import DartClientError
 
+    if batched_server.masks:
+        pytest.skip("this backend's batched repository is built with masks")
     image = images()[1]
     with DartClient(batched_server.grpc_url) as client:
         with pytest.raises(DartClientError) as err:
@@ -153,3 +158,30 @@ def test_masks_from_a_repository_built_without_them_are_refused(batched_server):
         assert "built without masks" in err.value.message
         assert "dart-triton build --masks" in err.value.message
         assert client.detect(image, CLASS_LISTS[1]).masks is None
+
+
+def test_masks_of_concurrent_requests_are_those_of_each_alone(batched_server, photo):
+    """Masks through shared passes (the torch repository is built with --masks): four
+    clients at once, each its own crop and classes, get the masks it gets alone."""
+    if not batched_server.masks:
+        pytest.skip("this backend's batched repository is built without masks")
+    crops = [photo[:400, 60:], photo[100:, :300], photo[::2, ::2], photo[50:350, 200:]]
+    classes = [NAMES[:3], NAMES[1:2], NAMES[:TEST_MAX_CLASSES + 2], NAMES[2:5]]
+    url = batched_server.grpc_url
+    with DartClient(url) as client:
+        alone = [client.detect(c, k, masks=True) for c, k in zip(crops, classes, strict=True)]
+    start, answers = threading.Barrier(len(crops)), {}
+
+    def camera(k: int) -> None:
+        with DartClient(url) as client:
+            start.wait()
+            answers[k] = client.detect(crops[k], classes[k], masks=True)
+
+    threads = [threading.Thread(target=camera, args=(k,)) for k in range(len(crops))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(answers) == list(range(len(crops)))
+    for k, got in answers.items():
+        assert_same_masks(got, alone[k], max(crops[k].shape))

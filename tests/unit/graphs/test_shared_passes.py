@@ -3,7 +3,8 @@
 The packing rule (`plan_shared_passes`), the packing itself (`run_shared_passes`, on a
 tiny ONNX graph that pools each row's own frame), and the python backend's batched
 enc_dec model over it (Triton's utils module faked): each request of a batch gets what
-it gets alone, only the outputs it asked for, and a bad request is answered alone.
+it gets alone, only the outputs it asked for, as soon as its pass has run; a bad
+request is answered alone, and a failing pass fails only the requests still waiting.
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ def test_a_batch_of_requests_shares_passes_and_a_bad_one_fails_alone(enc_dec_mod
     items = _items(3, seed=1)
     too_many = Item(items[0].features, np.repeat(items[0].text_features, MAX_ROWS + 1, 0)[
         :MAX_ROWS + 1], np.ones((MAX_ROWS + 1, TINY.text_len), np.int32))
-    responses = enc_dec_model.execute([
-        _request(items[0]), _request(too_many), _request(items[1], [specs.PRED_LOGITS]),
-        _request(items[2])])
+    requests = [_request(items[0]), _request(too_many), _request(items[1], [specs.PRED_LOGITS]),
+                _request(items[2])]
+    responses = fake_pb_utils.answers(requests, enc_dec_model.execute(requests))
     assert responses[1].has_error()
     assert "1 to 4 prompts per pass" in responses[1].error().message()
     outputs = [t.name for t in specs.shared_enc_dec_spec(TINY).outputs]
@@ -150,3 +151,28 @@ def test_a_graph_without_a_frame_index_is_refused_for_shared_passes(monkeypatch,
         graph_model.TritonPythonModel().initialize({
             "model_config": json.dumps(config),
             "model_repository": str(tmp_path / specs.ENC_DEC), "model_version": "1"})
+
+
+def test_requests_are_answered_pass_by_pass_and_a_failing_pass_fails_the_rest(
+        enc_dec_model):
+    """Four full requests (4 rows each: a pass each): each is answered before the next
+    pass runs; the third pass fails, so the third and fourth requests get INTERNAL."""
+    items = [Item(it.features, np.repeat(it.text_features[:1], MAX_ROWS, 0),
+                  np.ones((MAX_ROWS, TINY.text_len), np.int32)) for it in _items(4, seed=2)]
+    requests = [_request(it) for it in items]
+    run, passes = enc_dec_model.graph, []
+
+    def failing_third(**inputs):
+        answered = [len(r.sender.sent) for r in requests]
+        passes.append(answered)
+        if len(passes) == 3:
+            raise RuntimeError("CUDA error: out of memory")
+        return run(**inputs)
+
+    enc_dec_model.graph = failing_third
+    assert enc_dec_model.execute(requests) is None  # answered through the senders
+    assert passes == [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]]
+    responses = fake_pb_utils.answers(requests, None)
+    assert not responses[0].has_error() and not responses[1].has_error()
+    for r in responses[2:]:
+        assert r.has_error() and "out of memory" in r.error().message()
