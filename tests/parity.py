@@ -13,20 +13,20 @@ NAMES = ["person", "rocket", "flag", "helmet", "sky", "glove", "tree", "car", "c
          "boat", "bird"]
 
 
-def assert_same(served, ref, side: int = 512):
+def assert_same(served, ref, side: int = 512, score_atol: float = SCORE_ATOL):
     assert len(served) == len(ref)
     np.testing.assert_array_equal(served.class_ids, ref.class_ids)
-    np.testing.assert_allclose(served.scores, ref.scores, atol=SCORE_ATOL)
+    np.testing.assert_allclose(served.scores, ref.scores, atol=score_atol)
     np.testing.assert_allclose(served.boxes, ref.boxes, atol=BOX_ATOL_PER_PIXEL * side)
 
 
 EVERY_QUERY = dict(score_threshold=0.0, nms_iou=1.0, max_detections=100_000)
 
 
-def assert_served_same(served, ref, side: int = 512):
+def assert_served_same(served, ref, side: int = 512, score_atol: float = SERVED_SCORE_ATOL):
     assert len(served) == len(ref)
     np.testing.assert_array_equal(served.class_ids, ref.class_ids)
-    np.testing.assert_allclose(served.scores, ref.scores, atol=SERVED_SCORE_ATOL)
+    np.testing.assert_allclose(served.scores, ref.scores, atol=score_atol)
     np.testing.assert_allclose(served.boxes, ref.boxes, atol=BOX_ATOL_PER_PIXEL * side)
 
 
@@ -63,11 +63,11 @@ def mask_ious(served, ref) -> list[float]:
     return ious
 
 
-def assert_same_masks(served, ref, side: int = 512):
+def assert_same_masks(served, ref, side: int = 512, score_atol: float = SERVED_SCORE_ATOL):
     """Same detections (`assert_served_same`), and every mask within MASK_MIN_IOU."""
     from tests.tolerances import MASK_MIN_IOU
 
-    assert_served_same(served, ref, side)
+    assert_served_same(served, ref, side, score_atol)
     assert len(served) > 0, "no detection kept: the comparison would be empty"
     ious = mask_ious(served, ref)
     assert min(ious) >= MASK_MIN_IOU, f"worst mask IoU {min(ious):.4f}"
