@@ -29,7 +29,8 @@
 #   hierarchy  the optimisation hierarchy on this device (python -m ...benchmarks.hierarchy)
 #   paths      where a served request's time goes, served vs in process at N = 1 and 4
 #              (python -m dart_triton.benchmarks.request_path; torch backend)
-#   streams    S cameras into one server, --max-batch vs one frame per backbone call:
+#   streams    S cameras into one server, --max-batch (frames share backbone calls,
+#              prompts of several frames share enc_dec passes) vs one frame per call:
 #              aggregate frames/s, p50/p99 (python -m dart_triton.benchmarks.streams)
 #   masks      what masks on demand cost at 1008 px: the mask head per kept class and
 #              per kept detection, RLE at 1080p (python -m dart_triton.benchmarks.masks)
