@@ -15,8 +15,10 @@ stays within 1.5x of unbatched at S = 4 (compute is linear there: nothing to gai
 the queue to lose); on a GPU (H200, 1008 px, FP16, torch), 8 streams x 1 class reach
 >= 2x the unbatched frames/s and 8 x 4 classes >= 1.5x.
 
-    python -m dart_triton.benchmarks.streams --config tiny --streams 1 2 4 8 --classes 1 4
-    python -m dart_triton.benchmarks.streams --config full --imgsz 1008 --gpu  # GPU
+    python -m dart_triton.benchmarks.streams --config tiny --streams 1 2 4 8 \
+        --classes 1 4 16 --max-classes 16
+    python -m dart_triton.benchmarks.streams --config full --imgsz 1008 --gpu \
+        --classes 1 4 --max-classes 16  # GPU
 """
 
 from __future__ import annotations

@@ -338,7 +338,8 @@ step_streams() {
     if [[ $TINY == 1 ]]; then
         args+=(--streams 2 --classes 1 --frames 2 --repeats 1)
     else
-        args+=(--streams 1 2 4 8 --classes 1 4 --frames 30)
+        # 16 prompts per pass, as a full build: 4-class frames then share passes
+        args+=(--streams 1 2 4 8 --classes 1 4 --max-classes 16 --frames 30)
     fi
     "$PY" -m dart_triton.benchmarks.streams "${args[@]}" --backend torch
 }
