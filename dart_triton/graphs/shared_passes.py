@@ -42,13 +42,10 @@ def _cat(parts: Sequence[Array]) -> Array:
     return np.concatenate(parts)
 
 
-def _frame_index(items: Sequence[Item]) -> Array:
-    counts = [int(it.text_features.shape[0]) for it in items]
-    first = items[0].features
-    if isinstance(first, torch.Tensor):
-        return torch.repeat_interleave(torch.arange(len(items), device=first.device),
-                                       torch.tensor(counts, device=first.device))
-    return np.repeat(np.arange(len(items), dtype=np.int64), counts)
+def _frame_index(counts: list[int], like: Array) -> Array:
+    """[N] int64: each item's index, once per row of it (on `like`'s device for torch)."""
+    index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    return torch.from_numpy(index).to(like.device) if isinstance(like, torch.Tensor) else index
 
 
 def _split(output: Array, counts: list[int]) -> list[Array]:
@@ -62,13 +59,14 @@ def shared_passes(graph: SharedGraph, items: Sequence[Item], max_rows: int
     """Pass by pass, as each finishes: (the indices of its items, each one's outputs
     ([n, ...] each, the graph's order)). A caller can answer those items before the next
     pass runs."""
-    for members in plan_shared_passes([int(it.text_features.shape[0]) for it in items],
-                                      max_rows):
+    rows = [int(it.text_features.shape[0]) for it in items]
+    for members in plan_shared_passes(rows, max_rows):
         group = [items[i] for i in members]
+        counts = [rows[i] for i in members]
         outputs = graph(_cat([it.features for it in group]),
                         _cat([it.text_features for it in group]),
-                        _cat([it.text_mask for it in group]), _frame_index(group))
-        counts = [int(it.text_features.shape[0]) for it in group]
+                        _cat([it.text_mask for it in group]),
+                        _frame_index(counts, group[0].features))
         yield members, [tuple(rows) for rows in zip(*(_split(o, counts) for o in outputs),
                                                     strict=True)]
 

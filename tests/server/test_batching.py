@@ -55,6 +55,23 @@ def batched_server(request, tiny_checkpoint, tmp_path_factory):
         yield server
 
 
+def at_once(count: int, call) -> dict[int, object]:
+    """`call(k, ready)` for k in 0..count-1, each in its own thread; every call's `ready()`
+    returns when all have called it, so the requests after it arrive together. k -> result."""
+    start, results = threading.Barrier(count), {}
+
+    def run(k: int) -> None:
+        results[k] = call(k, start.wait)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(results) == list(range(count))
+    return results
+
+
 def images() -> list[np.ndarray]:
     rng = np.random.default_rng(7)
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
@@ -74,20 +91,14 @@ def test_concurrent_requests_share_backbone_calls(batched_server):
     with DartClient(url) as client:
         alone = [client.detect(f, c) for f, c in zip(frames, CLASS_LISTS, strict=True)]
     before = graph_counts(url)
-    rounds, start = 3, threading.Barrier(len(frames))
-    answers: dict[int, list] = {}
+    rounds = 3
 
-    def camera(k: int) -> None:
+    def camera(k: int, ready) -> list:
         with DartClient(url) as client:
-            start.wait()
-            answers[k] = [client.detect(frames[k], CLASS_LISTS[k]) for _ in range(rounds)]
+            ready()
+            return [client.detect(frames[k], CLASS_LISTS[k]) for _ in range(rounds)]
 
-    threads = [threading.Thread(target=camera, args=(k,)) for k in range(len(frames))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert sorted(answers) == list(range(len(frames)))
+    answers = at_once(len(frames), camera)
     for k, got in answers.items():
         for detections in got:
             assert_same(detections, alone[k], max(SIZES[k]), BATCHED_SCORE_ATOL)
@@ -113,26 +124,18 @@ def test_a_bad_request_in_a_burst_fails_alone(batched_server):
         alone = [client.detect(frames[k], CLASS_LISTS[k]) for k in range(4)]
     bad = {1: ((specs.NMS_IOU, 2.0, "FP32"), "NMS_IOU"),
            5: ((specs.MAX_DETECTIONS, 0, "INT32"), "MAX_DETECTIONS")}
-    start = threading.Barrier(8)
-    results: dict[int, object] = {}
-
-    def send(k: int) -> None:
+    def send(k: int, ready) -> object:
         with grpcclient.InferenceServerClient(url) as client:
             good = k % 4
             extra = [bad[k][0]] if k in bad else []
             inputs = raw_inputs(frames[good], CLASS_LISTS[good], extra)
-            start.wait()
+            ready()
             try:
-                results[k] = client.infer(specs.DART, inputs)
+                return client.infer(specs.DART, inputs)
             except InferenceServerException as exc:
-                results[k] = exc
+                return exc
 
-    threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert sorted(results) == list(range(8))
+    results = at_once(8, send)
     for k, result in results.items():
         if k in bad:
             assert isinstance(result, InferenceServerException), k
@@ -173,18 +176,11 @@ def test_masks_of_concurrent_requests_are_those_of_each_alone(batched_server, ph
     url = batched_server.grpc_url
     with DartClient(url) as client:
         alone = [client.detect(c, k, masks=True) for c, k in zip(crops, classes, strict=True)]
-    start, answers = threading.Barrier(len(crops)), {}
-
-    def camera(k: int) -> None:
+    def camera(k: int, ready):
         with DartClient(url) as client:
-            start.wait()
-            answers[k] = client.detect(crops[k], classes[k], masks=True)
+            ready()
+            return client.detect(crops[k], classes[k], masks=True)
 
-    threads = [threading.Thread(target=camera, args=(k,)) for k in range(len(crops))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert sorted(answers) == list(range(len(crops)))
+    answers = at_once(len(crops), camera)
     for k, got in answers.items():
         assert_same_masks(got, alone[k], max(crops[k].shape), BATCHED_SCORE_ATOL)
