@@ -49,16 +49,18 @@ def repository(args: argparse.Namespace, imgsz: int, max_batch: int) -> Path:
     checkpoint = common.checkpoint_for(args)
     where = "gpu" if args.gpu else "cpu"
     dart = max(args.streams)
+    compiled = f"-c{args.compile}" if args.gpu and args.backend == "torch" else ""
+    compiled += f"-k{args.buckets.replace(',', '_')}" if args.buckets else ""
     name = (f"repo-{checkpoint.name}-{imgsz}-m{args.max_classes}-{args.backend}-{where}"
-            f"-b{max_batch}-d{args.batch_delay_us}-dart{dart}-shared")  # enc_dec shares passes
+            f"{compiled}-b{max_batch}-d{args.batch_delay_us}-dart{dart}-shared")
     repo = common.cache_dir() / name
     if not (repo / "dart_repository.json").is_file():
         print(f"building {repo} (once) ...", flush=True)
-        extra = {"gpu": True, "compile": "default", "cuda_graphs": True} if (
+        extra = {"gpu": True, "compile": args.compile, "cuda_graphs": True} if (
             args.gpu and args.backend == "torch") else {"gpu": args.gpu}
         build_repository(checkpoint, repo, backend=args.backend, imgsz=imgsz,
                          max_classes=args.max_classes, max_batch=max_batch,
-                         batch_delay_us=args.batch_delay_us,
+                         batch_delay_us=args.batch_delay_us, buckets=args.buckets,
                          instances=parse_instances(f"dart={dart}"), **extra)
     return repo
 
@@ -221,9 +223,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=("python", "torch"), default="torch")
     p.add_argument("--batch-delay-us", type=int, default=0,
                    help="the batched repository's queue delay (default 0)")
+    p.add_argument("--compile", choices=("none", "default", "max-autotune"),
+                   default="default",
+                   help="torch.compile mode of a --gpu torch repository (both alike; CUDA "
+                        "graphs either way; none: captured eagerly, a start of seconds)")
+    p.add_argument("--buckets", default="",
+                   help="enc_dec prompt buckets of both repositories, e.g. 1,4,16 (default: "
+                        "passes of max-classes)")
+    p.add_argument("--build-only", action="store_true",
+                   help="build (or find) both repositories and stop")
     common.add_repository_args(p)
     args = p.parse_args(argv)
     imgsz = common.resolve_imgsz(args)
+    if args.build_only:
+        for b in (1, max(args.streams)):
+            print(repository(args, imgsz, b), flush=True)
+        return 0
     rows = measure(args, imgsz)
     compare(rows, args.gpu)
     command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)

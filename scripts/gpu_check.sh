@@ -32,6 +32,8 @@
 #   streams    S cameras into one server, --max-batch (frames share backbone calls,
 #              prompts of several frames share enc_dec passes) vs one frame per call:
 #              aggregate frames/s, p50/p99 (python -m dart_triton.benchmarks.streams)
+#   streams_build  only build the streams step's two repositories (not in the default list:
+#              a device call of its own before `streams`)
 #   masks      what masks on demand cost at 1008 px: the mask head per kept class and
 #              per kept detection, RLE at 1080p (python -m dart_triton.benchmarks.masks)
 #   coldstart  start to ready, compiled at load vs from the build's AOTInductor packages
@@ -48,6 +50,7 @@
 #   --compile MODE      none|default|max-autotune for the GPU repositories (default: default)
 #   --buckets LIST      prompt buckets of the full-size repositories (default: 1,4,16)
 #   --scaling "N ..."   class counts of the served class-scaling study (default: 1 2 4 8 16 80)
+#   --repeats R         rounds per repository of the streams study (default: 3)
 #   --steps LIST        e.g. setup or build,serve (default: all)
 #   --out DIR           logs, repositories and (cpu) results (default: artifacts/gpu_check)
 #   --bundle FILE       tarball the bundle step writes (default: $OUT/gpu_check.tgz when $OUT
@@ -130,7 +133,7 @@ if [[ "${1:-}" == wheels ]]; then
 fi
 
 # Options -----------------------------------------------------------------------------------
-DEVICE=cuda TINY=0 SIZES="" COMPILE=default BUCKETS="1,4,16" SCALING=""
+DEVICE=cuda TINY=0 SIZES="" COMPILE=default BUCKETS="1,4,16" SCALING="" REPEATS=3
 STEPS="setup,tools,test,build,serve,profile,hierarchy,paths,streams,masks,bundle"
 OUT_DIR="$ROOT/artifacts/gpu_check" BUNDLE=""
 while [[ $# -gt 0 ]]; do
@@ -141,6 +144,7 @@ while [[ $# -gt 0 ]]; do
         --compile) COMPILE="${2:?--compile needs a mode}"; shift 2 ;;
         --buckets) BUCKETS="${2:?--buckets needs a list}"; shift 2 ;;
         --scaling) SCALING="${2:?--scaling needs class counts}"; shift 2 ;;
+        --repeats) REPEATS="${2:?--repeats needs a count}"; shift 2 ;;
         --steps) STEPS="${2:?--steps needs a list}"; shift 2 ;;
         --out) OUT_DIR="${2:?--out needs a directory}"; shift 2 ;;
         --bundle) BUNDLE="${2:?--bundle needs a file}"; shift 2 ;;
@@ -332,16 +336,30 @@ step_paths() {
     "$PY" -m dart_triton.benchmarks.request_path "${args[@]}" --backends torch
 }
 
-step_streams() {
+streams_args() {
     local args
     mapfile -t args < <(study_args)
     if [[ $TINY == 1 ]]; then
         args+=(--streams 2 --classes 1 --frames 2 --repeats 1)
     else
-        # 16 prompts per pass, as a full build: 4-class frames then share passes
-        args+=(--streams 1 2 4 8 --classes 1 4 --max-classes 16 --frames 30)
+        # 16 prompts per pass with the full build's buckets: 4-class frames then share
+        # passes, and a lone 1-class frame runs a 1-row pass in both repositories
+        args+=(--streams 1 2 4 8 --classes 1 4 --max-classes 16 --buckets "$BUCKETS"
+               --frames 30 --repeats "$REPEATS")
     fi
-    "$PY" -m dart_triton.benchmarks.streams "${args[@]}" --backend torch
+    printf '%s\n' "${args[@]}" --backend torch --compile "$COMPILE"
+}
+
+step_streams() {
+    local args
+    mapfile -t args < <(streams_args)
+    "$PY" -m dart_triton.benchmarks.streams "${args[@]}"
+}
+
+step_streams_build() {  # both streams repositories only: a device call of its own
+    local args
+    mapfile -t args < <(streams_args)
+    "$PY" -m dart_triton.benchmarks.streams "${args[@]}" --build-only
 }
 
 step_masks() {
