@@ -253,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     head = common.section_header("Many streams", command,
                                  f"{args.config} random-weight SAM3 at {imgsz}px, {where}, "
                                  f"{args.backend} backend", notes)
-    common.write_csv(rows, args.out / f"{STUDY}.csv")
-    plot(rows, args.out / f"{STUDY}.png")
+    stem = STUDY + ("_gpu" if args.gpu else "")  # the CPU and GPU tables side by side
+    common.write_csv(rows, args.out / f"{stem}.csv")
+    plot(rows, args.out / f"{stem}.png")
     body = (f"{head}\n{common.markdown_table(rows, COLUMNS, digits=1)}\n\n"
-            f"{common.image_link(args, STUDY, 'Many streams')}\n")
-    common.update_section(args.results, STUDY, body)
+            f"{common.image_link(args, stem, 'Many streams')}\n")
+    common.update_section(args.results, stem, body)
     print(common.markdown_table(rows, COLUMNS, digits=1))
     return 0
 
