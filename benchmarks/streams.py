@@ -102,7 +102,8 @@ def run_streams(url: str, frames: list[np.ndarray], names: list[str], streams: i
     def camera(k: int) -> None:
         mine = []
         with DartClient(url, timeout=3600) as client:
-            client.detect(frames[k % len(frames)], names)  # connected and warm
+            for frame in frames:  # connected, and warm for every size it will send
+                client.detect(frame, names)
             warm.wait()
             start.wait()
             for i in range(per_stream):
@@ -244,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
     where = "GPU" if args.gpu else "CPU"
     notes = (f"S streams, each one camera with one frame in flight, {args.frames} frames each "
-             f"after one warm-up; {args.repeats} rounds per repository, each on a fresh "
-             "server, alternating between the two (median frames/s, latencies pooled); "
+             f"after a warm-up with each frame size it sends; {args.repeats} rounds per "
+             "repository, each on a fresh server, alternating between the two (median "
+             "frames/s, latencies pooled); "
              f"`dart` has {max(args.streams)} instances in both repositories. Counts are "
              "Triton's, for the timed frames: fewer executions than inferences means "
              "frames (backbone) or the prompts of several frames (enc_dec: shared passes, "

@@ -142,3 +142,26 @@ def test_served_benchmarks(bench_env, triton_server):
     assert class_scaling.main([*args, *urls, "--classes", "1", "6"]) == 0
     section = _check(out, results, "class_scaling")
     assert "backbone" in section and "enc_dec" in section
+
+
+def test_batch_gain_packs_passes_as_served(bench_env):
+    """The in-process bound of batching: F frames per backbone call, shared enc_dec passes
+    of at most max-classes rows holding whole frames (2 classes, 4 frames, max 4: 2 passes)."""
+    import csv
+
+    from dart_triton.benchmarks import batch_gain
+
+    out, results, args = bench_env
+    assert batch_gain.main([*args, "--frames", "1", "2", "4", "--classes", "1", "2",
+                            "--max-classes", "4"]) == 0
+    rows = {(int(r["frames"]), int(r["n"])): r
+            for r in csv.DictReader(open(out / "batch_gain.csv"))}
+    assert set(rows) == {(f, n) for f in (1, 2, 4) for n in (1, 2)}
+    assert [int(rows[f, 2]["passes"]) for f in (1, 2, 4)] == [1, 1, 2]
+    assert [int(rows[f, 1]["passes"]) for f in (1, 2, 4)] == [1, 1, 1]
+    for (f, _), r in rows.items():
+        total = float(r["backbone_ms"]) + float(r["enc_dec_ms"])
+        assert float(r["ms_per_frame"]) == pytest.approx(total / f)
+    assert rows[1, 1]["bound_vs_alone"] == "1.00x"
+    section = results.read_text().split("<!-- BEGIN batch_gain -->")[1]
+    assert "- command:" in section and "| frames |" in section
