@@ -15,7 +15,7 @@ PY="$scratch/venv/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 # The torch pair and the vocabulary package are pinned in setup.sh, not taken newest.
 torch_x86="$(grep -o '"torch==[^"]*" "torchvision==[^"]*"); fi' "$ROOT/scripts/setup.sh" | head -1)"
-pair=($(echo "$torch_x86" | grep -o '[a-z]*==[0-9.]*'))
+mapfile -t pair < <(echo "$torch_x86" | grep -o '[a-z]*==[0-9.]*')
 "$PY" -m pip install --quiet "${pair[@]}"
 "$PY" -m pip install --quiet "${ROOT}[serve,video,draw,eval,bench,dev,students]"
 "$PY" -m pip install --quiet --no-deps "open_clip_torch==3.3.0"

@@ -154,8 +154,8 @@ def test_batch_gain_packs_passes_as_served(bench_env):
     out, results, args = bench_env
     assert batch_gain.main([*args, "--frames", "1", "2", "4", "--classes", "1", "2",
                             "--max-classes", "4"]) == 0
-    rows = {(int(r["frames"]), int(r["n"])): r
-            for r in csv.DictReader(open(out / "batch_gain.csv"))}
+    with open(out / "batch_gain.csv") as f:
+        rows = {(int(r["frames"]), int(r["n"])): r for r in csv.DictReader(f)}
     assert set(rows) == {(f, n) for f in (1, 2, 4) for n in (1, 2)}
     assert [int(rows[f, 2]["passes"]) for f in (1, 2, 4)] == [1, 1, 2]
     assert [int(rows[f, 1]["passes"]) for f in (1, 2, 4)] == [1, 1, 1]
