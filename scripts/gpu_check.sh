@@ -12,6 +12,10 @@
 #   1. carry artifacts/gpu-wheels/big and .../main (59 MiB): --steps setup,build
 #   2. carry artifacts/gpu-wheels/tools (34 MiB):          --steps tools,serve,test,bundle
 #   3. while still warm, nothing carried:                 --steps profile,hierarchy,bundle
+# The streams study alone (H200, 2026-12-04: 76 s, then 236 s with two server starts):
+#   1. carry big and main: --steps setup,streams_build --compile none
+#   2. carry tools:        --steps tools,streams,bundle --compile none --repeats 1
+# (--compile none: eager under CUDA graphs; compiling at load costs minutes per start.)
 # Steps run in the order --steps gives; files under artifacts/ stay while the machine is warm.
 #
 # Steps (--steps, comma-separated, run in that order; default all of them, in this order):
@@ -32,8 +36,8 @@
 #   streams    S cameras into one server, --max-batch (frames share backbone calls,
 #              prompts of several frames share enc_dec passes) vs one frame per call:
 #              aggregate frames/s, p50/p99 (python -m dart_triton.benchmarks.streams)
-#   streams_build  only build the streams step's two repositories (not in the default list:
-#              a device call of its own before `streams`)
+#   streams_build  only build the streams step's two repositories (before `streams`; alone,
+#              a device call that carries no tritonserver can do it)
 #   masks      what masks on demand cost at 1008 px: the mask head per kept class and
 #              per kept detection, RLE at 1080p (python -m dart_triton.benchmarks.masks)
 #   coldstart  start to ready, compiled at load vs from the build's AOTInductor packages
@@ -134,7 +138,7 @@ fi
 
 # Options -----------------------------------------------------------------------------------
 DEVICE=cuda TINY=0 SIZES="" COMPILE=default BUCKETS="1,4,16" SCALING="" REPEATS=3
-STEPS="setup,tools,test,build,serve,profile,hierarchy,paths,streams,masks,bundle"
+STEPS="setup,tools,test,build,serve,profile,hierarchy,paths,streams_build,streams,masks,bundle"
 OUT_DIR="$ROOT/artifacts/gpu_check" BUNDLE=""
 while [[ $# -gt 0 ]]; do
     case "$1" in

@@ -57,7 +57,7 @@ def test_cpu_tiny_mode_runs_every_no_gpu_step(env, tmp_path):
     summary = res.stdout.strip().splitlines()[-1]
     assert summary.endswith(
         "setup=ok tools=ok test=ok build=ok serve=ok profile=ok hierarchy=ok paths=ok "
-        "streams=ok masks=ok bundle=ok")
+        "streams_build=ok streams=ok masks=ok bundle=ok")
 
     results = (out / "RESULTS.md").read_text()
     for key in ("gpu_check_cpu_tiny_ckpt", "class_scaling_gpu_check_cpu_tiny_ckpt",
