@@ -24,6 +24,7 @@ import numpy as np
 
 from dart_triton.benchmarks import common, streams
 from dart_triton.contract import specs
+from dart_triton.contract.passes import parse_buckets
 
 STUDY = "batch_gain"
 COLUMNS = ["frames", "n", "backbone_ms", "backbone_ms_per_frame", "passes", "enc_dec_ms",
@@ -62,9 +63,8 @@ def measure(args: argparse.Namespace, imgsz: int) -> list[dict]:
                                        device, settings)
     enc_dec = TorchGraph.from_weights(weights_dir(repo, specs.ENC_DEC), specs.ENC_DEC,
                                       device, settings)
-    buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else []
     backbone.warm_up(args.frames)
-    enc_dec.warm_up(buckets, args.frames)
+    enc_dec.warm_up(parse_buckets(args.buckets), args.frames)
     sync = torch.cuda.synchronize if args.gpu else (lambda: None)
     dims = enc_dec.dims
 
@@ -95,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                            classes=(1, 4), iters=20)
     p.add_argument("--frames", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="frames per call F (the first should be 1: the alone baseline)")
-    p.add_argument("--buckets", default="", help="enc_dec prompt buckets, e.g. 1,4,16")
-    p.add_argument("--compile", choices=("none", "default", "max-autotune"), default="none",
-                   help="torch.compile mode of the GPU modules (CUDA graphs either way)")
+    streams.add_variant_args(p, compile_default="none")
     common.add_repository_args(p)
     args = p.parse_args(argv)
     # The streams study's batched repository: the same name, so one build serves both.
@@ -107,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     command = common.command_line(f"dart_triton.benchmarks.{STUDY}", argv)
     where = "GPU, FP16, CUDA graphs" if args.gpu else "CPU, FP32"
     notes = ("In process, no server: the most batching F frames can save per frame on this "
-             "device (bound_vs_alone = alone / batched per-frame time). enc_dec runs one "
-             "shared pass of F frames x N prompts (padded to the warm buckets, as served); "
+             "device (bound_vs_alone = alone / batched per-frame time). enc_dec runs F frames "
+             "x N prompts as served: shared passes of at most max-classes rows, whole "
+             "frames each, padded to the warm buckets; "
              f"median of {args.iters} calls after one.")
     head = common.section_header("What batching can give", command,
                                  f"{args.config} random-weight SAM3 at {imgsz}px, {where}",

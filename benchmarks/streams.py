@@ -49,10 +49,10 @@ def repository(args: argparse.Namespace, imgsz: int, max_batch: int) -> Path:
     checkpoint = common.checkpoint_for(args)
     where = "gpu" if args.gpu else "cpu"
     dart = max(args.streams)
-    compiled = f"-c{args.compile}" if args.gpu and args.backend == "torch" else ""
-    compiled += f"-k{args.buckets.replace(',', '_')}" if args.buckets else ""
+    variant = f"-c{args.compile}" if args.gpu and args.backend == "torch" else ""
+    variant += f"-k{args.buckets.replace(',', '_')}" if args.buckets else ""
     name = (f"repo-{checkpoint.name}-{imgsz}-m{args.max_classes}-{args.backend}-{where}"
-            f"{compiled}-b{max_batch}-d{args.batch_delay_us}-dart{dart}-shared")
+            f"{variant}-b{max_batch}-d{args.batch_delay_us}-dart{dart}-shared")
     repo = common.cache_dir() / name
     if not (repo / "dart_repository.json").is_file():
         print(f"building {repo} (once) ...", flush=True)
@@ -63,6 +63,18 @@ def repository(args: argparse.Namespace, imgsz: int, max_batch: int) -> Path:
                          batch_delay_us=args.batch_delay_us, buckets=args.buckets,
                          instances=parse_instances(f"dart={dart}"), **extra)
     return repo
+
+
+def add_variant_args(p: argparse.ArgumentParser, compile_default: str) -> None:
+    """--compile and --buckets: what `repository` builds besides --max-batch (shared with
+    `batch_gain`, which measures this study's batched repository in process)."""
+    p.add_argument("--compile", choices=("none", "default", "max-autotune"),
+                   default=compile_default,
+                   help="torch.compile mode of a --gpu torch repository (CUDA graphs either "
+                        "way; none: captured eagerly, a start of seconds)")
+    p.add_argument("--buckets", default="",
+                   help="enc_dec prompt buckets, e.g. 1,4,16 (default: passes of "
+                        "max-classes)")
 
 
 @contextlib.contextmanager
@@ -224,13 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=("python", "torch"), default="torch")
     p.add_argument("--batch-delay-us", type=int, default=0,
                    help="the batched repository's queue delay (default 0)")
-    p.add_argument("--compile", choices=("none", "default", "max-autotune"),
-                   default="default",
-                   help="torch.compile mode of a --gpu torch repository (both alike; CUDA "
-                        "graphs either way; none: captured eagerly, a start of seconds)")
-    p.add_argument("--buckets", default="",
-                   help="enc_dec prompt buckets of both repositories, e.g. 1,4,16 (default: "
-                        "passes of max-classes)")
+    add_variant_args(p, compile_default="default")
     p.add_argument("--build-only", action="store_true",
                    help="build (or find) both repositories and stop")
     common.add_repository_args(p)

@@ -361,7 +361,7 @@ step_streams() {
     "$PY" -m dart_triton.benchmarks.streams "${args[@]}"
 }
 
-step_streams_build() {  # both streams repositories only: a device call of its own
+step_streams_build() {  # both streams repositories only (needs no tritonserver)
     local args
     mapfile -t args < <(streams_args)
     "$PY" -m dart_triton.benchmarks.streams "${args[@]}" --build-only
